@@ -1,0 +1,266 @@
+"""Spec-Bench question files and answer files: loading, validation, building, appending and resuming.
+
+A question is one JSON line ``{"question_id": int, "category": str, "turns": [str, ...], "reference": ...}``.
+Its category maps to one of six groups (:data:`GROUPS`); MT-bench's eight categories form the ``mt_bench`` group.
+
+An answer is one JSON line per question::
+
+    {"question_id", "category", "model_id", "base_model", "method", "tstamp",
+     "choices": [{"index": 0, "turns": [str], "new_tokens": [int], "idxs": [int], "wall_time": [float],
+                  "accept_lengths": [[int, ...], ...]}]}
+
+with one entry per turn in every list of the choice: ``new_tokens`` tokens generated, ``idxs`` decoding steps
+(verification forwards), ``wall_time`` seconds, ``accept_lengths`` tokens committed per step including the bonus
+token, so ``sum(accept_lengths[t]) == new_tokens[t]`` and ``len(accept_lengths[t]) == idxs[t]``. A question whose
+generation failed has ``"error": "message"`` instead of ``choices`` and carries no numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from clover.errors import CloverError
+
+GROUPS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
+MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+_KNOWN_CATEGORIES = MT_BENCH_CATEGORIES + GROUPS[1:]
+_RECORD_STRINGS = ("category", "model_id", "base_model", "method")
+_CHOICE_LISTS = ("turns", "new_tokens", "idxs", "wall_time", "accept_lengths")
+
+
+def category_group(category: str) -> str:
+    """The group of a question category: an MT-bench category gives ``mt_bench``, any other group is its own name."""
+    if category in MT_BENCH_CATEGORIES:
+        return "mt_bench"
+    if category in GROUPS[1:]:
+        return category
+    raise CloverError(f"unknown question category {category!r}; known categories: {', '.join(_KNOWN_CATEGORIES)}")
+
+
+def default_question_file() -> Path:
+    """The question set shipped with clover (six groups, four questions each)."""
+    return Path(__file__).with_name("questions.jsonl")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_json_lines(path: str | os.PathLike) -> list[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a JSON-lines file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CloverError(f"file not found: {path}; check the path") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CloverError(f"cannot read {path}: {err}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise CloverError(f"{path}:{number}: not valid JSON ({err.msg}); fix or delete that line") from None
+    return rows
+
+
+def _check_question(question: object) -> None:
+    """Raise ValueError describing what is wrong with one parsed question line."""
+    if not isinstance(question, dict):
+        raise ValueError("a question must be a JSON object")
+    if not _is_int(question.get("question_id")):
+        raise ValueError('missing or non-integer "question_id"')
+    if not isinstance(question.get("category"), str):
+        raise ValueError('missing or non-string "category"')
+    turns = question.get("turns")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError('"turns" must be a non-empty list of strings')
+    if not all(isinstance(turn, str) for turn in turns):
+        raise ValueError('every entry of "turns" must be a string')
+
+
+def load_questions(path: str | os.PathLike, begin: int | None = None, end: int | None = None) -> list[dict]:
+    """Validated questions of a JSON-lines file, sliced ``[begin:end]`` by position in the file."""
+    questions = []
+    seen: set[int] = set()
+    for number, question in _read_json_lines(path):
+        try:
+            _check_question(question)
+            category_group(question["category"])
+        except (ValueError, CloverError) as err:
+            raise CloverError(f"{path}:{number}: {err}") from None
+        if question["question_id"] in seen:
+            raise CloverError(f"{path}:{number}: duplicate question_id {question['question_id']}; ids must be unique")
+        seen.add(question["question_id"])
+        questions.append(question)
+    if not questions:
+        raise CloverError(f"no questions in {path}")
+    return questions[begin:end]
+
+
+def _check_choice(choice: object) -> None:
+    """Raise ValueError describing what is wrong with the choice of a successful answer."""
+    if not isinstance(choice, dict) or choice.get("index") != 0:
+        raise ValueError('the choice must be an object with "index": 0')
+    for key in _CHOICE_LISTS:
+        if not isinstance(choice.get(key), list):
+            raise ValueError(f'choice field "{key}" must be a list with one entry per turn')
+    n_turns = len(choice["turns"])
+    if n_turns == 0:
+        raise ValueError('choice "turns" is empty')
+    for key in _CHOICE_LISTS[1:]:
+        if len(choice[key]) != n_turns:
+            raise ValueError(f'choice "{key}" has {len(choice[key])} entries for {n_turns} turns')
+    for t in range(n_turns):
+        new_tokens, steps, seconds = choice["new_tokens"][t], choice["idxs"][t], choice["wall_time"][t]
+        accepts = choice["accept_lengths"][t]
+        if not isinstance(choice["turns"][t], str):
+            raise ValueError(f"turn {t}: the answer text must be a string")
+        if not (_is_int(new_tokens) and new_tokens >= 0 and _is_int(steps) and steps >= 0):
+            raise ValueError(f"turn {t}: new_tokens and idxs must be non-negative integers")
+        if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
+                and seconds > 0):
+            raise ValueError(f"turn {t}: wall_time must be a positive number of seconds, got {seconds!r}")
+        if not isinstance(accepts, list) or not all(_is_int(a) and a >= 1 for a in accepts):
+            raise ValueError(f"turn {t}: accept_lengths must be a list of integers >= 1 (the bonus token included)")
+        if len(accepts) != steps or sum(accepts) != new_tokens:
+            raise ValueError(f"turn {t}: counts disagree: {len(accepts)} accept lengths summing to {sum(accepts)} "
+                             f"but idxs={steps} and new_tokens={new_tokens}")
+
+
+def check_answer(record: object) -> None:
+    """Raise ValueError describing what is wrong with one answer record (successful or failed)."""
+    if not isinstance(record, dict):
+        raise ValueError("an answer must be a JSON object")
+    if not _is_int(record.get("question_id")):
+        raise ValueError('missing or non-integer "question_id"')
+    for key in _RECORD_STRINGS:
+        if not isinstance(record.get(key), str):
+            raise ValueError(f'missing or non-string "{key}"')
+    try:
+        category_group(record["category"])
+    except CloverError as err:
+        raise ValueError(str(err)) from None
+    if not isinstance(record.get("tstamp"), (int, float)) or isinstance(record.get("tstamp"), bool):
+        raise ValueError('missing or non-numeric "tstamp"')
+    if ("error" in record) == ("choices" in record):
+        raise ValueError('an answer needs exactly one of "choices" (success) or "error" (failure)')
+    if "error" in record:
+        if not isinstance(record["error"], str) or not record["error"]:
+            raise ValueError('"error" must be a non-empty message')
+        return
+    choices = record["choices"]
+    if not isinstance(choices, list) or len(choices) != 1:
+        raise ValueError('"choices" must be a list with exactly one choice')
+    _check_choice(choices[0])
+
+
+def is_success(record: dict) -> bool:
+    """Whether an answer record holds a generated answer (not an error)."""
+    return "error" not in record
+
+
+def _header(question_id: int, category: str, model_id: str, base_model: str, method: str,
+            tstamp: float | None) -> dict:
+    return {"question_id": question_id, "category": category, "model_id": model_id, "base_model": base_model,
+            "method": method, "tstamp": time.time() if tstamp is None else tstamp}
+
+
+def _validated(record: dict) -> dict:
+    try:
+        check_answer(record)
+    except ValueError as err:
+        raise CloverError(f"invalid answer for question {record.get('question_id')}: {err}") from None
+    return record
+
+
+def answer_record(question_id: int, category: str, *, model_id: str, base_model: str, method: str,
+                  turns: Sequence[str], accept_lengths: Sequence[Sequence[int]], wall_time: Sequence[float],
+                  tstamp: float | None = None) -> dict:
+    """A validated successful answer; per turn ``new_tokens`` and ``idxs`` are derived from ``accept_lengths``.
+
+    ``accept_lengths[t]`` lists the tokens committed by each decoding step of turn ``t``, bonus token included
+    (plain decoding: one 1 per generated token). ``tstamp`` defaults to now.
+    """
+    accepts = [[operator.index(a) for a in turn] for turn in accept_lengths]
+    choice = {"index": 0, "turns": list(turns), "new_tokens": [sum(a) for a in accepts],
+              "idxs": [len(a) for a in accepts], "wall_time": [float(s) for s in wall_time], "accept_lengths": accepts}
+    return _validated({**_header(question_id, category, model_id, base_model, method, tstamp), "choices": [choice]})
+
+
+def error_record(question_id: int, category: str, *, model_id: str, base_model: str, method: str, error: str,
+                 tstamp: float | None = None) -> dict:
+    """A validated record of a question whose generation failed with message ``error``; it holds no numbers."""
+    return _validated({**_header(question_id, category, model_id, base_model, method, tstamp), "error": error})
+
+
+def append_answer(path: str | os.PathLike, record: dict) -> None:
+    """Append one answer as a JSON line (creating the file and its folder) and flush it to disk."""
+    _validated(record)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _latest_answers(path: str | os.PathLike) -> list[dict]:
+    """Validated answers of a file sorted by question_id, the last line winning for a repeated id; may be empty."""
+    latest: dict[int, dict] = {}
+    for number, record in _read_json_lines(path):
+        try:
+            check_answer(record)
+        except ValueError as err:
+            raise CloverError(f"{path}:{number}: {err}") from None
+        latest[record["question_id"]] = record
+    return [latest[qid] for qid in sorted(latest)]
+
+
+def load_answers(path: str | os.PathLike) -> list[dict]:
+    """Validated answers of a file, sorted by question_id; for a repeated question_id the last line wins."""
+    answers = _latest_answers(path)
+    if not answers:
+        raise CloverError(f"no answers in {path}; generate answers first")
+    return answers
+
+
+def done_question_ids(path: str | os.PathLike) -> set[int]:
+    """Ids of questions with a successful answer in ``path`` (none if it does not exist yet), to resume a run."""
+    if not Path(path).exists():
+        return set()
+    return {record["question_id"] for record in _latest_answers(path) if is_success(record)}
+
+
+def sort_answer_file(path: str | os.PathLike) -> None:
+    """Rewrite an answer file sorted by question_id without repeated ids, atomically (temp file + os.replace)."""
+    path = Path(path)
+    answers = load_answers(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in answers:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned; floats with two decimals."""
+    cells = [list(headers)] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    return "\n".join(line.rstrip() for line in lines)

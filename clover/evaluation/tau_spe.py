@@ -1,0 +1,83 @@
+"""Mean accepted length τ of an answer file per Spec-Bench group and overall.
+
+τ = Σ new_tokens / Σ idxs: tokens committed per decoding step (verification forward), the bonus token included,
+so plain decoding gives exactly τ = 1.00; τ−1 is the same without the bonus token (draft tokens accepted per step).
+The mean of the per-step ``accept_lengths`` is computed separately and must agree with the counts. Failed answers
+are excluded and counted.
+
+    python -m clover.evaluation.tau_spe --path answers/clover.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Sequence
+
+from clover.errors import CloverError, run_cli
+from clover.evaluation.answers import GROUPS, category_group, format_table, is_success, load_answers
+
+
+def _step_counts(record: dict) -> tuple[int, int]:
+    """(new tokens, steps) of an answer, checked against its per-step accept lengths."""
+    choice = record["choices"][0]
+    tokens, steps = sum(choice["new_tokens"]), sum(choice["idxs"])
+    accepted = sum(sum(turn) for turn in choice["accept_lengths"])
+    n_accepts = sum(len(turn) for turn in choice["accept_lengths"])
+    if (accepted, n_accepts) != (tokens, steps):
+        raise CloverError(f"question {record['question_id']}: counts disagree: accept_lengths hold {n_accepts} steps "
+                          f"committing {accepted} tokens, but idxs sum to {steps} and new_tokens to {tokens}; "
+                          "regenerate this answer")
+    return tokens, steps
+
+
+def _tau(name: str, records: Sequence[dict]) -> dict:
+    """τ of successful answers from the counts, and the mean of their per-step accept lengths (checked equal)."""
+    counts = [_step_counts(record) for record in records]
+    tokens = sum(t for t, _ in counts)
+    steps = sum(s for _, s in counts)
+    if steps == 0:
+        raise CloverError(f"{name}: no decoding steps, so τ is undefined")
+    accepts = [a for record in records for turn in record["choices"][0]["accept_lengths"] for a in turn]
+    tau = tokens / steps
+    return {"questions": len(records), "new_tokens": tokens, "steps": steps, "tau": tau, "tau_minus_1": tau - 1,
+            "mean_accept_length": sum(accepts) / len(accepts)}
+
+
+def tau_report(answers: Sequence[dict]) -> dict:
+    """τ (bonus token included) and τ−1 per group and overall as a JSON-ready dict; failed answers are counted.
+
+    Every answer's accept lengths are checked against its counts (CloverError if they disagree), so
+    ``mean_accept_length`` equals ``tau``.
+    """
+    successes = [record for record in answers if is_success(record)]
+    if not successes:
+        raise CloverError("no successful answers to measure")
+    groups = {group: [r for r in successes if category_group(r["category"]) == group] for group in GROUPS}
+    return {"groups": {group: _tau(group, records) for group, records in groups.items() if records},
+            "overall": _tau("overall", successes),
+            "excluded": {"failed": len(answers) - len(successes)}}
+
+
+def format_tau_report(report: dict) -> str:
+    """The report as an aligned table with a legend."""
+    keys = ["questions", "new_tokens", "steps", "tau", "tau_minus_1"]
+    rows = [[name] + [stats[k] for k in keys]
+            for name, stats in [*report["groups"].items(), ("overall", report["overall"])]]
+    lines = [format_table(["group", "questions", "tokens", "steps", "tau", "tau-1"], rows),
+             "tau = new tokens / decoding steps (bonus token included); tau-1 = without the bonus token"]
+    if report["excluded"]["failed"]:
+        lines.append(f"excluded {report['excluded']['failed']} failed question(s)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m clover.evaluation.tau_spe", description=__doc__.split("\n")[0])
+    parser.add_argument("--path", required=True, help="answer file (JSON lines) to measure")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    args = parser.parse_args(argv)
+    report = tau_report(load_answers(args.path))
+    print(json.dumps(report, indent=2) if args.json else format_tau_report(report))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,250 @@
+"""Llama-family building blocks shared by the base runtime and the drafts: config, RMSNorm, RoPE, attention, MLP,
+decoder layer and a preallocated KV cache.
+
+Module names mirror Hugging Face's (``self_attn.q_proj``, ``mlp.gate_proj``, ...) so checkpoints load with strict key
+checks and no renaming table.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clover.errors import CloverError
+
+
+@dataclass
+class LlamaArgs:
+    """The architecture facts a Llama-family forward needs, read from an HF ``config.json``."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "LlamaArgs":
+        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+        heads = cfg["num_attention_heads"]
+        # transformers 5 moved rope_theta/rope_scaling into `rope_parameters`; accept both spellings.
+        rope = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} or None)
+        if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+            scaling = None
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        max_pos = cfg.get("max_position_embeddings", 4096)
+        window = cfg.get("sliding_window")
+        if window and (arch == "MistralForCausalLM" or cfg.get("use_sliding_window")):
+            max_pos = min(max_pos, window)  # within the window, sliding-window attention is plain causal attention
+        eos = cfg.get("eos_token_id")
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=max_pos,
+            qkv_bias=is_qwen2 or bool(cfg.get("attention_bias", False)),
+            o_bias=(not is_qwen2) and bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    """``g * z / sqrt(mean(z^2) + eps)``: statistics in fp32, result cast back before the weight (as HF Llama)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
+    """Inverse frequencies for the model's RoPE configuration: default, linear, dynamic (within the trained window)
+    or llama3 scaling."""
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = args.rope_scaling
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "dynamic":
+        return inv_freq  # NTK rescaling only applies beyond max_position_embeddings, which the cache never exceeds
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    raise CloverError(f"unsupported rope_scaling type {kind!r}; supported: linear, dynamic, llama3")
+
+
+class Rotary(nn.Module):
+    """Precomputed cos/sin tables indexed by explicit position ids."""
+
+    def __init__(self, args: LlamaArgs, max_positions: int | None = None):
+        super().__init__()
+        n = max_positions or args.max_position_embeddings
+        freqs = torch.outer(torch.arange(n, dtype=torch.float32), rope_inv_freq(args))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return cos, sin of shape ``[..., T, 1, head_dim]``-broadcastable as ``[B, 1, T, d]``."""
+        return self.cos[position_ids].to(dtype).unsqueeze(-3), self.sin[position_ids].to(dtype).unsqueeze(-3)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys/values ``[layers, B, kv_heads, capacity, head_dim]`` with a host-side length.
+
+    ``forward`` passes append at ``length``; :meth:`commit` keeps a subset of the positions just appended (the
+    accepted tree path) by gathering them to a contiguous run; :meth:`truncate` rolls back; :meth:`reset` empties it.
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (layers, batch, kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.length = 0
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def commit(self, start: int, keep: torch.Tensor) -> None:
+        """Keep the appended positions ``start + keep`` (offsets, ascending) at ``start, start+1, ...``."""
+        n = keep.numel()
+        src = keep.to(self.k.device) + start
+        self.k[:, :, :, start:start + n] = self.k.index_select(3, src)
+        self.v[:, :, :, start:start + n] = self.v.index_select(3, src)
+        self.length = start + n
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def attention_mask(past: int, tree_mask: torch.Tensor | None, n_new: int, device) -> torch.Tensor | str | None:
+    """Boolean ``[T, past+T]`` mask (True = attend): the whole cache, then causal or tree attention among the new
+    tokens. ``None`` means "attend to everything" (a single new token without a tree), ``"causal"`` a plain causal
+    block on an empty cache (lets SDPA use its causal kernel)."""
+    if tree_mask is None and n_new == 1:
+        return None
+    if tree_mask is None and past == 0:
+        return "causal"
+    local = tree_mask.to(device=device, dtype=torch.bool) if tree_mask is not None else torch.ones(
+        n_new, n_new, dtype=torch.bool, device=device).tril_()
+    if past == 0:
+        return local
+    return torch.cat([torch.ones(n_new, past, dtype=torch.bool, device=device), local], dim=1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        h, d = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=args.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(layer, start, k, v)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            mask = mask[None, None]
+        causal = mask == "causal"
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                             enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        h, i = args.hidden_size, args.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=args.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama decoder layer. ``input_layernorm=False`` gives EAGLE-1's first layer (no input norm)."""
+
+    def __init__(self, args: LlamaArgs, input_layernorm: bool = True):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps) if input_layernorm else nn.Identity()
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
