@@ -1,0 +1,132 @@
+"""Command line: ``python -m clover.cli generate|chat`` — plain or speculative decoding with any supported model.
+
+Argument parsing only; the work is done by :mod:`clover.generate`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from clover.errors import run_cli
+from clover.model.loading import DEFAULT_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m clover.cli", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("generate", "answer one prompt"), ("chat", "interactive multi-turn chat")):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--model", "--base", dest="model", default=DEFAULT_MODEL,
+                       help=f"base model: built-in name, .gguf file or HF folder (default {DEFAULT_MODEL})")
+        p.add_argument("--draft", default=None, help="draft checkpoint folder (Clover-2 or EAGLE-1); omit for plain "
+                                                     "decoding")
+        p.add_argument("--tree", default="mc_sim_7b_63", help="fixed tree name, 'dynamic', or a Python list of node "
+                                                               "paths (default mc_sim_7b_63)")
+        p.add_argument("--budget", default="auto", help="node budget of the dynamic tree: a number or 'auto' "
+                                                        "(from this device's measured verification cost)")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--template", default="auto", help="chat template: auto|tokenizer|vicuna|llama3|chatml")
+        p.add_argument("--system", default=None, help="system prompt")
+        p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--max-len", type=int, default=4096, help="KV-cache capacity in tokens (context window)")
+        p.add_argument("--seed", type=int, default=0)
+        if name == "generate":
+            p.add_argument("--prompt", required=True, help="the user message")
+    return parser
+
+
+def load_generator(args):
+    """(generate-function, tokenizer, template) for the chosen model, draft and tree."""
+    from clover.data.templates import get_template
+    from clover.generate.plain import generate_plain, stream_plain
+    from clover.generate.sampling import SamplingParams
+    from clover.model.base import BaseModel
+    from clover.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    template = get_template(tokenizer, args.template, system_prompt=args.system)
+    if args.draft:
+        from clover.generate.speculative import SpeculativeModel
+
+        tree = args.tree if not args.tree.lstrip().startswith("[") else _parse_tree(args.tree)
+        budget = args.budget if args.budget == "auto" else int(args.budget)
+        model = SpeculativeModel.from_pretrained(args.model, args.draft, dtype=args.dtype, device=args.device,
+                                                 max_len=args.max_len, tree=tree, budget=budget)
+
+        def stream(ids, generator):
+            return model.stream(ids, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_new_tokens=args.max_new_tokens, stop_token_ids=template.stop_token_ids,
+                                generator=generator)
+    else:
+        base = BaseModel.from_pretrained(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len)
+        params = SamplingParams(args.temperature, args.top_p, args.top_k)
+
+        def stream(ids, generator):
+            return stream_plain(base, ids, params, args.max_new_tokens, template.stop_token_ids, (), generator)
+    return stream, tokenizer, template
+
+
+def _parse_tree(text: str):
+    import ast
+
+    from clover.errors import CloverError
+
+    try:
+        return [tuple(p) for p in ast.literal_eval(text)]
+    except (ValueError, SyntaxError, TypeError):
+        raise CloverError(f"--tree: cannot parse {text!r} as a list of node paths like [[0], [1], [0, 0]]") from None
+
+
+def respond(stream, tokenizer, ids, generator, out=sys.stdout) -> tuple[str, object]:
+    """Stream one answer to ``out``; return its text and the GenerationResult."""
+    gen = stream(ids, generator)
+    tokens, printed = [], ""
+    while True:
+        try:
+            tokens.extend(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.write(text[len(printed):])
+            out.flush()
+            printed = text
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    out.write(text[len(printed):] + "\n")
+    print(f"[{result.new_tokens} tokens in {result.wall_time:.2f} s = {result.new_tokens / result.wall_time:.1f} "
+          f"tokens/s; {result.steps} steps, mean accepted length {result.tau:.2f}; {result.finish_reason}]",
+          file=sys.stderr)
+    return text, result
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    stream, tokenizer, template = load_generator(args)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    if args.command == "generate":
+        ids = template.encode_prompt([{"role": "user", "content": args.prompt}])
+        respond(stream, tokenizer, ids, generator)
+        return
+    messages = []
+    print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        text, _ = respond(stream, tokenizer, template.encode_prompt(messages), generator)
+        messages.append({"role": "assistant", "content": text})
+
+
+if __name__ == "__main__":
+    run_cli(main)

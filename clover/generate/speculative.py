@@ -1,0 +1,121 @@
+"""Speculative decoding: prefill, draft a tree, verify it in one base forward, commit the accepted path, repeat.
+
+``CloverModel`` / ``EagleModel`` bundle a base runtime, a draft and a tree policy (a fixed shape such as
+``mc_sim_7b_63``, or ``dynamic`` with a node budget that is a number or ``auto``).
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+
+from clover.errors import CloverError
+from clover.generate.draft import runner_for
+from clover.generate.output import GenerationResult, OutputTracker
+from clover.generate.plain import _drain, check_prompt, stream_plain
+from clover.generate.sampling import SamplingParams, select_tokens
+from clover.generate.tree import TreeSpec, build_dynamic_tree
+from clover.generate.verify import verify_tree
+from clover.model.base import BaseModel
+
+
+class SpeculativeModel:
+    draft_type: str | None = None  # set by subclasses to check the loaded checkpoint
+
+    def __init__(self, base: BaseModel, draft, tree="mc_sim_7b_63", budget: int | str | None = None,
+                 tokenizer=None, dynamic_width: int = 8, dynamic_expand: int = 8, max_depth: int = 5):
+        self.base, self.draft, self.tokenizer = base, draft, tokenizer
+        self.runner = runner_for(draft)
+        heads = draft.config.get("clover", {}).get("num_heads")  # Clover-2's depth limit; EAGLE-1 has none
+        self.num_heads = heads if heads is not None else max_depth
+        self.dynamic = tree == "dynamic"
+        self.dynamic_width, self.dynamic_expand = dynamic_width, dynamic_expand
+        if self.dynamic:
+            if budget in (None, "auto"):
+                from clover.generate.budget import verification_cost
+
+                self.budget, self.cost = None, verification_cost(base)
+            else:
+                self.budget, self.cost = int(budget), None
+                if self.budget < 0:
+                    raise CloverError(f"tree budget must be >= 0 or 'auto', got {budget}")
+        else:
+            self.spec = TreeSpec(tree, num_heads=heads).to(base.device)
+
+    @classmethod
+    def from_pretrained(cls, base_model_path, draft_model_path, dtype="auto", device="cpu",
+                        max_len: int | None = None, **kwargs) -> "SpeculativeModel":
+        from clover.model.checkpoint import load_draft
+        from clover.model.loading import load_tokenizer
+
+        base = BaseModel.from_pretrained(base_model_path, dtype=dtype, device=device, max_len=max_len)
+        draft = load_draft(draft_model_path, base, expected_type=cls.draft_type)
+        draft.allocate_cache(base.max_len)
+        return cls(base, draft, tokenizer=load_tokenizer(base_model_path), **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _draft_tree(self, root, root_logits):
+        if self.dynamic:
+            return build_dynamic_tree(root, root_logits, self.runner, max_depth=self.num_heads, budget=self.budget,
+                                      width=self.dynamic_width, expand=self.dynamic_expand, cost_per_size=self.cost)
+        return self.spec.build(root, root_logits, self.runner)
+
+    def _draft_input(self, out, index):
+        hidden = out.hidden_prenorm if self.runner.hidden_kind == "prenorm" else out.hidden
+        return hidden[:, index]
+
+    def stream(self, input_ids, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               max_new_tokens: int = 256, stop_token_ids=None, stop_sequences=(),
+               generator: torch.Generator | None = None) -> Iterator[list[int]]:
+        """Yield the tokens committed at each step; the generator returns a GenerationResult."""
+        params = SamplingParams(temperature, top_p, top_k)
+        if stop_token_ids is None:
+            stop_token_ids = self.base.args.eos_token_id
+        tracker = OutputTracker(max_new_tokens, stop_token_ids, stop_sequences)
+        ids = check_prompt(self.base, input_ids)
+        base = self.base
+        start_time = time.perf_counter()
+        base.reset()
+        self.runner.reset()
+        out = base(ids, logits_to_keep=1)
+        root = select_tokens(out.logits[0, -1], params, generator)
+        yield tracker.add([int(root)])
+        next_ids = torch.cat([ids[:, 1:], root.reshape(1, 1)], dim=1)
+        root_logits = self.runner.start(self._draft_input(out, slice(None)), next_ids)
+        while not tracker.done:
+            tree = self._draft_tree(root, root_logits)
+            past = base.cache.length
+            if past + tree.size > base.max_len:
+                tracker.result.finish_reason = "context"
+                break
+            out = base(tree.tokens[None], position_ids=past + tree.depths, tree_mask=tree.mask)
+            verdict = verify_tree(tree, out.logits[0], params, generator)
+            base.commit(past, verdict.nodes)
+            root = verdict.bonus
+            yield tracker.add(verdict.tokens[1:].tolist() + [int(root)])
+            if tracker.done:
+                break
+            next_ids = torch.cat([verdict.tokens[1:], root.reshape(1)])[None]
+            root_logits = self.runner.start(self._draft_input(out, verdict.nodes), next_ids)
+        tracker.result.wall_time = time.perf_counter() - start_time
+        return tracker.result
+
+    def generate(self, input_ids, **kwargs) -> GenerationResult:
+        return _drain(self.stream(input_ids, **kwargs))
+
+    def generate_plain(self, input_ids, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                       max_new_tokens: int = 256, stop_token_ids=None, stop_sequences=(), generator=None):
+        """Plain decoding on the same runtime, for comparisons."""
+        if stop_token_ids is None:
+            stop_token_ids = self.base.args.eos_token_id
+        return _drain(stream_plain(self.base, input_ids, SamplingParams(temperature, top_p, top_k), max_new_tokens,
+                                   stop_token_ids, stop_sequences, generator))
+
+
+class CloverModel(SpeculativeModel):
+    draft_type = "clover2"
+
+
+class EagleModel(SpeculativeModel):
+    draft_type = "eagle"

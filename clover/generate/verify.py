@@ -1,0 +1,43 @@
+"""Tree verification, lossless for greedy and sampled decoding.
+
+Every tree node gets one target token from the base model's (processed) distribution at that node: the argmax when
+greedy, an independent draw otherwise. A node is accepted when its token equals its parent's target and its parent
+is accepted; the bonus token is the target of the deepest accepted node.
+
+For sampling this is exactly recursive rejection sampling over siblings (spec §5.9) for a draft that proposes its
+children deterministically (point-mass proposals, as the tree builders do): accepting the first sibling ``x`` with
+probability ``p(x)``, else moving on with the residual ``p`` without ``x`` renormalised, accepts sibling ``x`` with
+overall probability ``p(x)`` and otherwise ends with a token drawn from ``p`` restricted to the non-siblings — the
+same law as drawing ``y ~ p`` once and accepting the sibling equal to ``y``. Each committed token is therefore a
+sample of the base distribution given its prefix, and the same processing (temperature, top-k, top-p) is applied
+at every node, bonus token included.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clover.generate.sampling import SamplingParams, select_tokens
+from clover.generate.tree import DraftTree
+
+
+@dataclass
+class Verdict:
+    nodes: torch.Tensor   # [a+1] tree node indices of the root and the accepted draft tokens, root first
+    tokens: torch.Tensor  # [a+1] their token ids
+    bonus: torch.Tensor   # () the next root, drawn from the base distribution after the last accepted node
+    accepted: int         # a = number of accepted draft tokens
+
+
+def verify_tree(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
+                generator: torch.Generator | None = None) -> Verdict:
+    """``logits [n+1, V]``: the base model's logits at every tree node (from one tree-masked forward)."""
+    targets = select_tokens(logits, params, generator)
+    matches = tree.tokens == targets[tree.parents]
+    matches[0] = True
+    on_path = torch.where(tree.paths >= 0, matches[tree.paths.clamp(min=0)], True).all(-1)
+    best = torch.argmax(on_path * (tree.depths + 1))
+    a = int(tree.depths[best])  # the one host sync of a step: how many tokens to commit
+    nodes = tree.paths[best, :a + 1]
+    return Verdict(nodes=nodes, tokens=tree.tokens[nodes], bonus=targets[best], accepted=a)
