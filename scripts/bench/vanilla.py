@@ -1,0 +1,125 @@
+"""Benchmark: the project's plain greedy decoding vs transformers' generate on SmolLM2 (same prompts, same run,
+same dtype), and the verification cost curve (one forward of 1..64 tokens over a 300-token cache) next to a bare
+chain of the model's matmuls. Prints a table and writes figs/bench_vanilla.json.
+
+    python scripts/bench/vanilla.py [--model smollm2-135m-instruct] [--prompts 5] [--new-tokens 64] [--runs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from clover.data.templates import get_template
+from clover.evaluation.answers import default_question_file, load_questions
+from clover.generate.plain import generate_plain
+from clover.model.base import BaseModel
+from clover.model.loading import load_tokenizer, resolve_model_path
+
+SIZES = (1, 4, 8, 16, 26, 32, 64)
+
+
+def median_time(fn, runs):
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def decode_speed(base, hf, prompts, new_tokens, runs, stop):
+    ours, theirs = [], []
+    for ids in prompts:
+        result = generate_plain(base, ids, max_new_tokens=new_tokens, stop_token_ids=())
+        n = result.new_tokens
+        ours.append(n / median_time(lambda: generate_plain(base, ids, max_new_tokens=new_tokens,
+                                                           stop_token_ids=()), runs))
+        inp = torch.tensor([ids])
+
+        def hf_run():
+            with torch.no_grad():
+                out = hf.generate(inp, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=stop)
+            assert out.shape[1] - inp.shape[1] == n
+        theirs.append(n / median_time(hf_run, runs))
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def cost_curve(base, runs, prefix=300):
+    ids = torch.randint(0, base.args.vocab_size, (1, prefix + max(SIZES)))
+    base.reset()
+    base(ids[:, :prefix], logits_to_keep=0)
+    curve = {}
+    for s in SIZES:
+        mask = torch.ones(s, s, dtype=torch.bool).tril()
+
+        def step():
+            base.truncate(prefix)
+            base(ids[:, prefix:prefix + s], tree_mask=mask)
+        step()
+        curve[s] = median_time(step, runs) * 1000
+    return curve
+
+
+def bare_matmuls(base, runs):
+    """The same matmuls as one forward (all layers + LM head), with nothing else, for 1..64 tokens."""
+    weights = [p for n, p in base.named_parameters() if p.dim() == 2 and "embed" not in n]
+    if base.args.tie_word_embeddings:
+        weights.append(base.lm_head.weight)
+    curve = {}
+    for s in SIZES:
+        xs = {w.shape[1]: torch.randn(1, s, w.shape[1], dtype=base.dtype) for w in weights}
+
+        def chain():
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+        chain()
+        curve[s] = median_time(chain, runs) * 1000
+    return curve
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", default="figs/bench_vanilla.json")
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(args.model)
+    template = get_template(tokenizer)
+    questions = load_questions(default_question_file())
+    prompts = [template.encode_prompt([{"role": "user", "content": q["turns"][0]}])
+               for q in questions[:: max(1, len(questions) // args.prompts)][:args.prompts]]
+    results = {"model": args.model, "cpu": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "dtypes": {}}
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        base = BaseModel.from_pretrained(args.model, dtype=dtype_name, max_len=1024)
+        hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=dtype).eval()
+        ours, theirs = decode_speed(base, hf, prompts, args.new_tokens, args.runs, template.stop_token_ids[0])
+        curve, bare = cost_curve(base, args.runs * 2), bare_matmuls(base, args.runs * 2)
+        results["dtypes"][dtype_name] = {"clover_tokens_per_s": ours, "transformers_tokens_per_s": theirs,
+                                         "speedup": ours / theirs, "forward_ms": curve, "bare_matmul_ms": bare}
+        print(f"\n{dtype_name}: clover plain greedy {ours:.1f} tok/s, transformers generate {theirs:.1f} tok/s "
+              f"-> {ours / theirs:.2f}x (median over {len(prompts)} prompts x {args.runs} runs, "
+              f"{args.new_tokens} new tokens)")
+        print("tokens  forward over 300-token cache (ms)  bare matmuls (ms)  ratio")
+        for s in SIZES:
+            print(f"{s:6d}  {curve[s]:33.1f}  {bare[s]:17.1f}  {curve[s] / bare[s]:5.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
