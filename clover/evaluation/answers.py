@@ -106,10 +106,10 @@ def load_questions(path: str | os.PathLike, begin: int | None = None, end: int |
     return questions[begin:end]
 
 
-def _check_choice(choice: object) -> None:
-    """Raise ValueError describing what is wrong with the choice of a successful answer."""
-    if not isinstance(choice, dict) or choice.get("index") != 0:
-        raise ValueError('the choice must be an object with "index": 0')
+def _check_choice(choice: object, index: int = 0) -> None:
+    """Raise ValueError describing what is wrong with choice number ``index`` of a successful answer."""
+    if not isinstance(choice, dict) or choice.get("index") != index:
+        raise ValueError(f'choice {index} must be an object with "index": {index}')
     for key in _CHOICE_LISTS:
         if not isinstance(choice.get(key), list):
             raise ValueError(f'choice field "{key}" must be a list with one entry per turn')
@@ -158,9 +158,10 @@ def check_answer(record: object) -> None:
             raise ValueError('"error" must be a non-empty message')
         return
     choices = record["choices"]
-    if not isinstance(choices, list) or len(choices) != 1:
-        raise ValueError('"choices" must be a list with exactly one choice')
-    _check_choice(choices[0])
+    if not isinstance(choices, list) or not choices:
+        raise ValueError('"choices" must be a non-empty list (one entry per sampled choice)')
+    for index, choice in enumerate(choices):
+        _check_choice(choice, index)
 
 
 def is_success(record: dict) -> bool:
@@ -182,18 +183,28 @@ def _validated(record: dict) -> dict:
     return record
 
 
-def answer_record(question_id: int, category: str, *, model_id: str, base_model: str, method: str,
-                  turns: Sequence[str], accept_lengths: Sequence[Sequence[int]], wall_time: Sequence[float],
-                  tstamp: float | None = None) -> dict:
-    """A validated successful answer; per turn ``new_tokens`` and ``idxs`` are derived from ``accept_lengths``.
+def make_choice(index: int, turns: Sequence[str], accept_lengths: Sequence[Sequence[int]],
+                wall_time: Sequence[float]) -> dict:
+    """One choice of an answer; per turn ``new_tokens`` and ``idxs`` are derived from ``accept_lengths``.
 
     ``accept_lengths[t]`` lists the tokens committed by each decoding step of turn ``t``, bonus token included
-    (plain decoding: one 1 per generated token). ``tstamp`` defaults to now.
+    (plain decoding: one 1 per generated token).
     """
     accepts = [[operator.index(a) for a in turn] for turn in accept_lengths]
-    choice = {"index": 0, "turns": list(turns), "new_tokens": [sum(a) for a in accepts],
-              "idxs": [len(a) for a in accepts], "wall_time": [float(s) for s in wall_time], "accept_lengths": accepts}
-    return _validated({**_header(question_id, category, model_id, base_model, method, tstamp), "choices": [choice]})
+    return {"index": index, "turns": list(turns), "new_tokens": [sum(a) for a in accepts],
+            "idxs": [len(a) for a in accepts], "wall_time": [float(s) for s in wall_time], "accept_lengths": accepts}
+
+
+def answer_record(question_id: int, category: str, *, model_id: str, base_model: str, method: str,
+                  turns: Sequence[str] = (), accept_lengths: Sequence[Sequence[int]] = (),
+                  wall_time: Sequence[float] = (), choices: Sequence[dict] | None = None,
+                  tstamp: float | None = None) -> dict:
+    """A validated successful answer: one choice from ``turns``/``accept_lengths``/``wall_time``, or several
+    ``choices`` made with :func:`make_choice`. ``tstamp`` defaults to now."""
+    if choices is None:
+        choices = [make_choice(0, turns, accept_lengths, wall_time)]
+    return _validated({**_header(question_id, category, model_id, base_model, method, tstamp),
+                       "choices": list(choices)})
 
 
 def error_record(question_id: int, category: str, *, model_id: str, base_model: str, method: str, error: str,

@@ -36,8 +36,8 @@ def _base_model(answers: Sequence[dict], what: str) -> str:
 
 
 def _tokens_and_seconds(record: dict) -> tuple[int, float]:
-    choice = record["choices"][0]
-    return sum(choice["new_tokens"]), sum(choice["wall_time"])
+    choices = record["choices"]
+    return sum(sum(c["new_tokens"]) for c in choices), sum(sum(c["wall_time"]) for c in choices)
 
 
 def _rates(records: Sequence[dict]) -> dict:

@@ -19,10 +19,10 @@ from clover.evaluation.answers import GROUPS, category_group, format_table, is_s
 
 def _step_counts(record: dict) -> tuple[int, int]:
     """(new tokens, steps) of an answer, checked against its per-step accept lengths."""
-    choice = record["choices"][0]
-    tokens, steps = sum(choice["new_tokens"]), sum(choice["idxs"])
-    accepted = sum(sum(turn) for turn in choice["accept_lengths"])
-    n_accepts = sum(len(turn) for turn in choice["accept_lengths"])
+    choices = record["choices"]
+    tokens, steps = sum(sum(c["new_tokens"]) for c in choices), sum(sum(c["idxs"]) for c in choices)
+    accepted = sum(sum(turn) for c in choices for turn in c["accept_lengths"])
+    n_accepts = sum(len(turn) for c in choices for turn in c["accept_lengths"])
     if (accepted, n_accepts) != (tokens, steps):
         raise CloverError(f"question {record['question_id']}: counts disagree: accept_lengths hold {n_accepts} steps "
                           f"committing {accepted} tokens, but idxs sum to {steps} and new_tokens to {tokens}; "
@@ -37,7 +37,7 @@ def _tau(name: str, records: Sequence[dict]) -> dict:
     steps = sum(s for _, s in counts)
     if steps == 0:
         raise CloverError(f"{name}: no decoding steps, so τ is undefined")
-    accepts = [a for record in records for turn in record["choices"][0]["accept_lengths"] for a in turn]
+    accepts = [a for record in records for c in record["choices"] for turn in c["accept_lengths"] for a in turn]
     tau = tokens / steps
     return {"questions": len(records), "new_tokens": tokens, "steps": steps, "tau": tau, "tau_minus_1": tau - 1,
             "mean_accept_length": sum(accepts) / len(accepts)}

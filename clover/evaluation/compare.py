@@ -1,0 +1,140 @@
+"""Peers side by side on the same questions, machine and caps: transformers ``generate`` (plain), transformers
+prompt-lookup decoding, the project's plain decoding, EAGLE-1 and Clover-2. Writes one answer file per method
+(resumable), a markdown table (tokens/s, speedup over the project's plain decoding, τ per group) and plots in figs/.
+
+    python -m clover.evaluation.compare --clover-draft runs/clover2 --eagle-draft runs/eagle \\
+        [--question-file spec_bench_question.jsonl] [--max-new-token 128] [--outdir runs/compare]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from clover.errors import CloverError, run_cli
+from clover.evaluation.answers import GROUPS, load_answers
+from clover.evaluation.gen_answer import generate_answers
+from clover.evaluation.speed_spe import speed_report
+from clover.evaluation.tau_spe import tau_report
+from clover.model.loading import DEFAULT_MODEL
+
+LABELS = {"hf": "transformers generate", "hf_pld": "transformers prompt lookup", "baseline": "clover plain",
+          "eagle": "EAGLE-1", "clover": "Clover-2"}
+DEFAULT_METHODS = ("hf", "hf_pld", "baseline", "eagle", "clover")
+
+
+def run_comparison(outdir, base_model=DEFAULT_MODEL, clover_draft=None, eagle_draft=None, question_file=None,
+                   methods=DEFAULT_METHODS, max_new_token=128, temperature=0.0, tree="mc_sim_7b_63",
+                   total_token="auto", dtype="auto", device="cpu", figs="figs", question_begin=None,
+                   question_end=None, warmup=1, progress=True) -> dict:
+    outdir = Path(outdir)
+    drafts = {"clover": clover_draft, "eagle": eagle_draft}
+    methods = [m for m in methods if m not in drafts or drafts[m]]
+    if "baseline" not in methods:
+        raise CloverError("the comparison needs the 'baseline' method (the project's plain decoding) as reference")
+    files = {}
+    for method in methods:
+        files[method] = generate_answers(method, base_model, outdir / "answers" / f"{method}.jsonl", question_file,
+                                         drafts.get(method), temperature=temperature, max_new_token=max_new_token,
+                                         tree=tree, total_token=total_token, dtype=dtype, device=device,
+                                         question_begin=question_begin, question_end=question_end, warmup=warmup,
+                                         progress=progress)
+    base = load_answers(files["baseline"])
+    results = {"date": datetime.date.today().isoformat(), "base_model": str(base_model), "device": device,
+               "dtype": dtype, "tree": tree, "max_new_token": max_new_token, "temperature": temperature,
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+               "methods": {}}
+    for method in methods:
+        answers = load_answers(files[method])
+        results["methods"][method] = {"speed": speed_report(answers, base), "tau": tau_report(answers)}
+    (outdir / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown_table(results)
+    (outdir / "table.md").write_text(table + "\n")
+    plot(results, Path(figs))
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    methods = results["methods"]
+    groups = [g for g in GROUPS if g in methods["baseline"]["speed"]["groups"]]
+    lines = [f"| method | tokens/s | speedup | τ | " + " | ".join(f"τ {g} | speedup {g}" for g in groups) + " |",
+             "|---|---:|---:|---:|" + "---:|---:|" * len(groups)]
+    for method, r in methods.items():
+        s, t = r["speed"], r["tau"]
+        cells = [LABELS[method], f"{s['overall']['tokens_per_s_total']:.1f}", f"{s['overall']['speedup_total']:.2f}x",
+                 f"{t['overall']['tau']:.2f}"]
+        for g in groups:
+            cells += [f"{t['groups'][g]['tau']:.2f}" if g in t["groups"] else "–",
+                      f"{s['groups'][g]['speedup_total']:.2f}x" if g in s["groups"] else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"speedup = total tokens / total time relative to clover plain decoding on the same questions; "
+                 f"τ = tokens per decoding step, bonus token included. {results['date']}, {results['base_model']}, "
+                 f"{results['device']} ({results['machine']}), dtype {results['dtype']}, tree {results['tree']}, "
+                 f"max {results['max_new_token']} new tokens, temperature {results['temperature']}.")
+    return "\n".join(lines)
+
+
+def plot(results: dict, figs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs.mkdir(parents=True, exist_ok=True)
+    methods = results["methods"]
+    groups = [g for g in GROUPS if g in methods["baseline"]["speed"]["groups"]] + ["overall"]
+    for key, metric, ylabel, name in (("tau", "tau", "τ (tokens per step)", "tau_per_group.png"),
+                                      ("speed", "speedup_total", "speedup over clover plain", "speedup_per_group.png")):
+        fig, ax = plt.subplots(figsize=(9, 3.6))
+        width = 0.8 / len(methods)
+        for i, (method, r) in enumerate(methods.items()):
+            rep = r[key]
+            values = [(rep["overall"] if g == "overall" else rep["groups"].get(g, {})).get(metric, 0) for g in groups]
+            ax.bar([x + i * width for x in range(len(groups))], values, width, label=LABELS[method])
+        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(groups))], groups, fontsize=8)
+        ax.axhline(1.0, color="gray", linewidth=0.6)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{results['base_model']} on {results['device']} ({results['date']})", fontsize=9)
+        ax.legend(fontsize=7, ncol=len(methods))
+        fig.tight_layout()
+        fig.savefig(figs / name, dpi=120)
+        plt.close(fig)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m clover.evaluation.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-model-path", default=DEFAULT_MODEL)
+    p.add_argument("--clover-draft", default=None, help="Clover-2 checkpoint (omit to leave Clover-2 out)")
+    p.add_argument("--eagle-draft", default=None, help="EAGLE-1 checkpoint (omit to leave EAGLE-1 out)")
+    p.add_argument("--question-file", default=None)
+    p.add_argument("--question-begin", type=int, default=None)
+    p.add_argument("--question-end", type=int, default=None)
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--max-new-token", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--tree", default="mc_sim_7b_63")
+    p.add_argument("--total-token", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--outdir", default="runs/compare")
+    p.add_argument("--figs", default="figs")
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    budget = a.total_token if a.total_token == "auto" else int(a.total_token)
+    results = run_comparison(a.outdir, a.base_model_path, a.clover_draft, a.eagle_draft, a.question_file,
+                             a.methods.split(","), a.max_new_token, a.temperature, a.tree, budget, a.dtype, a.device,
+                             a.figs, a.question_begin, a.question_end)
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    run_cli(main)

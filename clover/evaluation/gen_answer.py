@@ -1,0 +1,218 @@
+"""Answer files for a Spec-Bench-format question file, one JSON line per question (see
+:mod:`clover.evaluation.answers`), for the project's plain decoding (``baseline``), Clover-2 (``clover``), EAGLE-1
+(``eagle``), and the transformers peers ``hf`` (plain ``generate``) and ``hf_pld`` (prompt-lookup decoding).
+
+Every method gets the same prompts (the base model's chat template; multi-turn questions keep the conversation with
+the model's own earlier answers), the same ``--max-new-token`` cap and stop tokens, a warm-up before timing, and a
+seed per (question, choice). Runs resume: questions already answered in the answer file are skipped; a failed
+question is recorded as a failure, never with numbers.
+
+    python -m clover.evaluation.gen_answer --method clover --base-model-path smollm2-135m-instruct \\
+        --draft-model-path runs/clover2 --answer-file answers/clover.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from clover.errors import CloverError, run_cli
+from clover.evaluation.answers import (answer_record, append_answer, default_question_file, done_question_ids,
+                                       error_record, load_questions, make_choice, sort_answer_file)
+from clover.model.loading import DEFAULT_MODEL
+
+METHODS = ("baseline", "clover", "eagle", "hf", "hf_pld")
+
+
+class Decoder:
+    """``decode(ids, seed) -> (tokens, accept_lengths)`` for one method, all methods on the same footing."""
+
+    def __init__(self, method: str, base_model: str, draft: str | None, dtype: str, device: str, max_len: int,
+                 tree, budget, temperature: float, top_p: float, top_k: int, max_new_tokens: int, stop_ids):
+        from clover.generate.sampling import SamplingParams
+
+        self.method, self.device, self.max_new_tokens, self.stop_ids = method, device, max_new_tokens, list(stop_ids)
+        self.params = SamplingParams(temperature, top_p, top_k)
+        if method in ("clover", "eagle"):
+            if not draft:
+                raise CloverError(f"--method {method} needs --draft-model-path")
+            from clover.generate.speculative import CloverModel, EagleModel
+
+            cls = CloverModel if method == "clover" else EagleModel
+            self.model = cls.from_pretrained(base_model, draft, dtype=dtype, device=device, max_len=max_len,
+                                             tree=tree, budget=budget)
+        elif method == "baseline":
+            from clover.model.base import BaseModel
+
+            self.base = BaseModel.from_pretrained(base_model, dtype=dtype, device=device, max_len=max_len)
+        elif method in ("hf", "hf_pld"):
+            from transformers import AutoModelForCausalLM
+
+            from clover.model.base import parse_dtype
+            from clover.model.loading import resolve_model_path
+
+            torch_dtype = parse_dtype(dtype, torch.device(device))
+            self.hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_model), dtype=torch_dtype)
+            self.hf = self.hf.to(device).eval()
+        else:
+            raise CloverError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+
+    def decode(self, ids: list[int], seed: int) -> tuple[list[int], list[int]]:
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        p = self.params
+        if self.method in ("clover", "eagle"):
+            r = self.model.generate(ids, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                                    max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_ids,
+                                    generator=generator)
+            return r.tokens, r.accept_lengths
+        if self.method == "baseline":
+            from clover.generate.plain import generate_plain
+
+            r = generate_plain(self.base, ids, params=p, max_new_tokens=self.max_new_tokens,
+                               stop_token_ids=self.stop_ids, generator=generator)
+            return r.tokens, r.accept_lengths
+        return self._decode_hf(ids, seed)
+
+    def _decode_hf(self, ids, seed):
+        chunks = _ChunkRecorder()
+        torch.manual_seed(seed)
+        p = self.params
+        kwargs = dict(max_new_tokens=self.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.stop_ids[0],
+                      streamer=chunks, do_sample=not p.greedy)
+        if not p.greedy:
+            kwargs.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+        if self.method == "hf_pld":
+            kwargs["prompt_lookup_num_tokens"] = 10
+        with torch.no_grad():
+            out = self.hf.generate(torch.tensor([ids], device=self.device), **kwargs)[0, len(ids):].tolist()
+        tokens, accepts = [], []
+        for size in chunks.sizes:  # cut at the first stop token, like the project's own loops
+            take = size
+            for j in range(size):
+                if out[len(tokens) + j] in self.stop_ids:
+                    take = j + 1
+                    break
+            tokens.extend(out[len(tokens):len(tokens) + take])
+            accepts.append(take)
+            if take < size or (tokens and tokens[-1] in self.stop_ids):
+                break
+        return tokens, accepts
+
+
+class _ChunkRecorder:
+    """A transformers streamer that records how many tokens each generation step committed."""
+
+    def __init__(self):
+        self.sizes, self._prompt_seen = [], False
+
+    def put(self, value):
+        if not self._prompt_seen:  # the first call carries the prompt
+            self._prompt_seen = True
+            return
+        self.sizes.append(int(value.numel()))
+
+    def end(self):
+        pass
+
+
+def answer_question(decoder: Decoder, template, tokenizer, question: dict, choice: int, seed: int):
+    """Generate every turn of one question; return (texts, accept lengths per turn, seconds per turn)."""
+    messages, texts, accepts, times = [], [], [], []
+    for turn in question["turns"]:
+        messages.append({"role": "user", "content": turn})
+        ids = template.encode_prompt(messages)
+        if decoder.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        tokens, accept_lengths = decoder.decode(ids, seed + 1000 * choice)
+        if decoder.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": text})
+        texts.append(text)
+        accepts.append(accept_lengths)
+    return texts, accepts, times
+
+
+def generate_answers(method: str, base_model_path: str, answer_file, question_file=None, draft_model_path=None,
+                     model_id: str | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     max_new_token: int = 256, num_choices: int = 1, tree="mc_sim_7b_63", total_token="auto",
+                     question_begin=None, question_end=None, dtype="auto", device="cpu", max_len: int = 4096,
+                     template_name: str = "auto", seed: int = 0, warmup: int = 1, progress: bool = True) -> Path:
+    from clover.data.templates import get_template
+    from clover.model.loading import load_tokenizer
+
+    if num_choices < 1:
+        raise CloverError(f"--num-choices must be >= 1, got {num_choices}")
+    questions = load_questions(question_file or default_question_file(), question_begin, question_end)
+    answer_file = Path(answer_file)
+    done = done_question_ids(answer_file)
+    todo = [q for q in questions if q["question_id"] not in done]
+    tokenizer = load_tokenizer(base_model_path)
+    template = get_template(tokenizer, template_name)
+    model_id = model_id or f"{Path(str(base_model_path)).name}-{method}-temperature-{temperature}"
+    if not todo:
+        print(f"{answer_file}: all {len(questions)} questions already answered")
+        return answer_file
+    decoder = Decoder(method, base_model_path, draft_model_path, dtype, device, max_len, tree, total_token,
+                      temperature, top_p, top_k, max_new_token, template.stop_token_ids)
+    for _ in range(warmup):  # warm-up: first question, untimed, discarded
+        answer_question(decoder, template, tokenizer, questions[0], 0, seed)
+    header = dict(model_id=model_id, base_model=str(base_model_path), method=method)
+    for question in tqdm(todo, desc=f"{method} answers", disable=not progress):
+        qid, category = question["question_id"], question["category"]
+        try:
+            choices = [make_choice(c, *answer_question(decoder, template, tokenizer, question, c, seed + qid))
+                       for c in range(num_choices)]
+            record = answer_record(qid, category, choices=choices, **header)
+        except (RuntimeError, ValueError, CloverError) as err:  # record the failure, never stale numbers
+            record = error_record(qid, category, error=f"{type(err).__name__}: {err}", **header)
+        append_answer(answer_file, record)
+    sort_answer_file(answer_file)
+    return answer_file
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clover.evaluation.gen_answer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--base-model-path", default=DEFAULT_MODEL, help="built-in name, .gguf or HF folder")
+    p.add_argument("--draft-model-path", default=None, help="draft checkpoint (clover / eagle)")
+    p.add_argument("--question-file", default=None, help="Spec-Bench format JSONL (default: the shipped set)")
+    p.add_argument("--question-begin", type=int, default=None)
+    p.add_argument("--question-end", type=int, default=None)
+    p.add_argument("--answer-file", required=True)
+    p.add_argument("--model-id", default=None)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-token", type=int, default=256, help="cap per turn, the same for every method")
+    p.add_argument("--num-choices", type=int, default=1)
+    p.add_argument("--tree", default="mc_sim_7b_63", help="fixed tree name or 'dynamic'")
+    p.add_argument("--total-token", default="auto", help="node budget of the dynamic tree (number or 'auto')")
+    p.add_argument("--template", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-len", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs of the first question")
+    return p
+
+
+def main(argv=None) -> None:
+    a = build_parser().parse_args(argv)
+    budget = a.total_token if a.total_token == "auto" else int(a.total_token)
+    path = generate_answers(a.method, a.base_model_path, a.answer_file, a.question_file, a.draft_model_path,
+                            a.model_id, a.temperature, a.top_p, a.top_k, a.max_new_token, a.num_choices, a.tree,
+                            budget, a.question_begin, a.question_end, a.dtype, a.device, a.max_len, a.template,
+                            a.seed, a.warmup, progress=sys.stderr.isatty() or True)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

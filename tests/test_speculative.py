@@ -1,0 +1,171 @@
+"""Speculative decoding is lossless: greedy output == plain greedy output (random and trained-ish drafts, fixed and
+dynamic trees, tiny Llama/Qwen2 and SmolLM2, fp32), sampled output follows the base distribution (chi-square test),
+caches end consistent, stops and caps are exact, bad inputs are rejected."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clover.errors import CloverError
+from clover.generate.sampling import SamplingParams, processed_probs
+from clover.generate.speculative import CloverModel, EagleModel, SpeculativeModel
+from clover.model.base import BaseModel
+from clover.model.checkpoint import init_draft, save_draft
+from tests.conftest import save_tiny
+
+TREES = ["mc_sim_7b_63", "dynamic"]
+
+
+def make(base, kind, tree, **kwargs):
+    draft = init_draft(kind, base).eval()
+    draft.allocate_cache(base.max_len)
+    budget = kwargs.pop("budget", 12 if tree == "dynamic" else None)
+    return SpeculativeModel(base, draft, tree=tree, budget=budget, **kwargs)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_base(request, tmp_path_factory):
+    folder = save_tiny(tmp_path_factory.mktemp(request.param), request.param)
+    return BaseModel.from_pretrained(folder, dtype="fp32", max_len=160)
+
+
+@pytest.mark.parametrize("kind", ["clover2", "eagle"])
+@pytest.mark.parametrize("tree", TREES)
+def test_greedy_equals_plain_on_tiny_models(tiny_base, kind, tree):
+    model = make(tiny_base, kind, tree)
+    gen = torch.Generator().manual_seed(0)
+    taus = []
+    for _ in range(6):
+        prompt = torch.randint(3, 97, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen).tolist()
+        spec = model.generate(prompt, max_new_tokens=48, stop_token_ids=())
+        plain = model.generate_plain(prompt, max_new_tokens=48, stop_token_ids=())
+        assert spec.tokens == plain.tokens
+        assert spec.new_tokens == 48 and sum(spec.accept_lengths) == 48
+        taus.append(spec.tau)
+    # tiny random models repeat themselves, so even an untrained draft gets tokens accepted: the accept path is
+    # exercised, not only the rejection path
+    assert max(taus) > 1.2
+
+
+def test_greedy_equals_plain_on_smollm2(smollm2_base, smollm2_tokenizer):
+    """20 prompts: Clover-2 (fixed and dynamic trees) and EAGLE-1 drafts initialised from the base."""
+    from clover.data.templates import get_template
+    from clover.evaluation.answers import default_question_file, load_questions
+
+    template = get_template(smollm2_tokenizer)
+    prompts = [q["turns"][0] for q in load_questions(default_question_file())][:20]
+    models = [make(smollm2_base, "clover2", "mc_sim_7b_63"), make(smollm2_base, "clover2", "dynamic", budget=16),
+              make(smollm2_base, "eagle", "mc_sim_7b_63")]
+    for i, prompt in enumerate(prompts):
+        ids = template.encode_prompt([{"role": "user", "content": prompt}])
+        model = models[i % len(models)]
+        spec = model.generate(ids, max_new_tokens=24, stop_token_ids=template.stop_token_ids)
+        plain = model.generate_plain(ids, max_new_tokens=24, stop_token_ids=template.stop_token_ids)
+        assert spec.tokens == plain.tokens, prompt
+
+
+def test_caches_after_generation_equal_sequential_feeding(tiny_base):
+    model = make(tiny_base, "clover2", "mc_sim_7b_63")
+    prompt = [5, 9, 11, 3]
+    result = model.generate(prompt, max_new_tokens=30, stop_token_ids=())
+    base = model.base
+    n = base.cache.length
+    committed = prompt + result.tokens[:-1]  # the last token is the uncommitted root
+    assert n == len(committed)
+    k, v = base.cache.k[:, :, :, :n].clone(), base.cache.v[:, :, :, :n].clone()
+    base.reset()
+    base(torch.tensor([committed]))
+    assert torch.allclose(k, base.cache.k[:, :, :, :n], atol=1e-5)
+    assert torch.allclose(v, base.cache.v[:, :, :, :n], atol=1e-5)
+    # the draft holds one (state, next token) pair per committed position, the last one paired with the root
+    assert model.draft.cache_length == n
+
+
+def test_stop_tokens_and_caps_are_exact(tiny_base):
+    model = make(tiny_base, "clover2", "mc_sim_7b_63")
+    prompt = [7, 8, 9]
+    free = model.generate_plain(prompt, max_new_tokens=40, stop_token_ids=())
+    stop = free.tokens[17]  # a token that occurs in the output: both loops must end at its first occurrence
+    spec = model.generate(prompt, max_new_tokens=40, stop_token_ids=[stop])
+    plain = model.generate_plain(prompt, max_new_tokens=40, stop_token_ids=[stop])
+    assert spec.tokens == plain.tokens and spec.tokens[-1] == stop and spec.finish_reason == "stop"
+    seq = free.tokens[20:23]
+    spec = model.generate(prompt, max_new_tokens=40, stop_token_ids=(), stop_sequences=[seq])
+    plain = model.generate_plain(prompt, max_new_tokens=40, stop_token_ids=(), stop_sequences=[seq])
+    assert spec.tokens == plain.tokens and spec.tokens[-3:] == seq
+    for cap in (1, 2, 5, 13):
+        spec = model.generate(prompt, max_new_tokens=cap, stop_token_ids=())
+        assert spec.tokens == free.tokens[:cap] and spec.finish_reason == "length"
+    # the context window is never overrun: generation ends when the next tree no longer fits
+    long = model.generate(prompt, max_new_tokens=1000, stop_token_ids=())
+    assert long.finish_reason == "context" and len(prompt) + long.new_tokens <= model.base.max_len
+
+
+def chi2_critical(df: int, z: float = 3.719) -> float:
+    """Upper quantile of chi-square(df) by the Wilson–Hilferty approximation; z=3.719 -> false-alarm rate 1e-4."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("kind", ["clover2", "eagle"])
+def test_sampling_matches_the_base_distribution(tmp_path, kind):
+    """The first two committed tokens of 20k sampled runs (T=0.7, top-p 0.9) follow the base model's distribution;
+    the tree has 2-3 siblings per node, so acceptance and the bonus-token path are both exercised."""
+    folder = save_tiny(tmp_path / "m", "llama", vocab_size=12, hidden_size=32, intermediate_size=64,
+                       num_attention_heads=2, num_key_value_heads=1)
+    base = BaseModel.from_pretrained(folder, dtype="fp32", max_len=32)
+    tree = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (1, 1), (0, 0, 0), (0, 0, 1)]
+    model = make(base, kind, tree)
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    prompt = [3, 1, 4, 1, 5]
+    # exact distribution of (x1, x2) from the base model itself
+    with torch.no_grad():
+        p1 = processed_probs(base(torch.tensor([prompt]), use_cache=False).logits[0, -1], params)
+        seqs = torch.tensor([prompt + [x] for x in range(12)])
+        p2 = torch.stack([processed_probs(base(s[None], use_cache=False).logits[0, -1], params) for s in seqs])
+    exact = (p1[:, None] * p2).flatten()
+    runs = 20000
+    counts = torch.zeros(144)
+    gen = torch.Generator().manual_seed(1234)
+    accepted = 0
+    for _ in range(runs):
+        r = model.generate(prompt, temperature=0.7, top_p=0.9, max_new_tokens=2, stop_token_ids=(), generator=gen)
+        counts[r.tokens[0] * 12 + r.tokens[1]] += 1
+        accepted += r.accept_lengths[1] > 1 if len(r.accept_lengths) > 1 else 0
+    expected = exact * runs
+    assert counts[expected == 0].sum() == 0, "sampled a token outside the top-p nucleus"
+    big = expected >= 5
+    chi2 = (((counts[big] - expected[big]) ** 2) / expected[big]).sum()
+    rest_obs, rest_exp = counts[~big & (expected > 0)].sum(), expected[~big & (expected > 0)].sum()
+    if rest_exp > 0:
+        chi2 += (rest_obs - rest_exp) ** 2 / rest_exp
+    df = int(big.sum()) + (1 if rest_exp > 0 else 0) - 1
+    assert chi2 < chi2_critical(df), (float(chi2), df)
+    tv = 0.5 * (counts / runs - exact).abs().sum()
+    assert tv < 0.03
+
+
+def test_bad_inputs(tiny_base, tmp_path):
+    model = make(tiny_base, "clover2", "mc_sim_7b_63")
+    with pytest.raises(CloverError, match="empty prompt"):
+        model.generate([], max_new_tokens=4)
+    with pytest.raises(CloverError, match="temperature"):
+        model.generate([1, 2], temperature=-0.5)
+    for top_p in (0.0, 1.5):
+        with pytest.raises(CloverError, match="top_p"):
+            model.generate([1, 2], temperature=1.0, top_p=top_p)
+    with pytest.raises(CloverError, match="exceeds"):
+        make(tiny_base, "clover2", [(0,)] * 0 + [tuple([0] * d) for d in range(1, 7)])
+    with pytest.raises(CloverError, match="duplicate"):
+        make(tiny_base, "clover2", [(0,), (0,)])
+    with pytest.raises(CloverError, match="no parent"):
+        make(tiny_base, "clover2", [(0,), (2, 1)])
+    # a draft trained for another base, and a draft of the wrong type
+    other = BaseModel.from_pretrained(save_tiny(tmp_path / "other", "llama", hidden_size=32, intermediate_size=64),
+                                      max_len=64)
+    folder = save_draft(init_draft("clover2", other), tmp_path / "draft")
+    with pytest.raises(CloverError, match="hidden_size"):
+        CloverModel.from_pretrained(tiny_base.folder, folder)
+    with pytest.raises(CloverError, match="'eagle' draft is needed"):
+        EagleModel.from_pretrained(other.folder, folder)
