@@ -1,0 +1,197 @@
+"""The Clover-2 draft (spec §2, with the §9 fixes B1, B2, B17, B18, Q22).
+
+Trunk: an Attention Decoder ``AD0`` fuses each pre-norm base state ``h~_t`` with the embedding of the token
+``x_{t+1}`` (a per-head cosine gate, no mixing across positions), then ``K`` Llama decoder layers with the base's
+RoPE/GQA configuration (causal, own KV cache at inference) and an RMSNorm give the trunk state ``c0_t``.
+Heads: head 0 is ``norm(FC0 c0)``; head ``i >= 1`` is one RNN step ``c_i = AD1(c_{i-1}, E[y_i])``,
+``norm(FC1 [c_i ; E[y_i]])``; logits come from the frozen base LM head. ``E`` is ``W_lm`` itself (default) or the
+base input embedding.
+
+Module names follow the original state dict (``clover_head_mlp_rnn`` = AD0, ``layers.k``, ``clover_norm``,
+``clover_head_mlp`` = FC0, ``clover_head_mlp_rnn2`` = AD1, ``clover_head_mlp2`` = FC1, ``clover_head_norm``); the
+``fuse="fc"`` ablation replaces AD0 by ``fuse_fc`` (Linear 2H -> H on ``[state ; embedding]``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from clover.errors import CloverError
+from clover.model.base import BaseModel
+from clover.model.checkpoint import DraftModel, make_config
+from clover.model.layers import DecoderLayer, RMSNorm
+
+DEFAULTS = {"num_heads": 5, "num_layers": 2, "heads_coefficient": 1.0, "decay_coefficient": 0.7,
+            "embedding": "lm_head", "fuse": "attention", "init_from_layer": -1, "init_noise": "symmetric",
+            "regression_weight": 10.0, "distill_weight": 1.0}
+CHOICES = {"embedding": ("lm_head", "input"), "fuse": ("attention", "fc"), "init_noise": ("symmetric", "one_sided")}
+
+
+def default_config(base: BaseModel, **overrides) -> dict:
+    """Clover-2 draft config for ``base``. ``init_from_layer`` accepts an index (negative counts from the end),
+    ``"last"`` or ``"first"`` and is recorded as a non-negative int (default: the base's last layer, spec B1)."""
+    n_layers = base.args.num_hidden_layers
+    layer = overrides.get("init_from_layer", DEFAULTS["init_from_layer"])
+    layer = {"last": n_layers - 1, "first": 0}.get(layer, layer)
+    if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+        raise CloverError(f"init_from_layer={layer!r} is not a layer of the base model (it has {n_layers} layers); "
+                          f"use an index, 'first' or 'last'")
+    overrides["init_from_layer"] = layer % n_layers
+    return make_config("clover2", "clover", base, DEFAULTS, overrides)
+
+
+class AttentionDecoder(nn.Module):
+    """``AD(x, y) = x + concat_j(cos(q_j, k_j) * v_j)`` with ``q = W_q RMSNorm(x) + b``, ``k, v`` from ``y``
+    (spec §2.2): one cosine gate per head of size ``H / n_heads``, position-wise."""
+
+    def __init__(self, hidden: int, n_heads: int, eps: float):
+        super().__init__()
+        self.n_heads, self.eps = n_heads, eps
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(hidden, hidden)
+        self.v = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        split = x.shape[:-1] + (self.n_heads, -1)
+        q = self.q(self.input_layernorm(x)).view(split)
+        k, v = self.k(y).view(split), self.v(y).view(split)
+        gate = F.cosine_similarity(q, k, dim=-1, eps=self.eps)
+        return x + (gate.unsqueeze(-1) * v).flatten(-2)
+
+
+class Clover2Draft(DraftModel):
+    draft_type = "clover2"
+    default_config = staticmethod(default_config)
+
+    def __init__(self, config: dict, base: BaseModel):
+        cfg = config["clover"]
+        for key, allowed in CHOICES.items():
+            if cfg[key] not in allowed:
+                raise CloverError(f"clover config {key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+        for key in ("num_heads", "num_layers"):
+            if not isinstance(cfg[key], int) or cfg[key] < 1:
+                raise CloverError(f"clover config {key} must be a positive integer, got {cfg[key]!r}")
+        super().__init__(config, base, cfg["embedding"])
+        a = self.args
+        h, eps = a.hidden_size, a.rms_norm_eps
+        if h % a.num_attention_heads:
+            raise CloverError(f"hidden_size {h} is not divisible by num_attention_heads {a.num_attention_heads}")
+        self.num_heads = cfg["num_heads"]
+        if cfg["fuse"] == "attention":
+            self.clover_head_mlp_rnn = AttentionDecoder(h, a.num_attention_heads, eps)
+        else:
+            self.fuse_fc = nn.Linear(2 * h, h)
+        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(cfg["num_layers"]))
+        self.clover_norm = RMSNorm(h, eps)
+        self.clover_head_mlp = nn.Linear(h, h)
+        self.clover_head_mlp_rnn2 = AttentionDecoder(h, a.num_attention_heads, eps)
+        self.clover_head_mlp2 = nn.Linear(2 * h, h)
+        self.clover_head_norm = RMSNorm(h, eps)
+
+    # ---- initialisation (training from scratch only; spec §2.7) -------------------------------------------------
+    @torch.no_grad()
+    def init_from_base(self, base: BaseModel) -> None:
+        """Trunk layers := copies of base layer ``init_from_layer``; both norms := the base final norm; AD blocks and
+        FCs := identity paths plus small noise (``init_noise``), biases 0, so that ``AD(x, y) ~ x`` and the heads
+        pass the state through."""
+        cfg = self.config["clover"]
+        source = base.model.layers[cfg["init_from_layer"]].state_dict()
+        for layer in self.layers:
+            layer.load_state_dict(source)
+        for norm in (self.clover_norm, self.clover_head_norm):
+            norm.weight.copy_(base.model.norm.weight)
+        h = self.args.hidden_size
+        eye = torch.eye(h, device=self.clover_norm.weight.device)
+        low = -0.01 if cfg["init_noise"] == "symmetric" else 0.0  # "one_sided" = the original U[0, 0.01) (Q22)
+
+        def noisy(linear: nn.Linear, identity_cols: bool):
+            linear.weight.uniform_(low, 0.01)
+            if identity_cols:
+                linear.weight[:, :h] += eye
+            linear.bias.zero_()
+
+        blocks = [self.clover_head_mlp_rnn2] + ([self.clover_head_mlp_rnn] if cfg["fuse"] == "attention" else [])
+        for block in blocks:
+            block.input_layernorm.weight.fill_(1.0)
+            noisy(block.q, True)
+            noisy(block.k, True)
+            noisy(block.v, False)
+        for fc in [self.clover_head_mlp, self.clover_head_mlp2] + ([self.fuse_fc] if cfg["fuse"] == "fc" else []):
+            noisy(fc, True)
+
+    # ---- shared pieces ------------------------------------------------------------------------------------------
+    def fuse(self, hidden_prenorm: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """AD0 (or the ``fc`` ablation) on the pairs ``(h~_t, E[x_{t+1}])``."""
+        if self.config["clover"]["fuse"] == "fc":
+            return self.fuse_fc(torch.cat([hidden_prenorm, emb], dim=-1))
+        return self.clover_head_mlp_rnn(hidden_prenorm, emb)
+
+    def rnn_step(self, state: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One head ``i >= 1``: ``c_i = AD1(c_{i-1}, e)``, ``h = norm(FC1 [c_i ; e])``."""
+        state = self.clover_head_mlp_rnn2(state, emb)
+        return state, self.clover_head_norm(self.clover_head_mlp2(torch.cat([state, emb], dim=-1)))
+
+    def head0(self, state: torch.Tensor) -> torch.Tensor:
+        return self.clover_head_norm(self.clover_head_mlp(state))
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def trunk(self, hidden_prenorm: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """Trunk states ``c0 [B, L, H]`` for a whole sequence (positions ``0 .. L-1``, causal, no cache)."""
+        return self._trunk(hidden_prenorm, self.embed(next_ids))
+
+    def _trunk(self, hidden_prenorm: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        hidden_prenorm = hidden_prenorm.to(self.dtype)
+        if self.gradient_checkpointing and self.training:
+            x = checkpoint(self.fuse, hidden_prenorm, emb, use_reentrant=False)
+        else:
+            x = self.fuse(hidden_prenorm, emb)
+        return self.clover_norm(self.run_layers(x, 0, None))
+
+    def forward_train(self, hidden_prenorm: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced predictions ``[N, B, L, H]`` (spec §2.5) from pre-norm states ``[B, L, H]`` and shifted
+        ids ``[B, L]`` (``next_ids[t] = x_{t+1}``): head ``i`` at ``t`` sees ``h~_0..t`` and ``x_{t+1}..x_{t+1+i}``
+        and predicts ``h_{t+1+i}``; positions ``t >= L - i`` are zero."""
+        emb = self.embed(next_ids)
+        c0 = self._trunk(hidden_prenorm, emb)
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(self._heads_train, c0, emb, use_reentrant=False)
+        return self._heads_train(c0, emb)
+
+    def forward(self, hidden_prenorm: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`forward_train` (call the module itself when it is wrapped by DDP)."""
+        return self.forward_train(hidden_prenorm, next_ids)
+
+    def _heads_train(self, c0: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        length = c0.shape[1]
+        outs = [self.head0(c0)]
+        state = c0
+        for i in range(1, self.num_heads):
+            state, out = self.rnn_step(state[:, :max(length - i, 0)], emb[:, i:])
+            outs.append(F.pad(out, (0, 0, 0, length - out.shape[1])))
+        return torch.stack(outs)
+
+    # ---- inference (batch 1) ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def extend(self, hidden_states: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """Append ``n`` committed pairs (pre-norm ``h~_p [1, n, H]``, ``x_{p+1} [1, n]``) to the draft cache at
+        positions ``cache_length ..``; returns the trunk states ``c0 [1, n, H]``."""
+        cache = self._need_cache(hidden_states.shape[1])
+        start = cache.length
+        x = self.fuse(hidden_states.to(self.dtype), self.embed(next_ids))
+        x = self.run_layers(x, start, cache)
+        cache.length = start + hidden_states.shape[1]
+        return self.clover_norm(x)
+
+    @torch.no_grad()
+    def head(self, state: torch.Tensor, tokens: torch.Tensor | None, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One tree level for ``R`` rows: ``depth 0`` = head 0 on the trunk state (``tokens`` ignored, the state is
+        returned unchanged); ``depth >= 1`` = one RNN step with the tokens ``[R]`` chosen at the previous depth.
+        Returns ``(new_state [R, H], hidden [R, H])``; logits = :meth:`lm_logits` of ``hidden``."""
+        if depth == 0:
+            return state, self.head0(state)
+        if tokens is None:
+            raise ValueError("head(depth >= 1) needs the tokens of the previous depth")
+        return self.rnn_step(state, self.embed(tokens))

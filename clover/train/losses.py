@@ -1,0 +1,127 @@
+"""Draft training losses (spec §4.5, §6.2 with the §9 fixes Q25, Q26, Q31, B13): one function per draft type,
+used by training and evaluation alike.
+
+Per head ``i``: ``regression_weight * Lv_i + distill_weight * Lp_i``, where ``Lv_i`` is the masked mean over
+positions of ``mean_H SmoothL1_{beta=1}(prediction - target)`` and ``Lp_i`` the masked mean of the soft cross-entropy
+between the head's logits and the base distribution ``softmax(W_lm target)``. Clover-2 weights head ``i`` by
+``decay^i * heads_coefficient`` and sums over heads. Denominators are ``max(sum of mask, 1)``.
+
+Alignment: ``target[t] = h_{t+1}`` (post-norm) and head ``i`` at position ``t`` predicts ``h_{t+1+i}``, whose base
+logits predict the token ``x_{t+2+i}``. With ``mask_alignment="predicted"`` (default) that position counts when the
+data mask of the predicted token, ``loss_mask[t+2+i]``, is set; ``"eagle"`` keeps the original ``loss_mask[t+i]``.
+Either way the mask depends only on the target index ``s = t+i``, so the masked target rows are gathered once and
+the vocabulary terms run in chunks of rows, with the gradient of the (frozen-``W_lm``) cross-entropy formed inside
+the chunk loop: no ``[B, L, V]`` tensor is materialised, for any head.
+
+Metrics (detached 0-dim tensors) per head ``i``: ``loss_i``, ``vloss_i``, ``ploss_i``, ``top1_i``/``top2_i``/
+``top3_i`` (fraction of masked positions whose base argmax is in the head's top-k) and ``count_i`` (the mask sum);
+for exact aggregation across batches/processes also ``vloss_sum_i``, ``ploss_sum_i``, ``top{k}_correct_i``
+(fraction = sum / max(count, 1)); and ``loss``, the total.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TOPK = (1, 2, 3)
+
+
+def target_from_prenorm(hidden_prenorm: torch.Tensor, final_norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Post-norm states from stored pre-norm ones: the base's final RMSNorm (same formula as ``layers.RMSNorm``)."""
+    h = hidden_prenorm.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return final_norm_weight * h.to(hidden_prenorm.dtype)
+
+
+def clover_loss(preds: torch.Tensor, target_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                loss_mask: torch.Tensor, cfg: dict, mask_alignment: str = "predicted",
+                chunk_size: int = 1024) -> tuple[torch.Tensor, dict]:
+    """Clover-2 loss for ``preds [N, B, L, H]`` (``forward_train``), ``target_hidden [B, L, H]`` (post-norm
+    ``h_{t+1}`` at index ``t``), ``loss_mask [B, L]`` (data mask of token ``x_t`` at index ``t``) and the ``clover``
+    config block (``regression_weight``, ``distill_weight``, ``decay_coefficient``, ``heads_coefficient``)."""
+    head_weights = [cfg["decay_coefficient"] ** i * cfg["heads_coefficient"] for i in range(preds.shape[0])]
+    return _loss(preds, target_hidden, lm_head_weight, _target_mask(loss_mask, mask_alignment), head_weights,
+                 cfg["regression_weight"], cfg["distill_weight"], chunk_size)
+
+
+def eagle_loss(pred: torch.Tensor, target: torch.Tensor, lm_head_weight: torch.Tensor, loss_mask: torch.Tensor,
+               cfg: dict, chunk_size: int = 1024, mask_alignment: str = "predicted") -> tuple[torch.Tensor, dict]:
+    """EAGLE-1 loss ``regression_weight * Lv + distill_weight * Lp`` for ``pred [B, L, H]`` (one head; metric keys
+    as head 0 of :func:`clover_loss`; ``cfg`` is the ``eagle`` config block)."""
+    return _loss(pred[None], target, lm_head_weight, _target_mask(loss_mask, mask_alignment), [1.0],
+                 cfg["regression_weight"], cfg["distill_weight"], chunk_size)
+
+
+def _target_mask(loss_mask: torch.Tensor, alignment: str) -> torch.Tensor:
+    """Mask per target index ``s`` (``[B, L]``): ``loss_mask[s + 2]`` ("predicted", 0 past the end) or
+    ``loss_mask[s]`` ("eagle")."""
+    loss_mask = loss_mask.float()
+    if alignment == "predicted":
+        return F.pad(loss_mask[:, 2:], (0, min(2, loss_mask.shape[1])))
+    if alignment == "eagle":
+        return loss_mask
+    raise ValueError(f"mask_alignment must be 'predicted' or 'eagle', got {alignment!r}")
+
+
+def _loss(preds, target, weight_lm, target_mask, head_weights, regression_weight, distill_weight, chunk_size):
+    n = preds.shape[0]
+    b_idx, s_idx = target_mask.nonzero(as_tuple=True)
+    heads = torch.arange(n, device=preds.device)[:, None]
+    weights = target_mask[b_idx, s_idx].float()[None] * (s_idx[None] >= heads)  # [N, M]: head i needs t = s-i >= 0
+    rows = preds[heads, b_idx[None], (s_idx[None] - heads).clamp(min=0)]  # [N, M, H]
+    targets = target[b_idx, s_idx]  # [M, H]
+    reg = F.smooth_l1_loss(rows.float(), targets.float().expand_as(rows), reduction="none", beta=1.0).mean(-1)
+    v_sum = (reg * weights).sum(-1)
+    need_grad = torch.is_grad_enabled() and rows.requires_grad
+    p_sum, correct = _SoftCrossEntropy.apply(rows, targets, weight_lm.detach(), weights, chunk_size, need_grad)
+    count = weights.sum(-1)
+    denom = count.clamp(min=1.0)
+    vloss, ploss = v_sum / denom, p_sum / denom
+    head_loss = (regression_weight * vloss + distill_weight * ploss) * torch.tensor(head_weights, device=preds.device)
+    loss = head_loss.sum()
+    metrics = {"loss": loss.detach()}
+    for i in range(n):
+        metrics |= {f"loss_{i}": head_loss[i].detach(), f"vloss_{i}": vloss[i].detach(),
+                    f"ploss_{i}": ploss[i].detach(), f"count_{i}": count[i], f"vloss_sum_{i}": v_sum[i].detach(),
+                    f"ploss_sum_{i}": p_sum[i].detach()}
+        for j, k in enumerate(TOPK):
+            metrics[f"top{k}_correct_{i}"] = correct[i, j]
+            metrics[f"top{k}_{i}"] = correct[i, j] / denom[i]
+    return loss, metrics
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """Per head ``n``: ``sum_m w[n, m] * CE(softmax(W y_m), log_softmax(W p[n, m]))`` and weighted top-k hit counts
+    of the teacher argmax, over chunks of rows. ``W`` is frozen, so the gradient w.r.t. ``p``,
+    ``w * (softmax(W p) - softmax(W y)) @ W``, is formed chunk by chunk in the forward pass and only that ``[N, M, H]``
+    tensor is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, rows, targets, weight_lm, weights, chunk_size, need_grad):
+        n, m, _ = rows.shape
+        ce = torch.zeros(n, device=rows.device)
+        correct = torch.zeros(n, len(TOPK), device=rows.device)
+        grad = torch.zeros_like(rows) if need_grad else None
+        k = min(max(TOPK), weight_lm.shape[0])
+        for start in range(0, m, chunk_size):
+            chunk = slice(start, start + chunk_size)
+            teacher = F.linear(targets[chunk].to(weight_lm.dtype), weight_lm).float()
+            q = teacher.softmax(-1)
+            ref = teacher.argmax(-1, keepdim=True)
+            for i in range(n):
+                w = weights[i, chunk]
+                logp = F.linear(rows[i, chunk].to(weight_lm.dtype), weight_lm).float().log_softmax(-1)
+                ce[i] += (w * -(q * logp).sum(-1)).sum()
+                hits = (logp.topk(k, -1).indices == ref).float().cumsum(-1)  # [c, k]: ref within the top-1..k
+                correct[i, :k] += (w[:, None] * hits).sum(0)
+                if need_grad:
+                    g = (logp.exp() - q) * w[:, None]
+                    grad[i, chunk] = (g.to(weight_lm.dtype) @ weight_lm).to(rows.dtype)
+        ctx.mark_non_differentiable(correct)
+        ctx.save_for_backward(grad)
+        return ce, correct
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_correct):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_ce.to(grad.dtype)[:, None, None], None, None, None, None, None

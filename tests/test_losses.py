@@ -1,0 +1,161 @@
+"""Draft losses (spec A.7): against a direct full-vocabulary reference, chunking, masking, alignment, weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clover.model.layers import RMSNorm
+from clover.train.losses import clover_loss, eagle_loss, target_from_prenorm
+
+N, B, L, H, V = 4, 2, 11, 16, 37
+CFG = {"regression_weight": 10.0, "distill_weight": 1.0, "decay_coefficient": 0.7, "heads_coefficient": 1.0}
+
+
+def data(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    preds = torch.randn(N, B, L, H, generator=gen)
+    target = torch.randn(B, L, H, generator=gen)
+    weight = torch.randn(V, H, generator=gen)
+    mask = (torch.rand(B, L, generator=gen) > 0.3).float()
+    return preds, target, weight, mask
+
+
+def reference(preds, target, weight, mask, cfg, alignment):
+    """Spec §4.5 written out per head over all positions with full [B, L, V] logits (denominator max(sum, 1))."""
+    total, heads = 0.0, []
+    length = target.shape[1]
+    for i in range(preds.shape[0]):
+        p, y = preds[i][:, :length - i], target[:, i:]
+        offset = i + 2 if alignment == "predicted" else i
+        m = F.pad(mask[:, offset:], (0, max(0, offset - i)))[:, :length - i]
+        d = m.sum().clamp(min=1)
+        lv = (m * F.smooth_l1_loss(p, y, reduction="none").mean(-1)).sum() / d
+        lp = -(m * (F.softmax(y @ weight.T, -1) * F.log_softmax(p @ weight.T, -1)).sum(-1)).sum() / d
+        heads.append((lv, lp, m.sum()))
+        total = total + (cfg["regression_weight"] * lv + cfg["distill_weight"] * lp) * cfg["decay_coefficient"] ** i \
+            * cfg["heads_coefficient"]
+    return total, heads
+
+
+@pytest.mark.parametrize("alignment", ["predicted", "eagle"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 10_000])
+def test_matches_full_vocabulary_reference(alignment, chunk_size):
+    preds, target, weight, mask = data()
+    cfg = {**CFG, "heads_coefficient": 1.5}
+    mine = preds.clone().requires_grad_()
+    loss, metrics = clover_loss(mine, target, weight, mask, cfg, mask_alignment=alignment, chunk_size=chunk_size)
+    loss.backward()
+    ref_preds = preds.clone().requires_grad_()
+    ref, heads = reference(ref_preds, target, weight, mask, cfg, alignment)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine.grad, ref_preds.grad, rtol=1e-4, atol=1e-6)
+    for i, (lv, lp, count) in enumerate(heads):
+        torch.testing.assert_close(metrics[f"vloss_{i}"], lv, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(metrics[f"ploss_{i}"], lp, rtol=1e-5, atol=1e-6)
+        assert metrics[f"count_{i}"] == count
+        assert metrics[f"vloss_sum_{i}"] == pytest.approx(float(lv.detach() * count.clamp(min=1)), rel=1e-5)
+
+
+def test_head_weights_decay():
+    preds, target, weight, mask = data(1)
+    _, metrics = clover_loss(preds, target, weight, mask, CFG)
+    total = 0.0
+    for i in range(N):
+        expected = (10 * metrics[f"vloss_{i}"] + metrics[f"ploss_{i}"]) * 0.7 ** i
+        torch.testing.assert_close(metrics[f"loss_{i}"], expected)
+        total += metrics[f"loss_{i}"]
+    torch.testing.assert_close(metrics["loss"], total)
+
+
+def test_perfect_predictions():
+    _, target, weight, mask = data(2)
+    preds = torch.stack([F.pad(target[:, i:], (0, 0, 0, i)) for i in range(N)])  # head i at t = target[t + i]
+    _, metrics = clover_loss(preds, target, weight, mask, CFG)
+    target_mask = F.pad(mask[:, 2:], (0, 2))
+    for i in range(N):
+        assert metrics[f"vloss_{i}"] == 0
+        m = target_mask[:, i:]
+        q = F.softmax(target[:, i:] @ weight.T, -1)
+        entropy = -(q * q.log()).sum(-1)
+        torch.testing.assert_close(metrics[f"ploss_{i}"], (m * entropy).sum() / m.sum())
+        for k in (1, 2, 3):
+            assert metrics[f"top{k}_{i}"] == pytest.approx(1.0)
+
+
+def test_masked_positions_contribute_nothing():
+    preds, target, weight, mask = data(3)
+    loss, _ = clover_loss(preds, target, weight, mask, CFG)
+    garbage = preds.clone()
+    target_mask = F.pad(mask[:, 2:], (0, 2))
+    for i in range(N):  # overwrite every (head, position) whose predicted token is masked out
+        m = F.pad(target_mask[:, i:], (0, i))
+        garbage[i][m == 0] = 1e3
+    garbage.requires_grad_()
+    loss2, _ = clover_loss(garbage, target, weight, mask, CFG)
+    torch.testing.assert_close(loss2, loss)
+    loss2.backward()
+    assert torch.all(garbage.grad[garbage.detach() == 1e3] == 0)
+
+
+@pytest.mark.parametrize("alignment,first_valid", [("predicted", 2), ("eagle", 0)])
+def test_mask_alignment(alignment, first_valid):
+    """A single marked token at index k is a target of head i at t = k - 2 - i ("predicted", i.e. the position
+    whose head-i logits predict x_k) or at t = k - i ("eagle", the original convention)."""
+    preds, target, weight, _ = data(4)
+    k = 5
+    mask = torch.zeros(B, L)
+    mask[0, k] = 1
+    _, metrics = clover_loss(preds, target, weight, mask, CFG, mask_alignment=alignment)
+    counts = [float(metrics[f"count_{i}"]) for i in range(N)]
+    assert counts == [1.0 if k - first_valid - i >= 0 else 0.0 for i in range(N)]
+    one_head = preds.clone()
+    t = k - first_valid  # head 0: only row 0 at t matters
+    one_head[0, 0, :t] += 5
+    one_head[0, 0, t + 1:] += 5
+    torch.testing.assert_close(clover_loss(one_head, target, weight, mask, CFG, mask_alignment=alignment)[1]["loss_0"],
+                               metrics["loss_0"])
+
+
+def test_empty_mask_gives_zero_loss_and_gradient():
+    preds, target, weight, _ = data(5)
+    preds.requires_grad_()
+    loss, metrics = clover_loss(preds, target, weight, torch.zeros(B, L), CFG)
+    loss.backward()
+    assert loss.item() == 0 and metrics["count_0"] == 0 and metrics["top1_0"] == 0
+    assert torch.all(preds.grad == 0)
+
+
+def test_no_grad_evaluation_matches_training_values():
+    preds, target, weight, mask = data(6)
+    train_loss, train_metrics = clover_loss(preds.clone().requires_grad_(), target, weight, mask, CFG)
+    with torch.no_grad():
+        eval_loss, eval_metrics = clover_loss(preds, target, weight, mask, CFG)
+    torch.testing.assert_close(eval_loss, train_loss.detach())
+    for key, value in train_metrics.items():
+        torch.testing.assert_close(eval_metrics[key], value)
+
+
+def test_eagle_loss():
+    preds, target, weight, mask = data(7)
+    cfg = {"regression_weight": 1.0, "distill_weight": 0.1}
+    pred = preds[0].clone().requires_grad_()
+    loss, metrics = eagle_loss(pred, target, weight, mask, cfg, chunk_size=4)
+    ref_pred = preds[0].clone().requires_grad_()
+    ref, ((lv, lp, _),) = reference(ref_pred[None], target, weight, mask, {**cfg, "decay_coefficient": 1.0,
+                                                                         "heads_coefficient": 1.0}, "predicted")
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(loss, lv + 0.1 * lp)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(pred.grad, ref_pred.grad, rtol=1e-4, atol=1e-6)
+    assert {"loss_0", "vloss_0", "ploss_0", "top1_0", "top2_0", "top3_0", "count_0"} <= set(metrics)
+
+
+def test_target_from_prenorm_is_the_final_norm():
+    norm = RMSNorm(H, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(B, L, H) * 3
+    torch.testing.assert_close(target_from_prenorm(x, norm.weight.detach(), 1e-5), norm(x).detach(), rtol=0, atol=0)
