@@ -98,6 +98,9 @@ class SpeculativeModel:
                 break
             next_ids = torch.cat([verdict.tokens[1:], root.reshape(1)])[None]
             root_logits = self.runner.start(self._draft_input(out, verdict.nodes), next_ids)
+        # keep exactly the output in the cache (all but its last token, which is never fed back): a stop or cap inside
+        # the last accepted chunk leaves committed-but-discarded positions behind
+        base.truncate(min(base.cache.length, ids.shape[1] + tracker.result.new_tokens - 1))
         tracker.result.wall_time = time.perf_counter() - start_time
         return tracker.result
 
