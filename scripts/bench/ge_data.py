@@ -1,8 +1,8 @@
 """Benchmark: training-data dump throughput vs the raw forward of the same model on the same token sequences.
 
 Runs ``python -m clover.ge_data.allocation`` in-process on the first N selected ShareGPT conversations (a fresh
-output folder), then times ``base(ids, use_cache=False, logits_to_keep=0)`` alone over the dumped sequences (before
-and after the dump, averaged, to even out drifting machine load). Prints tokens/s of the whole run (data and model
+output folder), then times ``base(ids, use_cache=False, logits_to_keep=0)`` alone over the dumped sequences, in the
+same process with the same threads. Prints tokens/s of the whole run (data and model
 loading included), of the dump itself (after model loading: templating, forward, dtype conversion, writing), of the
 raw forward, their ratios (target >= 90% for the dump), and the bytes per token on disk; writes figs/bench_ge_data.json.
 
@@ -60,7 +60,7 @@ def main():
         whole_seconds = time.perf_counter() - start
         sequences = stored_sequences(outdir)
         forward_seconds(base, sequences[:1])  # warm-up
-        raw_seconds = (forward_seconds(base, sequences) + forward_seconds(base, sequences)) / 2
+        raw_seconds = forward_seconds(base, sequences)
 
     tokens = run["tokens"]
     results = {

@@ -1,0 +1,83 @@
+"""The whole Clover-2 pipeline on one machine, end to end, sized for a CPU by default:
+
+1. training data: the base model's hidden states on a slice of ShareGPT (``clover.ge_data.allocation``);
+2. train Clover-2 and EAGLE-1 on the same data with the same budget (``clover.train.main_clover2`` / ``main``);
+3. answers of every method on the question set and the comparison table + figures (``clover.evaluation.compare``).
+
+Every stage is the documented command line (printed before it runs) and resumes when rerun: finished shards,
+trained drafts and answered questions are kept. ``--fast`` is a few-minute smoke version.
+
+    python -m clover.pipeline [--fast] [--workdir runs/pipeline] [--model smollm2-135m-instruct]
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from clover.errors import CloverError, run_cli
+from clover.model.loading import DEFAULT_MODEL
+
+# (conversations, max_len, epochs, max_steps, questions, max_new_token) per size
+SIZES = {
+    "fast": dict(conversations=48, max_len=256, epochs=1, max_steps=40, question_end=6, max_new_token=32),
+    "full": dict(conversations=600, max_len=512, epochs=2, max_steps=None, question_end=None, max_new_token=96),
+}
+
+
+def run(cmd: list[str]) -> None:
+    print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise CloverError(f"stage failed (exit {proc.returncode}): {' '.join(cmd[:4])} ...; fix the error above and "
+                          f"rerun: finished work is kept")
+    print(f"[{time.perf_counter() - start:.0f} s]", flush=True)
+
+
+def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tree: str, budget: str) -> None:
+    s = SIZES[size]
+    py = [sys.executable, "-m"]
+    data = workdir / "data"
+    run(py + ["clover.ge_data.allocation", "--model_path", model, "--outdir", str(data), "--start", "0",
+              "--end", str(s["conversations"]), "--max_len", str(s["max_len"]), "--shard_size", "16"])
+    common = ["--basepath", model, "--tmpdir", str(data), "--bs", "4", "--max_len", str(s["max_len"]),
+              "--epochs", str(s["epochs"]), "--warmup_steps", "20", "--keep_last", "1"]
+    if s["max_steps"]:
+        common += ["--max_steps", str(s["max_steps"])]
+    drafts = {}
+    for name, module, lr in (("clover2", "clover.train.main_clover2", "1e-3"), ("eagle", "clover.train.main", "1e-3")):
+        ckpt = workdir / "ckpt" / name
+        if not (ckpt / "final" / "model.safetensors").is_file():
+            run(py + [module, *common, "--cpdir", str(ckpt), "--lr", lr])
+        drafts[name] = ckpt / "final"
+    cmd = py + ["clover.evaluation.compare", "--base-model-path", model, "--clover-draft", str(drafts["clover2"]),
+                "--eagle-draft", str(drafts["eagle"]), "--outdir", str(workdir / "compare"),
+                "--max-new-token", str(s["max_new_token"]), "--tree", tree, "--total-token", budget]
+    if question_file:
+        cmd += ["--question-file", question_file]
+    if s["question_end"]:
+        cmd += ["--question-end", str(s["question_end"])]
+    run(cmd)
+    print(f"\ntable: {workdir / 'compare' / 'table.md'}; figures: figs/tau_per_group.png, figs/speedup_per_group.png")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m clover.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="base model (built-in name, .gguf or HF folder)")
+    p.add_argument("--workdir", default="runs/pipeline", help="where data, checkpoints and answers go")
+    p.add_argument("--fast", action="store_true", help="a few-minute smoke version (tiny data and budgets)")
+    p.add_argument("--question-file", default=None, help="Spec-Bench format questions (default: the shipped set)")
+    p.add_argument("--tree", default="dynamic", help="draft tree for both drafts: 'dynamic' or a fixed tree name")
+    p.add_argument("--total-token", default="auto", help="dynamic tree node budget, or 'auto' (measured cost)")
+    a = p.parse_args(argv)
+    workdir = Path(a.workdir) / ("fast" if a.fast else "full")
+    pipeline(workdir, a.model, "fast" if a.fast else "full", a.question_file, a.tree, a.total_token)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,96 @@
+"""Benchmark: plain decoding, EAGLE-1 and Clover-2 (fixed tree, dynamic tree with a fixed budget, dynamic tree with
+the `auto` budget) on the same questions, in one run, in fp32 and bf16, plus transformers generate and prompt-lookup
+decoding as peers. Reports tokens/s (median over --runs passes), τ (tokens per step, bonus token included), speedups
+over the project's plain decoding and over transformers, and, per dtype, how many outputs are token-identical to plain
+decoding. Writes figs/bench_speculative.json and prints a table.
+
+    python scripts/bench/speculative.py --clover-draft runs/pipeline/full/ckpt/clover2/final \\
+        --eagle-draft runs/pipeline/full/ckpt/eagle/final [--question-file Q --question-end 12] [--runs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from clover.evaluation.answers import load_answers
+from clover.evaluation.gen_answer import generate_answers
+from clover.evaluation.tau_spe import tau_report
+
+
+def configs(args):
+    yield "transformers generate", "hf", None, "mc_sim_7b_63", "auto"
+    yield "transformers prompt lookup", "hf_pld", None, "mc_sim_7b_63", "auto"
+    yield "clover plain", "baseline", None, "mc_sim_7b_63", "auto"
+    for label, method, draft in (("EAGLE-1", "eagle", args.eagle_draft), ("Clover-2", "clover", args.clover_draft)):
+        if draft:
+            yield f"{label} fixed mc_sim_7b_63", method, draft, "mc_sim_7b_63", "auto"
+            yield f"{label} dynamic budget {args.budget}", method, draft, "dynamic", str(args.budget)
+            yield f"{label} dynamic auto", method, draft, "dynamic", "auto"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--clover-draft", default=None)
+    p.add_argument("--eagle-draft", default=None)
+    p.add_argument("--question-file", default=None)
+    p.add_argument("--question-end", type=int, default=None)
+    p.add_argument("--max-new-token", type=int, default=96)
+    p.add_argument("--budget", type=int, default=10, help="node budget of the fixed-budget dynamic tree")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--out", default="figs/bench_speculative.json")
+    args = p.parse_args()
+    results = {"model": args.model, "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, "
+               f"{torch.get_num_threads()} threads, torch {torch.__version__}", "max_new_token": args.max_new_token,
+               "question_file": args.question_file or "shipped", "question_end": args.question_end, "runs": args.runs,
+               "dtypes": {}}
+    work = Path(tempfile.mkdtemp(prefix="clover-bench-"))
+    for dtype in args.dtypes.split(","):
+        rows = {}
+        for label, method, draft, tree, budget in configs(args):
+            rates, files = [], []
+            for r in range(args.runs):
+                f = work / dtype / f"{label.replace(' ', '_')}_{r}.jsonl"
+                generate_answers(method, args.model, f, args.question_file, draft, max_new_token=args.max_new_token,
+                                 tree=tree, total_token=budget, dtype=dtype, question_end=args.question_end,
+                                 progress=False)
+                answers = load_answers(f)
+                tokens = sum(sum(c["new_tokens"]) for a in answers for c in a["choices"])
+                seconds = sum(sum(c["wall_time"]) for a in answers for c in a["choices"])
+                rates.append(tokens / seconds)
+                files.append(f)
+            answers = load_answers(files[0])
+            rows[label] = {"tokens_per_s": statistics.median(rates), "all_runs": rates,
+                           "tau": tau_report(answers)["overall"]["tau"],
+                           "texts": [c["turns"] for a in answers for c in a["choices"]]}
+            print(f"{dtype} {label:34s} {rows[label]['tokens_per_s']:7.2f} tok/s  tau {rows[label]['tau']:.2f}",
+                  flush=True)
+        plain, hf = rows["clover plain"], rows["transformers generate"]
+        for row in rows.values():
+            row["speedup_vs_plain"] = row["tokens_per_s"] / plain["tokens_per_s"]
+            row["speedup_vs_transformers"] = row["tokens_per_s"] / hf["tokens_per_s"]
+            row["speedup_vs_prompt_lookup"] = row["tokens_per_s"] / rows["transformers prompt lookup"]["tokens_per_s"]
+            row["identical_to_plain"] = sum(a == b for a, b in zip(row["texts"], plain["texts"]))
+            row["outputs"] = len(row["texts"])
+        results["dtypes"][dtype] = {k: {kk: vv for kk, vv in v.items() if kk != "texts"} for k, v in rows.items()}
+    print("\n| dtype | method | tokens/s | τ | vs plain | vs transformers | vs prompt lookup | identical to plain |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for dtype, rows in results["dtypes"].items():
+        for label, r in rows.items():
+            print(f"| {dtype} | {label} | {r['tokens_per_s']:.1f} | {r['tau']:.2f} | {r['speedup_vs_plain']:.2f}x | "
+                  f"{r['speedup_vs_transformers']:.2f}x | {r['speedup_vs_prompt_lookup']:.2f}x | "
+                  f"{r['identical_to_plain']}/{r['outputs']} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out} ({results['machine']})")
+
+
+if __name__ == "__main__":
+    main()
