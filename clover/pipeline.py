@@ -23,8 +23,8 @@ from clover.model.loading import DEFAULT_MODEL
 
 # (conversations, max_len, epochs, max_steps, questions, max_new_token) per size
 SIZES = {
-    "fast": dict(conversations=48, max_len=256, epochs=1, max_steps=40, question_end=6, max_new_token=32),
-    "full": dict(conversations=600, max_len=512, epochs=2, max_steps=None, question_end=None, max_new_token=96),
+    "fast": dict(conversations=32, max_len=256, epochs=1, max_steps=None, question_end=6, max_new_token=32),
+    "full": dict(conversations=120, max_len=384, epochs=1, max_steps=None, question_end=None, max_new_token=64),
 }
 
 

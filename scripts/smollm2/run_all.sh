@@ -6,20 +6,20 @@ BASE=smollm2-135m-instruct
 WORK=${WORK:-runs/smollm2}
 QUESTIONS=${QUESTIONS:-}            # empty = the shipped question set; or ../shared/data/spec_bench_question.jsonl
 QARGS=${QUESTIONS:+--question-file $QUESTIONS}
-CONVS=${CONVS:-600}
+CONVS=${CONVS:-120}
 
 python -m clover.ge_data.allocation --model_path "$BASE" --outdir "$WORK/data" --start 0 --end "$CONVS" \
-    --max_len 512 --shard_size 16
+    --max_len 384 --shard_size 16
 python -m clover.train.main_clover2 --basepath "$BASE" --tmpdir "$WORK/data" --cpdir "$WORK/ckpt/clover2" \
-    --bs 4 --lr 1e-3 --epochs 2 --warmup_steps 20 --max_len 512
+    --bs 4 --lr 1e-3 --epochs 1 --warmup_steps 20 --max_len 384
 python -m clover.train.main --basepath "$BASE" --tmpdir "$WORK/data" --cpdir "$WORK/ckpt/eagle" \
-    --bs 4 --lr 1e-3 --epochs 2 --warmup_steps 20 --max_len 512
+    --bs 4 --lr 1e-3 --epochs 1 --warmup_steps 20 --max_len 384
 for METHOD in baseline clover eagle; do
     DRAFT=()
     [ "$METHOD" = clover ] && DRAFT=(--draft-model-path "$WORK/ckpt/clover2/final")
     [ "$METHOD" = eagle ] && DRAFT=(--draft-model-path "$WORK/ckpt/eagle/final")
     python -m clover.evaluation.gen_answer --method "$METHOD" --base-model-path "$BASE" "${DRAFT[@]}" $QARGS \
-        --answer-file "$WORK/answers/$METHOD.jsonl" --max-new-token 96 --tree dynamic --total-token auto
+        --answer-file "$WORK/answers/$METHOD.jsonl" --max-new-token 64 --tree dynamic --total-token auto
 done
 for METHOD in clover eagle; do
     python -m clover.evaluation.speed_spe --path "$WORK/answers/$METHOD.jsonl" --base_path "$WORK/answers/baseline.jsonl"
