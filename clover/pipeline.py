@@ -45,7 +45,7 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
     run(py + ["clover.ge_data.allocation", "--model_path", model, "--outdir", str(data), "--start", "0",
               "--end", str(s["conversations"]), "--max_len", str(s["max_len"]), "--shard_size", "16"])
     common = ["--basepath", model, "--tmpdir", str(data), "--bs", "4", "--max_len", str(s["max_len"]),
-              "--epochs", str(s["epochs"]), "--warmup_steps", "20", "--keep_last", "1"]
+              "--epochs", str(s["epochs"]), "--warmup_steps", "5", "--schedule", "constant", "--keep_last", "1"]
     if s["max_steps"]:
         common += ["--max_steps", str(s["max_steps"])]
     drafts = {}

@@ -77,8 +77,8 @@ def main():
     }
     print(f"\n{args.model}: {run['conversations']} conversations, {tokens:,} tokens (max_len {args.max_len}), "
           f"{args.dtype} storage, {results['compute_dtype']} forward, {results['threads']} threads")
-    print(f"whole run (data + model loading included): {whole_seconds:7.1f} s  {results['whole_run_tokens_per_s']:8.0f} "
-          f"tokens/s  {results['whole_run_over_forward']:6.1%} of raw forward")
+    print(f"whole run (data + model loading included): {whole_seconds:7.1f} s  "
+          f"{results['whole_run_tokens_per_s']:8.0f} tokens/s  {results['whole_run_over_forward']:6.1%} of raw forward")
     print(f"dump after model loading:                  {run['dump_seconds']:7.1f} s  "
           f"{results['dump_tokens_per_s']:8.0f} tokens/s  {results['dump_over_forward']:6.1%} of raw forward "
           f"(target >= 90%)")
