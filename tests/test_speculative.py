@@ -44,9 +44,10 @@ def test_greedy_equals_plain_on_tiny_models(tiny_base, kind, tree):
         assert spec.tokens == plain.tokens
         assert spec.new_tokens == 48 and sum(spec.accept_lengths) == 48
         taus.append(spec.tau)
-    # tiny random models repeat themselves, so even an untrained draft gets some tokens accepted: the accept path
-    # is exercised, not only the rejection path
-    assert max(taus) > 1.0
+    # tiny random models repeat themselves, so a Clover-2 draft initialised from the base gets some tokens accepted:
+    # the accept path is exercised, not only the rejection path (EAGLE-1 starts from PyTorch's random init)
+    if kind == "clover2":
+        assert max(taus) > 1.0
 
 
 def test_greedy_equals_plain_on_smollm2(smollm2_base, smollm2_tokenizer):

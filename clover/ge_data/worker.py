@@ -22,6 +22,7 @@ from clover.data.conversations import Conversation
 from clover.data.templates import ChatTemplate, get_template
 from clover.errors import CloverError
 from clover.ge_data.dataset import shard_path, temp_path
+from clover.generate.plain import generate_plain
 from clover.model.base import DTYPES, BaseModel
 from clover.model.loading import load_tokenizer
 
@@ -142,19 +143,10 @@ def answer_turns(base: BaseModel, template: ChatTemplate, user_turns: list[dict]
 
 
 def greedy_generate(base: BaseModel, prompt: list[int], stop_token_ids, max_new_tokens: int) -> list[int]:
-    """Greedy decoding with the base model's KV cache: new token ids, without the stop token; stops at a stop token,
-    after ``max_new_tokens`` or when the cache is full."""
+    """Greedy decoding with the project's plain decoding loop: new token ids, without the stop token; stops at a
+    stop token, after ``max_new_tokens`` or when the cache is full."""
     room = min(max_new_tokens, base.max_len - len(prompt))
     if room <= 0:
         return []
-    base.reset()
-    out = base(torch.tensor([prompt], device=base.device), logits_to_keep=1)
-    tokens = []
-    while True:
-        token = int(out.logits[0, -1].argmax())
-        if token in stop_token_ids:
-            return tokens
-        tokens.append(token)
-        if len(tokens) == room:
-            return tokens
-        out = base(torch.tensor([[token]], device=base.device), logits_to_keep=1)
+    result = generate_plain(base, prompt, max_new_tokens=room, stop_token_ids=stop_token_ids)
+    return result.tokens[:-1] if result.finish_reason == "stop" else result.tokens
