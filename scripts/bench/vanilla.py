@@ -91,6 +91,7 @@ def main():
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--out", default="figs/bench_vanilla.json")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
@@ -103,7 +104,8 @@ def main():
     results = {"model": args.model, "cpu": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "dtypes": {}}
-    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for dtype_name in args.dtypes.split(","):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
         base = BaseModel.from_pretrained(args.model, dtype=dtype_name, max_len=1024)
         hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=dtype).eval()
         ours, theirs = decode_speed(base, hf, prompts, args.new_tokens, args.runs, template.stop_token_ids[0])
@@ -116,8 +118,8 @@ def main():
         print("tokens  forward over 300-token cache (ms)  bare matmuls (ms)  ratio")
         for s in SIZES:
             print(f"{s:6d}  {curve[s]:33.1f}  {bare[s]:17.1f}  {curve[s] / bare[s]:5.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))  # after each dtype: a partial run keeps its numbers
     print(f"\nwrote {args.out}")
 
 

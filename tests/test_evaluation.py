@@ -1,0 +1,65 @@
+"""Answer generation and the peer comparison, end to end on SmolLM2 in CI size (two questions, a few tokens)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clover.errors import CloverError
+from clover.evaluation.answers import load_answers
+from clover.evaluation.compare import run_comparison
+from clover.evaluation.gen_answer import generate_answers
+from clover.model.checkpoint import init_draft, save_draft
+from tests.conftest import SMOLLM2
+
+
+@pytest.fixture(scope="module")
+def drafts(tmp_path_factory, smollm2_base):
+    root = tmp_path_factory.mktemp("drafts")
+    return {kind: save_draft(init_draft(kind, smollm2_base), root / kind) for kind in ("clover2", "eagle")}
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory):
+    path = tmp_path_factory.mktemp("q") / "questions.jsonl"
+    rows = [{"question_id": 7, "category": "writing", "turns": ["Say hello.", "Now say goodbye."]},
+            {"question_id": 9, "category": "qa", "turns": ["What is 2 + 2?"]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_plain_answers_count_exactly_and_resume(tmp_path, questions):
+    path = tmp_path / "baseline.jsonl"
+    generate_answers("baseline", SMOLLM2, path, questions, max_new_token=6, warmup=0, progress=False)
+    answers = load_answers(path)
+    assert [a["question_id"] for a in answers] == [7, 9]
+    first = answers[0]["choices"][0]
+    assert len(first["turns"]) == 2  # the multi-turn question kept its conversation
+    for choice in (a["choices"][0] for a in answers):
+        for new, steps, accepts in zip(choice["new_tokens"], choice["idxs"], choice["accept_lengths"]):
+            assert 1 <= new <= 6 and steps == new and accepts == [1] * new  # plain decoding: τ = 1 exactly
+    before = path.read_text()
+    generate_answers("baseline", SMOLLM2, path, questions, max_new_token=6, warmup=0, progress=False)
+    assert path.read_text() == before  # every question was done: nothing regenerated
+
+
+def test_speculative_answers_need_a_draft(tmp_path, questions):
+    with pytest.raises(CloverError, match="needs --draft-model-path"):
+        generate_answers("clover", SMOLLM2, tmp_path / "a.jsonl", questions, warmup=0, progress=False)
+
+
+def test_comparison_runs_end_to_end(tmp_path, questions, drafts):
+    results = run_comparison(tmp_path / "cmp", SMOLLM2, drafts["clover2"], drafts["eagle"], questions,
+                             max_new_token=5, tree="mc_sim_7b_63", figs=tmp_path / "figs", warmup=0, progress=False)
+    assert set(results["methods"]) == {"hf", "hf_pld", "baseline", "eagle", "clover"}
+    assert results["methods"]["baseline"]["tau"]["overall"]["tau"] == 1.0
+    assert results["methods"]["hf"]["tau"]["overall"]["tau"] == 1.0
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert "Clover-2" in table and "transformers prompt lookup" in table
+    assert (tmp_path / "figs" / "tau_per_group.png").stat().st_size > 0
+    assert (tmp_path / "figs" / "speedup_per_group.png").stat().st_size > 0
+    # greedy speculative answers are the plain answers
+    plain = load_answers(tmp_path / "cmp" / "answers" / "baseline.jsonl")
+    for method in ("clover", "eagle", "hf"):
+        other = load_answers(tmp_path / "cmp" / "answers" / f"{method}.jsonl")
+        assert [a["choices"][0]["turns"] for a in other] == [a["choices"][0]["turns"] for a in plain]
