@@ -13,7 +13,6 @@ question is recorded as a failure, never with numbers.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -210,7 +209,7 @@ def main(argv=None) -> None:
     path = generate_answers(a.method, a.base_model_path, a.answer_file, a.question_file, a.draft_model_path,
                             a.model_id, a.temperature, a.top_p, a.top_k, a.max_new_token, a.num_choices, a.tree,
                             budget, a.question_begin, a.question_end, a.dtype, a.device, a.max_len, a.template,
-                            a.seed, a.warmup, progress=sys.stderr.isatty() or True)
+                            a.seed, a.warmup)
     print(f"wrote {path}")
 
 
