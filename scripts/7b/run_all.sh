@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Clover-2 vs EAGLE-1 on Vicuna-7B v1.5 with the paper's hyper-parameters (spec §8): 68k ShareGPT conversations,
 # 4 GPUs, per-GPU batch 4, Clover-2 lr 1e-3 / EAGLE-1 lr 3e-5, 21 epochs, tree mc_sim_7b_63, greedy.
-# Edit the paths below; every stage resumes where it stopped when rerun.
+# Edit the variables below; the stages are in scripts/paper_recipe.sh and resume where they stopped when rerun.
 set -euo pipefail
 BASE=/path/to/vicuna-7b-v1.5          # local HF checkpoint folder
 WORK=/path/to/work/vicuna7b          # data, checkpoints and answers go here (~25 GB of bf16 hidden states)
@@ -9,28 +9,5 @@ QUESTIONS=/path/to/spec_bench_question.jsonl
 GPUS=0,1,2,3
 NPROC=4
 TEMPLATE=vicuna
-
-# 1. training data: hidden states of 68k ShareGPT conversations, one worker per GPU
-python -m clover.ge_data.allocation --model_path "$BASE" --outdir "$WORK/data" --gpus "$GPUS" \
-    --template "$TEMPLATE" --start 0 --end 68000 --max_len 2048 --dtype fp16
-# 2. baseline answers (plain decoding), then the monitoring set from them (the base model's own answers)
-python -m clover.evaluation.gen_answer --method baseline --base-model-path "$BASE" --question-file "$QUESTIONS" \
-    --answer-file "$WORK/answers/baseline.jsonl" --max-new-token 1024 --template "$TEMPLATE" --dtype fp16
-python -m clover.ge_data.allocation --model_path "$BASE" --outdir "$WORK/eval_data" --gpus "${GPUS%%,*}" \
-    --template "$TEMPLATE" --eval --question-file "$QUESTIONS" --max-new-tokens 1024 --dtype fp16
-# 3. train Clover-2 and EAGLE-1 (DDP over the GPUs; any accelerate config works, e.g. DeepSpeed)
-accelerate launch --multi_gpu --num_processes "$NPROC" --mixed_precision bf16 -m clover.train.main_clover2 \
-    --basepath "$BASE" --tmpdir "$WORK/data" --evaldata "$WORK/eval_data" --cpdir "$WORK/ckpt/clover2" \
-    --bs 4 --lr 1e-3 --epochs 21 --warmup_steps 2000 --max_len 2048 --gradient_checkpointing
-accelerate launch --multi_gpu --num_processes "$NPROC" --mixed_precision bf16 -m clover.train.main \
-    --basepath "$BASE" --tmpdir "$WORK/data" --evaldata "$WORK/eval_data" --cpdir "$WORK/ckpt/eagle" \
-    --bs 4 --lr 3e-5 --epochs 21 --warmup_steps 500 --max_len 2048
-# 4. speculative answers and metrics
-for METHOD in clover eagle; do
-    python -m clover.evaluation.gen_answer --method "$METHOD" --base-model-path "$BASE" \
-        --draft-model-path "$WORK/ckpt/$( [ "$METHOD" = clover ] && echo clover2 || echo eagle )/final" \
-        --question-file "$QUESTIONS" --answer-file "$WORK/answers/$METHOD.jsonl" --max-new-token 1024 \
-        --template "$TEMPLATE" --dtype fp16 --tree mc_sim_7b_63
-    python -m clover.evaluation.speed_spe --path "$WORK/answers/$METHOD.jsonl" --base_path "$WORK/answers/baseline.jsonl"
-    python -m clover.evaluation.tau_spe --path "$WORK/answers/$METHOD.jsonl"
-done
+DTYPE=fp16
+source "$(dirname "$0")/../paper_recipe.sh"
