@@ -50,6 +50,21 @@ def test_greedy_equals_plain_on_tiny_models(tiny_base, kind, tree):
         assert max(taus) > 1.0
 
 
+@pytest.mark.parametrize("kind", ["clover2", "eagle"])
+def test_auto_budget_is_lossless_and_adapts_depth(tiny_base, kind):
+    model = make(tiny_base, kind, "dynamic", budget="auto")
+    assert model.depth_policy.level_cost > 0
+    gen = torch.Generator().manual_seed(1)
+    depths = set()
+    for _ in range(3):
+        prompt = torch.randint(3, 97, (8,), generator=gen).tolist()
+        spec = model.generate(prompt, max_new_tokens=32, stop_token_ids=())
+        assert spec.tokens == model.generate_plain(prompt, max_new_tokens=32, stop_token_ids=()).tokens
+        depths.add(model.depth_policy.depth())
+    assert all(1 <= d <= model.num_heads for d in depths)
+    assert sum(model.depth_policy.tried[1:]) > 0  # the steps were recorded
+
+
 def test_greedy_equals_plain_on_smollm2(smollm2_base, smollm2_tokenizer):
     """20 prompts: Clover-2 (fixed and dynamic trees) and EAGLE-1 drafts initialised from the base."""
     from clover.data.templates import get_template

@@ -140,6 +140,25 @@ def test_dynamic_auto_budget_follows_the_cost_curve():
     assert small.size <= 3
 
 
+def test_depth_policy_drafts_deep_only_while_deep_tokens_are_accepted():
+    from clover.generate.budget import DepthPolicy
+
+    cost = torch.linspace(1.0, 2.0, 65)  # seconds to verify 0..64 tokens
+    policy = DepthPolicy(cost, level_cost=0.2, max_depth=5)
+    for _ in range(60):  # every drafted token accepted: drafting deeper pays for its levels
+        d = policy.depth()
+        policy.update(d, accepted=d, tree_size=1 + 2 * d)
+    assert policy.depth() == 5
+    for _ in range(60):  # nothing accepted: fall back to the cheapest tree (depth 1)
+        policy.update(policy.depth(), accepted=0, tree_size=3)
+    assert policy.depth() == 1
+    rates = policy.rates()
+    assert rates == sorted(rates, reverse=True) and rates[0] < 0.15
+    # a free draft level makes depth worth trying even at a modest acceptance rate
+    cheap = DepthPolicy(torch.ones(65), level_cost=0.0, max_depth=5)
+    assert cheap.depth() == 5
+
+
 def test_greedy_verification_accepts_the_longest_matching_path():
     spec = TreeSpec([(0,), (1,), (0, 0), (1, 0), (1, 0, 0)])
     tokens = torch.tensor([5, 10, 11, 20, 21, 30])  # root, (0), (1), (0,0), (1,0), (1,0,0)

@@ -17,7 +17,9 @@ SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
 def measure_cost_curve(base: BaseModel, sizes=SIZES, prefix: int = 256, repeats: int = 5) -> dict[int, float]:
-    """Median seconds of a tree-masked forward of each size after a ``prefix``-token cache (cache restored)."""
+    """Median seconds of a tree-masked forward of each size after a ``prefix``-token cache (cache restored); a short
+    context window shortens the prefix and drops the sizes that do not fit."""
+    prefix = min(prefix, base.max_len // 2)
     sizes = [s for s in sizes if prefix + s <= base.max_len]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.args.vocab_size, (1, prefix + max(sizes)), generator=gen).to(base.device)
@@ -64,3 +66,80 @@ def verification_cost(base: BaseModel, max_size: int = 64) -> torch.Tensor:
     x0, x1, y0, y1 = xs[idx - 1], xs[idx], ys[idx - 1], ys[idx]
     cost = y0 + (y1 - y0) * ((sizes - x0) / (x1 - x0)).clamp(0, 1)
     return torch.where(sizes <= xs[0], ys[0], cost)
+
+
+def draft_level_cost(runner, base: BaseModel, rows: int, repeats: int = 5) -> float:
+    """Median seconds of one draft tree level (``runner.expand`` on ``rows`` nodes, LM head included), measured on a
+    dummy one-token context; the runner is reset afterwards."""
+    hidden = torch.zeros(1, 1, base.args.hidden_size, dtype=base.dtype, device=base.device)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=base.device)
+    parents = torch.zeros(rows, dtype=torch.long, device=base.device)
+    times = []
+    for _ in range(repeats + 1):
+        runner.reset()
+        runner.start(hidden, ids)
+        if base.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        runner.expand(parents, ids.reshape(1).expand(rows), 1)
+        if base.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    runner.reset()
+    return sorted(times[1:])[repeats // 2]
+
+
+class DepthPolicy:
+    """Chooses how deep to draft at each step of the ``auto`` dynamic tree.
+
+    Draft joint probabilities say nothing about whether a draft is worth its own cost: a level of a draft tree
+    costs a draft forward plus an LM-head product (on a small base model that is a third of a base step). The policy
+    keeps, per depth ``d``, the observed rate ``p_d`` at which the accepted path reached depth ``d`` when the tree was
+    drafted that deep (counts decay, so the estimate follows the text and returns to its prior for depths not tried
+    lately), and picks the depth ``D`` that maximises the expected tokens per second
+
+        (1 + Σ_{d ≤ D} p_d) / (verify(n_D) + (D - 1) · level_cost)
+
+    where ``n_D`` is the running mean size of trees drafted to depth ``D``. Depth 1 (the root's children, which the
+    draft proposes anyway) is the minimum. Everything here is host arithmetic on numbers the step already has.
+    """
+
+    def __init__(self, verify_cost: torch.Tensor, level_cost: float, max_depth: int, decay: float = 0.95,
+                 carry: float = 0.8, prior_weight: float = 2.0):
+        self.verify = verify_cost.tolist()
+        self.level_cost, self.max_depth, self.decay = level_cost, max_depth, decay
+        self.carry, self.prior_weight = carry, prior_weight
+        self.reached = [0.0] * (max_depth + 1)
+        self.tried = [0.0] * (max_depth + 1)
+        # running mean tree size per drafted depth, first guess: a root and two nodes per level
+        self.size = [float(min(1 + 2 * d, len(self.verify) - 1)) for d in range(max_depth + 1)]
+
+    def rates(self) -> list[float]:
+        """``p_d`` for d = 1..max_depth, non-increasing in d. A depth with few recent observations leans on the prior
+        ``carry · p_{d-1}`` (optimistic: a chain that usually reaches depth d-1 is worth trying one deeper)."""
+        out, last = [], 1.0
+        for d in range(1, self.max_depth + 1):
+            w = self.prior_weight
+            last = min(last, (self.reached[d] + w * self.carry * last) / (self.tried[d] + w))
+            out.append(last)
+        return out
+
+    def depth(self) -> int:
+        best, best_rate, gain = 1, -1.0, 1.0
+        for d, p in enumerate(self.rates(), start=1):
+            gain += p
+            n = min(int(round(self.size[d])), len(self.verify) - 1)
+            rate = gain / (self.verify[n] + (d - 1) * self.level_cost)
+            if rate > best_rate:
+                best, best_rate = d, rate
+        return best
+
+    def update(self, depth: int, accepted: int, tree_size: int) -> None:
+        """Record a step drafted to ``depth`` whose accepted path had ``accepted`` draft tokens (bonus excluded)."""
+        for d in range(1, self.max_depth + 1):
+            self.reached[d] *= self.decay
+            self.tried[d] *= self.decay
+        for d in range(1, depth + 1):
+            self.tried[d] += 1.0
+            self.reached[d] += float(accepted >= d)
+        self.size[depth] = 0.8 * self.size[depth] + 0.2 * tree_size

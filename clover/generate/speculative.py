@@ -1,7 +1,10 @@
 """Speculative decoding: prefill, draft a tree, verify it in one base forward, commit the accepted path, repeat.
 
 ``CloverModel`` / ``EagleModel`` bundle a base runtime, a draft and a tree policy (a fixed shape such as
-``mc_sim_7b_63``, or ``dynamic`` with a node budget that is a number or ``auto``).
+``mc_sim_7b_63``, or ``dynamic`` with a node budget that is a number or ``auto``). ``auto`` measures this device's
+verification cost curve and the draft's cost per tree level once, then picks each step's depth from the acceptance
+observed so far (:class:`clover.generate.budget.DepthPolicy`; the statistics carry over between calls) and each
+step's node count from the cost curve.
 """
 from __future__ import annotations
 
@@ -32,10 +35,13 @@ class SpeculativeModel:
         self.dynamic = tree == "dynamic"
         self.dynamic_width, self.dynamic_expand = dynamic_width, dynamic_expand
         if self.dynamic:
+            self.depth_policy = None
             if budget in (None, "auto"):
-                from clover.generate.budget import verification_cost
+                from clover.generate.budget import DepthPolicy, draft_level_cost, verification_cost
 
                 self.budget, self.cost = None, verification_cost(base)
+                self.depth_policy = DepthPolicy(self.cost, draft_level_cost(self.runner, base, dynamic_expand),
+                                                self.num_heads)
             else:
                 self.budget, self.cost = int(budget), None
                 if self.budget < 0:
@@ -56,10 +62,13 @@ class SpeculativeModel:
 
     # ------------------------------------------------------------------------------------------------------------
     def _draft_tree(self, root, root_logits):
+        """The step's tree and the depth it was drafted to."""
         if self.dynamic:
-            return build_dynamic_tree(root, root_logits, self.runner, max_depth=self.num_heads, budget=self.budget,
-                                      width=self.dynamic_width, expand=self.dynamic_expand, cost_per_size=self.cost)
-        return self.spec.build(root, root_logits, self.runner)
+            depth = self.depth_policy.depth() if self.depth_policy else self.num_heads
+            return build_dynamic_tree(root, root_logits, self.runner, max_depth=depth, budget=self.budget,
+                                      width=self.dynamic_width, expand=self.dynamic_expand,
+                                      cost_per_size=self.cost), depth
+        return self.spec.build(root, root_logits, self.runner), None
 
     def _draft_input(self, out, index):
         hidden = out.hidden_prenorm if self.runner.hidden_kind == "prenorm" else out.hidden
@@ -84,7 +93,7 @@ class SpeculativeModel:
         next_ids = torch.cat([ids[:, 1:], root.reshape(1, 1)], dim=1)
         root_logits = self.runner.start(self._draft_input(out, slice(None)), next_ids)
         while not tracker.done:
-            tree = self._draft_tree(root, root_logits)
+            tree, depth = self._draft_tree(root, root_logits)
             past = base.cache.length
             if past + tree.size > base.max_len:
                 tracker.result.finish_reason = "context"
@@ -92,6 +101,8 @@ class SpeculativeModel:
             out = base(tree.tokens[None], position_ids=past + tree.depths, tree_mask=tree.mask)
             verdict = verify_tree(tree, out.logits[0], params, generator)
             base.commit(past, verdict.nodes)
+            if depth is not None and self.depth_policy:
+                self.depth_policy.update(depth, verdict.tokens.numel() - 1, tree.size)
             root = verdict.bonus
             yield tracker.add(verdict.tokens[1:].tolist() + [int(root)])
             if tracker.done:
