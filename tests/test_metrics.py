@@ -91,6 +91,20 @@ def test_load_questions_slices_by_position(tmp_path):
     assert [q["question_id"] for q in load_questions(path, begin=3)] == [13, 14]
 
 
+def test_load_questions_stratified_subset(tmp_path):
+    # 8 qa questions, 4 math_reasoning, 2 MT-bench (writing, coding): 2 per group, evenly spaced, in file order
+    rows = [{"question_id": i, "category": "qa", "turns": ["?"]} for i in range(8)]
+    rows += [{"question_id": 10 + i, "category": "math_reasoning", "turns": ["?"]} for i in range(4)]
+    rows += [{"question_id": 20, "category": "writing", "turns": ["?"]},
+             {"question_id": 21, "category": "coding", "turns": ["?"]}]
+    path = write_lines(tmp_path / "q.jsonl", rows)
+    assert [q["question_id"] for q in load_questions(path, per_group=2)] == [0, 4, 10, 12, 20, 21]
+    assert [q["question_id"] for q in load_questions(path, per_group=3)] == [0, 2, 5, 10, 11, 12, 20, 21]
+    assert [q["question_id"] for q in load_questions(path, begin=8, per_group=1)] == [10, 20]
+    with pytest.raises(CloverError, match="per_group must be >= 1"):
+        load_questions(path, per_group=0)
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"question_id": 2, "category": "qa"}, '"turns" must be a non-empty list'),
     ({"question_id": 2, "category": "qa", "turns": []}, '"turns" must be a non-empty list'),

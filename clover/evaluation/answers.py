@@ -87,8 +87,11 @@ def _check_question(question: object) -> None:
         raise ValueError('every entry of "turns" must be a string')
 
 
-def load_questions(path: str | os.PathLike, begin: int | None = None, end: int | None = None) -> list[dict]:
-    """Validated questions of a JSON-lines file, sliced ``[begin:end]`` by position in the file."""
+def load_questions(path: str | os.PathLike, begin: int | None = None, end: int | None = None,
+                   per_group: int | None = None) -> list[dict]:
+    """Validated questions of a JSON-lines file, sliced ``[begin:end]`` by position in the file; with ``per_group``,
+    a stratified subset of that slice: ``per_group`` questions of every category group, evenly spaced within the
+    group (so MT-bench's subset spans its categories), in file order."""
     questions = []
     seen: set[int] = set()
     for number, question in _read_json_lines(path):
@@ -103,7 +106,17 @@ def load_questions(path: str | os.PathLike, begin: int | None = None, end: int |
         questions.append(question)
     if not questions:
         raise CloverError(f"no questions in {path}")
-    return questions[begin:end]
+    questions = questions[begin:end]
+    if per_group is None:
+        return questions
+    if per_group < 1:
+        raise CloverError(f"per_group must be >= 1, got {per_group}")
+    groups: dict[str, list[int]] = {}
+    for i, question in enumerate(questions):
+        groups.setdefault(category_group(question["category"]), []).append(i)
+    keep = {members[j * len(members) // min(per_group, len(members))] for members in groups.values()
+            for j in range(min(per_group, len(members)))}
+    return [q for i, q in enumerate(questions) if i in keep]
 
 
 def _check_choice(choice: object, index: int = 0) -> None:

@@ -30,7 +30,7 @@ DEFAULT_METHODS = ("hf", "hf_pld", "baseline", "eagle", "clover")
 def run_comparison(outdir, base_model=DEFAULT_MODEL, clover_draft=None, eagle_draft=None, question_file=None,
                    methods=DEFAULT_METHODS, max_new_token=128, temperature=0.0, tree="mc_sim_7b_63",
                    total_token="auto", dtype="auto", device="cpu", figs="figs", question_begin=None,
-                   question_end=None, warmup=1, progress=True) -> dict:
+                   question_end=None, warmup=1, progress=True, per_group=None) -> dict:
     outdir = Path(outdir)
     drafts = {"clover": clover_draft, "eagle": eagle_draft}
     methods = [m for m in methods if m not in drafts or drafts[m]]
@@ -42,10 +42,13 @@ def run_comparison(outdir, base_model=DEFAULT_MODEL, clover_draft=None, eagle_dr
                                          drafts.get(method), temperature=temperature, max_new_token=max_new_token,
                                          tree=tree, total_token=total_token, dtype=dtype, device=device,
                                          question_begin=question_begin, question_end=question_end, warmup=warmup,
-                                         progress=progress)
+                                         progress=progress, per_group=per_group)
     base = load_answers(files["baseline"])
+    questions = {"file": str(question_file or "shipped"), "begin": question_begin, "end": question_end,
+                 "per_group": per_group, "answered": len(base)}
     results = {"date": datetime.date.today().isoformat(), "base_model": str(base_model), "device": device,
-               "dtype": dtype, "tree": tree, "max_new_token": max_new_token, "temperature": temperature,
+               "dtype": dtype, "tree": tree, "total_token": total_token, "max_new_token": max_new_token,
+               "temperature": temperature, "questions": questions,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "methods": {}}
     for method in methods:
@@ -115,6 +118,8 @@ def build_parser():
     p.add_argument("--question-file", default=None)
     p.add_argument("--question-begin", type=int, default=None)
     p.add_argument("--question-end", type=int, default=None)
+    p.add_argument("--per-group", type=int, default=None,
+                   help="stratified subset: this many questions per category group, evenly spaced")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--max-new-token", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -132,7 +137,7 @@ def main(argv=None):
     budget = a.total_token if a.total_token == "auto" else int(a.total_token)
     results = run_comparison(a.outdir, a.base_model_path, a.clover_draft, a.eagle_draft, a.question_file,
                              a.methods.split(","), a.max_new_token, a.temperature, a.tree, budget, a.dtype, a.device,
-                             a.figs, a.question_begin, a.question_end)
+                             a.figs, a.question_begin, a.question_end, per_group=a.per_group)
     print(markdown_table(results))
 
 

@@ -142,13 +142,14 @@ def generate_answers(method: str, base_model_path: str, answer_file, question_fi
                      model_id: str | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                      max_new_token: int = 256, num_choices: int = 1, tree="mc_sim_7b_63", total_token="auto",
                      question_begin=None, question_end=None, dtype="auto", device="cpu", max_len: int = 4096,
-                     template_name: str = "auto", seed: int = 0, warmup: int = 1, progress: bool = True) -> Path:
+                     template_name: str = "auto", seed: int = 0, warmup: int = 1, progress: bool = True,
+                     per_group: int | None = None) -> Path:
     from clover.data.templates import get_template
     from clover.model.loading import load_tokenizer
 
     if num_choices < 1:
         raise CloverError(f"--num-choices must be >= 1, got {num_choices}")
-    questions = load_questions(question_file or default_question_file(), question_begin, question_end)
+    questions = load_questions(question_file or default_question_file(), question_begin, question_end, per_group)
     answer_file = Path(answer_file)
     done = done_question_ids(answer_file)
     todo = [q for q in questions if q["question_id"] not in done]
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-file", default=None, help="Spec-Bench format JSONL (default: the shipped set)")
     p.add_argument("--question-begin", type=int, default=None)
     p.add_argument("--question-end", type=int, default=None)
+    p.add_argument("--per-group", type=int, default=None,
+                   help="stratified subset: this many questions per category group, evenly spaced")
     p.add_argument("--answer-file", required=True)
     p.add_argument("--model-id", default=None)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -209,7 +212,7 @@ def main(argv=None) -> None:
     path = generate_answers(a.method, a.base_model_path, a.answer_file, a.question_file, a.draft_model_path,
                             a.model_id, a.temperature, a.top_p, a.top_k, a.max_new_token, a.num_choices, a.tree,
                             budget, a.question_begin, a.question_end, a.dtype, a.device, a.max_len, a.template,
-                            a.seed, a.warmup)
+                            a.seed, a.warmup, per_group=a.per_group)
     print(f"wrote {path}")
 
 

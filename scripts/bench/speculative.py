@@ -5,7 +5,7 @@ over the project's plain decoding and over transformers, and, per dtype, how man
 decoding. Writes figs/bench_speculative.json and prints a table.
 
     python scripts/bench/speculative.py --clover-draft runs/pipeline/full/ckpt/clover2/final \\
-        --eagle-draft runs/pipeline/full/ckpt/eagle/final [--question-file Q --question-end 12] [--runs 3]
+        --eagle-draft runs/pipeline/full/ckpt/eagle/final [--question-file Q --per-group 2] [--runs 3]
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def main():
     p.add_argument("--eagle-draft", default=None)
     p.add_argument("--question-file", default=None)
     p.add_argument("--question-end", type=int, default=None)
+    p.add_argument("--per-group", type=int, default=None, help="stratified subset: questions per category group")
     p.add_argument("--max-new-token", type=int, default=96)
     p.add_argument("--budget", type=int, default=10, help="node budget of the fixed-budget dynamic tree")
     p.add_argument("--dtypes", default="fp32,bf16")
@@ -49,29 +50,29 @@ def main():
     args = p.parse_args()
     results = {"model": args.model, "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}", "max_new_token": args.max_new_token,
-               "question_file": args.question_file or "shipped", "question_end": args.question_end, "runs": args.runs,
+               "question_file": args.question_file or "shipped", "question_end": args.question_end,
+               "per_group": args.per_group, "runs": args.runs,
                "dtypes": {}}
     work = Path(tempfile.mkdtemp(prefix="clover-bench-"))
     for dtype in args.dtypes.split(","):
-        rows = {}
-        for label, method, draft, tree, budget in configs(args):
-            rates, files = [], []
-            for r in range(args.runs):
+        rows, rates, files = {}, {}, {}
+        for r in range(args.runs):  # runs interleave the methods, so machine noise hits them alike
+            for label, method, draft, tree, budget in configs(args):
                 f = work / dtype / f"{label.replace(' ', '_')}_{r}.jsonl"
                 generate_answers(method, args.model, f, args.question_file, draft, max_new_token=args.max_new_token,
                                  tree=tree, total_token=budget, dtype=dtype, question_end=args.question_end,
-                                 progress=False)
+                                 per_group=args.per_group, progress=False)
                 answers = load_answers(f)
                 tokens = sum(sum(c["new_tokens"]) for a in answers for c in a["choices"])
                 seconds = sum(sum(c["wall_time"]) for a in answers for c in a["choices"])
-                rates.append(tokens / seconds)
-                files.append(f)
-            answers = load_answers(files[0])
-            rows[label] = {"tokens_per_s": statistics.median(rates), "all_runs": rates,
+                rates.setdefault(label, []).append(tokens / seconds)
+                files.setdefault(label, []).append(f)
+                print(f"{dtype} run {r + 1}/{args.runs} {label:34s} {tokens / seconds:7.2f} tok/s", flush=True)
+        for label, f in files.items():
+            answers = load_answers(f[0])
+            rows[label] = {"tokens_per_s": statistics.median(rates[label]), "all_runs": rates[label],
                            "tau": tau_report(answers)["overall"]["tau"],
                            "texts": [c["turns"] for a in answers for c in a["choices"]]}
-            print(f"{dtype} {label:34s} {rows[label]['tokens_per_s']:7.2f} tok/s  tau {rows[label]['tau']:.2f}",
-                  flush=True)
         plain, hf = rows["clover plain"], rows["transformers generate"]
         for row in rows.values():
             row["speedup_vs_plain"] = row["tokens_per_s"] / plain["tokens_per_s"]
