@@ -21,10 +21,12 @@ from pathlib import Path
 from clover.errors import CloverError, run_cli
 from clover.model.loading import DEFAULT_MODEL
 
-# (conversations, max_len, epochs, max_steps, questions, max_new_token) per size
+# (conversations, max_len, batch size, epochs, max_steps, questions, max_new_token) per size. The drafts need
+# optimizer steps more than tokens: the full size gives each ~100 steps (120 conversations, batch 2, 2 epochs).
 SIZES = {
-    "fast": dict(conversations=32, max_len=256, epochs=1, max_steps=None, question_end=6, max_new_token=32),
-    "full": dict(conversations=120, max_len=384, epochs=1, max_steps=None, question_end=None, max_new_token=64),
+    "fast": dict(conversations=32, max_len=256, bs=4, epochs=1, max_steps=None, question_end=6, max_new_token=32),
+    "full": dict(conversations=120, max_len=384, bs=2, epochs=2, max_steps=None, question_end=None,
+                 max_new_token=64),
 }
 
 
@@ -44,7 +46,7 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
     data = workdir / "data"
     run(py + ["clover.ge_data.allocation", "--model_path", model, "--outdir", str(data), "--start", "0",
               "--end", str(s["conversations"]), "--max_len", str(s["max_len"]), "--shard_size", "16"])
-    common = ["--basepath", model, "--tmpdir", str(data), "--bs", "4", "--max_len", str(s["max_len"]),
+    common = ["--basepath", model, "--tmpdir", str(data), "--bs", str(s["bs"]), "--max_len", str(s["max_len"]),
               "--epochs", str(s["epochs"]), "--warmup_steps", "5", "--schedule", "constant", "--keep_last", "1"]
     if s["max_steps"]:
         common += ["--max_steps", str(s["max_steps"])]
