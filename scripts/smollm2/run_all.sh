@@ -6,14 +6,16 @@ BASE=smollm2-135m-instruct
 WORK=${WORK:-runs/smollm2}
 QUESTIONS=${QUESTIONS:-}            # empty = the shipped question set; or ../shared/data/spec_bench_question.jsonl
 QARGS=${QUESTIONS:+--question-file $QUESTIONS}
+PER_GROUP=${PER_GROUP:-}            # e.g. 10: a stratified subset (10 questions per category group)
+QARGS="$QARGS ${PER_GROUP:+--per-group $PER_GROUP}"
 CONVS=${CONVS:-120}
 
 python -m clover.ge_data.allocation --model_path "$BASE" --outdir "$WORK/data" --start 0 --end "$CONVS" \
     --max_len 384 --shard_size 16
 python -m clover.train.main_clover2 --basepath "$BASE" --tmpdir "$WORK/data" --cpdir "$WORK/ckpt/clover2" \
-    --bs 4 --lr 1e-3 --epochs 1 --warmup_steps 5 --schedule constant --max_len 384
+    --bs 2 --lr 1e-3 --epochs 2 --warmup_steps 5 --schedule constant --max_len 384
 python -m clover.train.main --basepath "$BASE" --tmpdir "$WORK/data" --cpdir "$WORK/ckpt/eagle" \
-    --bs 4 --lr 1e-3 --epochs 1 --warmup_steps 5 --schedule constant --max_len 384
+    --bs 2 --lr 1e-3 --epochs 2 --warmup_steps 5 --schedule constant --max_len 384
 for METHOD in baseline clover eagle; do
     DRAFT=()
     [ "$METHOD" = clover ] && DRAFT=(--draft-model-path "$WORK/ckpt/clover2/final")
