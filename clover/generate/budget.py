@@ -68,25 +68,30 @@ def verification_cost(base: BaseModel, max_size: int = 64) -> torch.Tensor:
     return torch.where(sizes <= xs[0], ys[0], cost)
 
 
-def draft_level_cost(runner, base: BaseModel, rows: int, repeats: int = 5) -> float:
-    """Median seconds of one draft tree level (``runner.expand`` on ``rows`` nodes, LM head included), measured on a
-    dummy one-token context; the runner is reset afterwards."""
-    hidden = torch.zeros(1, 1, base.args.hidden_size, dtype=base.dtype, device=base.device)
-    ids = torch.zeros(1, 1, dtype=torch.long, device=base.device)
+def draft_costs(runner, base: BaseModel, rows: int, repeats: int = 5) -> tuple[float, float]:
+    """Median seconds of the draft's two calls in a step, measured on a dummy context: ``start`` (feed two newly
+    committed positions, propose the root's children) and one further tree level (``expand`` on ``rows`` nodes),
+    LM head included. The runner is reset afterwards."""
+    hidden = torch.zeros(1, 2, base.args.hidden_size, dtype=base.dtype, device=base.device)
+    ids = torch.zeros(1, 2, dtype=torch.long, device=base.device)
     parents = torch.zeros(rows, dtype=torch.long, device=base.device)
-    times = []
-    for _ in range(repeats + 1):
-        runner.reset()
-        runner.start(hidden, ids)
+
+    def timed(fn):
         if base.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        runner.expand(parents, ids.reshape(1).expand(rows), 1)
+        fn()
         if base.device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        return time.perf_counter() - t
+
+    starts, levels = [], []
+    for _ in range(repeats + 1):
+        runner.reset()
+        starts.append(timed(lambda: runner.start(hidden, ids)))
+        levels.append(timed(lambda: runner.expand(parents, ids[0, :1].expand(rows), 1)))
     runner.reset()
-    return sorted(times[1:])[repeats // 2]
+    return sorted(starts[1:])[repeats // 2], sorted(levels[1:])[repeats // 2]
 
 
 class DepthPolicy:
@@ -95,19 +100,21 @@ class DepthPolicy:
     Draft joint probabilities say nothing about whether a draft is worth its own cost: a level of a draft tree
     costs a draft forward plus an LM-head product (on a small base model that is a third of a base step). The policy
     keeps, per depth ``d``, the observed rate ``p_d`` at which the accepted path reached depth ``d`` when the tree was
-    drafted that deep (counts decay, so the estimate follows the text and returns to its prior for depths not tried
-    lately), and picks the depth ``D`` that maximises the expected tokens per second
+    drafted that deep, and picks the depth ``D`` that maximises the expected tokens per second
 
-        (1 + Σ_{d ≤ D} p_d) / (verify(n_D) + (D - 1) · level_cost)
+        D = 0:  1 / verify(1)                                                  (a plain decoding step)
+        D ≥ 1:  (1 + Σ_{d ≤ D} p_d) / (verify(n_D) + start_cost + (D - 1) · level_cost)
 
-    where ``n_D`` is the running mean size of trees drafted to depth ``D``. Depth 1 (the root's children, which the
-    draft proposes anyway) is the minimum. Everything here is host arithmetic on numbers the step already has.
+    where ``n_D`` is the running mean size of trees drafted to depth ``D``. Counts decay every step, so the estimates
+    follow the text, and a depth not drafted lately drifts back to its optimistic prior and gets tried again: a weak
+    draft costs a few exploratory steps instead of every step. Everything here is host arithmetic on numbers the
+    step already has.
     """
 
-    def __init__(self, verify_cost: torch.Tensor, level_cost: float, max_depth: int, decay: float = 0.95,
-                 carry: float = 0.8, prior_weight: float = 2.0):
+    def __init__(self, verify_cost: torch.Tensor, start_cost: float, level_cost: float, max_depth: int,
+                 decay: float = 0.95, carry: float = 0.8, prior_weight: float = 2.0):
         self.verify = verify_cost.tolist()
-        self.level_cost, self.max_depth, self.decay = level_cost, max_depth, decay
+        self.start_cost, self.level_cost, self.max_depth, self.decay = start_cost, level_cost, max_depth, decay
         self.carry, self.prior_weight = carry, prior_weight
         self.reached = [0.0] * (max_depth + 1)
         self.tried = [0.0] * (max_depth + 1)
@@ -125,21 +132,23 @@ class DepthPolicy:
         return out
 
     def depth(self) -> int:
-        best, best_rate, gain = 1, -1.0, 1.0
+        best, best_rate, gain = 0, 1.0 / self.verify[1], 1.0
         for d, p in enumerate(self.rates(), start=1):
             gain += p
             n = min(int(round(self.size[d])), len(self.verify) - 1)
-            rate = gain / (self.verify[n] + (d - 1) * self.level_cost)
+            rate = gain / (self.verify[n] + self.start_cost + (d - 1) * self.level_cost)
             if rate > best_rate:
                 best, best_rate = d, rate
         return best
 
     def update(self, depth: int, accepted: int, tree_size: int) -> None:
-        """Record a step drafted to ``depth`` whose accepted path had ``accepted`` draft tokens (bonus excluded)."""
+        """Record a step drafted to ``depth`` (0: a plain step) whose accepted path had ``accepted`` draft tokens
+        (bonus excluded)."""
         for d in range(1, self.max_depth + 1):
             self.reached[d] *= self.decay
             self.tried[d] *= self.decay
         for d in range(1, depth + 1):
             self.tried[d] += 1.0
             self.reached[d] += float(accepted >= d)
-        self.size[depth] = 0.8 * self.size[depth] + 0.2 * tree_size
+        if depth:
+            self.size[depth] = 0.8 * self.size[depth] + 0.2 * tree_size

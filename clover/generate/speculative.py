@@ -2,9 +2,9 @@
 
 ``CloverModel`` / ``EagleModel`` bundle a base runtime, a draft and a tree policy (a fixed shape such as
 ``mc_sim_7b_63``, or ``dynamic`` with a node budget that is a number or ``auto``). ``auto`` measures this device's
-verification cost curve and the draft's cost per tree level once, then picks each step's depth from the acceptance
-observed so far (:class:`clover.generate.budget.DepthPolicy`; the statistics carry over between calls) and each
-step's node count from the cost curve.
+verification cost curve and the draft's own costs once, then picks each step's depth from the acceptance observed so
+far (:class:`clover.generate.budget.DepthPolicy`; the statistics carry over between calls), depth 0 being a plain
+decoding step, and each step's node count from the cost curve.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from clover.generate.draft import runner_for
 from clover.generate.output import GenerationResult, OutputTracker
 from clover.generate.plain import _drain, check_prompt, stream_plain
 from clover.generate.sampling import SamplingParams, select_tokens
-from clover.generate.tree import TreeSpec, build_dynamic_tree
+from clover.generate.tree import DraftTree, TreeSpec, build_dynamic_tree
 from clover.generate.verify import verify_tree
 from clover.model.base import BaseModel
 
@@ -34,13 +34,13 @@ class SpeculativeModel:
         self.num_heads = heads if heads is not None else max_depth
         self.dynamic = tree == "dynamic"
         self.dynamic_width, self.dynamic_expand = dynamic_width, dynamic_expand
+        self.depth_policy = None
         if self.dynamic:
-            self.depth_policy = None
             if budget in (None, "auto"):
-                from clover.generate.budget import DepthPolicy, draft_level_cost, verification_cost
+                from clover.generate.budget import DepthPolicy, draft_costs, verification_cost
 
                 self.budget, self.cost = None, verification_cost(base)
-                self.depth_policy = DepthPolicy(self.cost, draft_level_cost(self.runner, base, dynamic_expand),
+                self.depth_policy = DepthPolicy(self.cost, *draft_costs(self.runner, base, dynamic_expand),
                                                 self.num_heads)
             else:
                 self.budget, self.cost = int(budget), None
@@ -61,14 +61,20 @@ class SpeculativeModel:
         return cls(base, draft, tokenizer=load_tokenizer(base_model_path), **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
-    def _draft_tree(self, root, root_logits):
-        """The step's tree and the depth it was drafted to."""
+    def _next_depth(self) -> int:
+        """How deep to draft the next step; 0 (``auto`` only) = a plain decoding step, no draft call at all."""
+        if not self.dynamic:
+            return self.spec.depth
+        return self.depth_policy.depth() if self.depth_policy else self.num_heads
+
+    def _draft_tree(self, root, root_logits, depth: int):
+        if depth == 0:
+            zero = torch.zeros(1, dtype=torch.long, device=root.device)
+            return DraftTree.from_parents(root.reshape(1), zero, zero, 0)
         if self.dynamic:
-            depth = self.depth_policy.depth() if self.depth_policy else self.num_heads
             return build_dynamic_tree(root, root_logits, self.runner, max_depth=depth, budget=self.budget,
-                                      width=self.dynamic_width, expand=self.dynamic_expand,
-                                      cost_per_size=self.cost), depth
-        return self.spec.build(root, root_logits, self.runner), None
+                                      width=self.dynamic_width, expand=self.dynamic_expand, cost_per_size=self.cost)
+        return self.spec.build(root, root_logits, self.runner)
 
     def _draft_input(self, out, index):
         hidden = out.hidden_prenorm if self.runner.hidden_kind == "prenorm" else out.hidden
@@ -90,10 +96,16 @@ class SpeculativeModel:
         out = base(ids, logits_to_keep=1)
         root = select_tokens(out.logits[0, -1], params, generator)
         yield tracker.add([int(root)])
-        next_ids = torch.cat([ids[:, 1:], root.reshape(1, 1)], dim=1)
-        root_logits = self.runner.start(self._draft_input(out, slice(None)), next_ids)
+        # (hidden state, next token) pairs of committed positions the draft has not seen yet: fed to the draft in one
+        # call before the next step that drafts (after plain steps, several steps' worth)
+        pending = [(self._draft_input(out, slice(None)), torch.cat([ids[:, 1:], root.reshape(1, 1)], dim=1))]
         while not tracker.done:
-            tree, depth = self._draft_tree(root, root_logits)
+            depth = self._next_depth()
+            root_logits = None
+            if depth > 0:
+                hidden, next_ids = (torch.cat(x, dim=1) for x in zip(*pending))
+                root_logits, pending = self.runner.start(hidden, next_ids), []
+            tree = self._draft_tree(root, root_logits, depth)
             past = base.cache.length
             if past + tree.size > base.max_len:
                 tracker.result.finish_reason = "context"
@@ -101,14 +113,12 @@ class SpeculativeModel:
             out = base(tree.tokens[None], position_ids=past + tree.depths, tree_mask=tree.mask)
             verdict = verify_tree(tree, out.logits[0], params, generator)
             base.commit(past, verdict.nodes)
-            if depth is not None and self.depth_policy:
+            if self.depth_policy is not None:
                 self.depth_policy.update(depth, verdict.tokens.numel() - 1, tree.size)
             root = verdict.bonus
             yield tracker.add(verdict.tokens[1:].tolist() + [int(root)])
-            if tracker.done:
-                break
-            next_ids = torch.cat([verdict.tokens[1:], root.reshape(1)])[None]
-            root_logits = self.runner.start(self._draft_input(out, verdict.nodes), next_ids)
+            pending.append((self._draft_input(out, verdict.nodes),
+                            torch.cat([verdict.tokens[1:], root.reshape(1)])[None]))
         # keep exactly the output in the cache (all but its last token, which is never fed back): a stop or cap inside
         # the last accepted chunk leaves committed-but-discarded positions behind
         base.truncate(min(base.cache.length, ids.shape[1] + tracker.result.new_tokens - 1))
