@@ -335,3 +335,34 @@ def test_draft_classes_build_from_config(llama_base):
         model = cls(cls.default_config(llama_base), llama_base)
         assert model.config["draft_type"] == cls.draft_type
         json.dumps(model.config)
+
+
+@pytest.mark.parametrize("draft_type", ["clover2", "eagle"])
+def test_draft_vocabulary(llama_base, draft_type, tmp_path):
+    """Logits exist for the draft vocabulary only (the full head's values there, -inf elsewhere); the vocabulary is
+    part of the checkpoint and loads strictly; it must be given exactly when the config asks for one."""
+    from clover.model.checkpoint import top_tokens
+
+    counts = torch.randint(0, 50, (V,), generator=torch.Generator().manual_seed(0))
+    vocab = top_tokens(counts, 20)
+    assert vocab.tolist() == sorted(vocab.tolist()) and len(set(vocab.tolist())) == 20
+    assert counts[vocab].min() >= counts[~torch.isin(torch.arange(V), vocab)].max()
+    model = init_draft(draft_type, llama_base, draft_vocab_size=20, draft_vocab=vocab.flip(0)).eval()
+    assert torch.equal(model.draft_vocab, vocab)
+    hidden = torch.randn(3, H)
+    logits = model.lm_logits(hidden)
+    full = hidden @ llama_base.lm_head.weight.T
+    torch.testing.assert_close(logits[:, vocab], full[:, vocab])
+    outside = ~torch.isin(torch.arange(V), vocab)
+    assert torch.all(logits[:, outside] == -torch.inf)
+    loaded = load_draft(save_draft(model, tmp_path / "d"), llama_base)
+    assert torch.equal(loaded.draft_vocab, vocab)
+    torch.testing.assert_close(loaded.lm_logits(hidden), logits)
+    with pytest.raises(CloverError, match="needs the draft vocabulary"):
+        init_draft(draft_type, llama_base, draft_vocab_size=20)
+    with pytest.raises(CloverError, match="expected 20 distinct"):
+        init_draft(draft_type, llama_base, draft_vocab_size=20, draft_vocab=vocab[:5])
+    with pytest.raises(CloverError, match="no draft_vocab_size"):
+        init_draft(draft_type, llama_base, draft_vocab=vocab)
+    with pytest.raises(CloverError, match="draft_vocab_size must be"):
+        init_draft(draft_type, llama_base, draft_vocab_size=V + 1, draft_vocab=vocab)

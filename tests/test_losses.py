@@ -159,3 +159,31 @@ def test_target_from_prenorm_is_the_final_norm():
         norm.weight.normal_()
     x = torch.randn(B, L, H) * 3
     torch.testing.assert_close(target_from_prenorm(x, norm.weight.detach(), 1e-5), norm(x).detach(), rtol=0, atol=0)
+
+
+def test_draft_vocabulary_matches_restricted_reference():
+    """With a draft vocabulary the heads' distributions and the renormalised teacher live on those tokens only; the
+    top-k metrics compare with the teacher's argmax over the whole vocabulary."""
+    preds, target, weight, mask = data(8)
+    vocab = torch.tensor([0, 3, 4, 9, 10, 17, 20, 21, 30, 36])
+    mine = preds.clone().requires_grad_()
+    loss, metrics = clover_loss(mine, target, weight, mask, CFG, chunk_size=3, draft_vocab=vocab)
+    loss.backward()
+    ref_preds = preds.clone().requires_grad_()
+    ref, heads = reference(ref_preds, target, weight[vocab], mask, CFG, "predicted")  # W restricted = the subset
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine.grad, ref_preds.grad, rtol=1e-4, atol=1e-6)
+    target_mask = F.pad(mask[:, 2:], (0, 2))
+    for i, (_, lp, count) in enumerate(heads):
+        torch.testing.assert_close(metrics[f"ploss_{i}"], lp, rtol=1e-5, atol=1e-6)
+        m = target_mask[:, i:].bool()
+        teacher = (target[:, i:] @ weight.T).argmax(-1)[m]
+        drafted = vocab[(preds[i][:, :L - i] @ weight[vocab].T).argmax(-1)][m]
+        assert metrics[f"top1_correct_{i}"] == (teacher == drafted).sum()
+    # a teacher whose argmax is outside the vocabulary is a miss even for perfect predictions
+    perfect = torch.stack([F.pad(target[:, i:], (0, 0, 0, i)) for i in range(N)])
+    _, metrics = clover_loss(perfect, target, weight, mask, CFG, draft_vocab=vocab)
+    outside = ~torch.isin((target @ weight.T).argmax(-1), vocab)
+    hits = (target_mask.bool() & ~outside).sum()
+    assert metrics["top3_correct_0"] == hits < target_mask.sum()

@@ -51,6 +51,26 @@ def test_greedy_equals_plain_on_tiny_models(tiny_base, kind, tree):
 
 
 @pytest.mark.parametrize("kind", ["clover2", "eagle"])
+@pytest.mark.parametrize("tree", TREES)
+def test_greedy_equals_plain_with_a_draft_vocabulary(tiny_base, kind, tree):
+    """A draft that can only propose 40 of the 97 tokens is still lossless (verification reads the full vocabulary),
+    and every drafted token comes from its vocabulary."""
+    vocab = torch.randperm(97, generator=torch.Generator().manual_seed(3))[:40]
+    draft = init_draft(kind, tiny_base, draft_vocab_size=40, draft_vocab=vocab).eval()
+    draft.allocate_cache(tiny_base.max_len)
+    model = SpeculativeModel(tiny_base, draft, tree=tree, budget=12 if tree == "dynamic" else None)
+    drafted = []
+    build = model._draft_tree
+    model._draft_tree = lambda *a: drafted.append(build(*a)) or drafted[-1]
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        prompt = torch.randint(3, 97, (6,), generator=gen).tolist()
+        spec = model.generate(prompt, max_new_tokens=40, stop_token_ids=())
+        assert spec.tokens == model.generate_plain(prompt, max_new_tokens=40, stop_token_ids=()).tokens
+    assert all(torch.isin(t.tokens[1:], vocab).all() for t in drafted) and sum(t.size - 1 for t in drafted) > 0
+
+
+@pytest.mark.parametrize("kind", ["clover2", "eagle"])
 def test_auto_budget_is_lossless_and_adapts_depth(tiny_base, kind):
     model = make(tiny_base, kind, "dynamic", budget="auto")
     policy = model.depth_policy

@@ -174,6 +174,25 @@ def test_chain_accuracy_follows_generation(setup, draft_type):
     assert total[0] > 0
 
 
+@pytest.mark.parametrize("module,draft_type", [("main_clover2", "clover2"), ("main", "eagle")])
+def test_draft_vocabulary_from_the_training_replies(setup, module, draft_type):
+    """``--draft_vocab_size K``: the draft vocabulary is the K most frequent reply tokens of the training split, is
+    saved with the draft, and training with it lowers the loss."""
+    from clover.model.checkpoint import top_tokens
+
+    s = setup
+    cpdir = s["root"] / f"vocab_{draft_type}"
+    result = ok(launch(module, *common(s, cpdir, "--epochs", "4", "--draft_vocab_size", "48")))
+    assert "the 48 most frequent reply tokens cover" in result.stdout
+    base = BaseModel.from_pretrained(s["base"], dtype="fp32", max_len=1)
+    final = load_draft(cpdir / "final", base, expected_type=draft_type)
+    counts = HiddenStateDataset(s["data"], split="train", test_fraction=0.1).token_counts(base.args.vocab_size)
+    assert torch.equal(final.draft_vocab, top_tokens(counts, 48))
+    assert final.config[final.config_block]["draft_vocab_size"] == 48
+    history = [json.loads(line) for line in (cpdir / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["test_loss"] < history[0]["test_loss"]
+
+
 def test_resume_gives_the_same_weights(setup):
     s = setup
     straight, interrupted = s["root"] / "straight", s["root"] / "interrupted"

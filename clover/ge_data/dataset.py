@@ -136,6 +136,17 @@ class HiddenStateDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def token_counts(self, vocab_size: int) -> torch.Tensor:
+        """``[vocab_size]`` occurrences of each token id among the reply tokens (loss mask 1) of this split, within
+        ``max_len``: what a draft vocabulary is chosen from. Reads ids and masks only."""
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        for number, a, b in self.items:
+            b = min(b, a + self.max_len)
+            handle = self._handle(number)
+            ids = handle.get_slice("input_ids")[a:b].long()
+            counts += torch.bincount(ids[handle.get_slice("loss_mask")[a:b].bool()], minlength=vocab_size)
+        return counts
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         number, a, b = self.items[i]
         b = min(b, a + self.max_len)

@@ -6,6 +6,13 @@ trainable draft weights. :func:`init_draft` builds a draft from a base model for
 place where weights are initialised from the base); :func:`load_draft` rebuilds one from a folder with strict key
 checks and never runs that initialisation (spec §9 B17, B18).
 
+A draft may propose tokens from a *draft vocabulary*, a subset of the base vocabulary (``draft_vocab_size`` in its
+config block; 0 = the whole vocabulary): its logits are the frozen LM head's rows for those tokens only, which makes
+every draft level and every training head several times cheaper for a base whose vocabulary is large next to its
+hidden size (SmolLM2: 49,152 x 576; FR-Spec and EAGLE-3 use the same idea). Verification always uses the full base
+distribution, so generation stays lossless; a token outside the subset simply cannot be drafted. The subset (token
+ids, ascending) is the persistent buffer ``draft_vocab``, saved in the checkpoint and loaded with strict keys.
+
 Frozen base tensors (LM head, final-norm weight, input embedding) and the RoPE tables are held by
 :class:`DraftModel` outside the module's parameter/buffer registry: they are references to the base model's tensors
 (no copy while dtype and device agree), are absent from ``state_dict()`` and so from the checkpoint, are not seen by
@@ -65,6 +72,7 @@ class DraftModel(nn.Module):
     """What both drafts share: config, frozen base tensors kept out of ``state_dict``, RoPE tables, own KV cache."""
 
     draft_type: str = ""
+    config_block: str = ""  # the draft's own block in its config
 
     def __init__(self, config: dict, base: BaseModel, embedding: str):
         super().__init__()
@@ -72,6 +80,15 @@ class DraftModel(nn.Module):
         self.config = config
         self.args = LlamaArgs(**config["llama"])
         device = base.device
+        size = config[self.config_block].get("draft_vocab_size", 0)
+        if not isinstance(size, int) or not 0 <= size <= self.args.vocab_size:
+            raise CloverError(f"{self.config_block} config draft_vocab_size must be an integer from 0 (the whole "
+                              f"vocabulary) to {self.args.vocab_size}, got {size!r}")
+        if size:  # filled by init_draft (from the training data) or by the checkpoint
+            self.register_buffer("draft_vocab", torch.arange(size, device=device))
+        else:
+            self.draft_vocab = None
+        self._draft_head = (None, None)  # (key, W_lm[draft_vocab]) cache, see draft_head_weight
         with torch.device(device):  # real tensors even when the module itself is built on the meta device
             rotary = Rotary(self.args)
         frozen = {"lm_head": base.lm_head.weight.detach(), "final_norm": base.model.norm.weight.detach(),
@@ -114,10 +131,36 @@ class DraftModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [..., H] -> [..., V]`` through the frozen base LM head."""
+    @property
+    def draft_head_weight(self) -> torch.Tensor:
+        """The LM head rows the draft proposes from: ``W_lm[draft_vocab]`` (cached), or ``W_lm`` itself."""
         w = self.lm_head_weight
-        return nn.functional.linear(hidden.to(w.dtype), w)
+        if self.draft_vocab is None:
+            return w
+        key = (w.data_ptr(), w.dtype, self.draft_vocab.data_ptr())
+        if self._draft_head[0] != key:
+            self._draft_head = (key, w.index_select(0, self.draft_vocab))
+        return self._draft_head[1]
+
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """Set the draft vocabulary (as many distinct token ids as ``draft_vocab_size``; stored ascending)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).unique()
+        if self.draft_vocab is None or ids.numel() != self.draft_vocab.numel():
+            raise CloverError(f"expected {0 if self.draft_vocab is None else self.draft_vocab.numel()} distinct "
+                              f"draft-vocabulary token ids, got {ids.numel()}")
+        if ids[0] < 0 or ids[-1] >= self.args.vocab_size:
+            raise CloverError(f"draft-vocabulary token ids must lie in [0, {self.args.vocab_size})")
+        self.draft_vocab.copy_(ids)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [..., H] -> [..., V]`` through the frozen base LM head; with a draft vocabulary only its
+        tokens get logits and every other token gets ``-inf`` (probability 0)."""
+        w = self.draft_head_weight
+        logits = nn.functional.linear(hidden.to(w.dtype), w)
+        if self.draft_vocab is None:
+            return logits
+        full = logits.new_full(logits.shape[:-1] + (self.args.vocab_size,), -torch.inf)
+        return full.index_copy_(-1, self.draft_vocab, logits)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return nn.functional.embedding(ids, self.embed_weight).to(self.dtype)
@@ -187,18 +230,32 @@ def _draft_class(draft_type, where: str) -> type[DraftModel]:
 
 
 def init_draft(draft_type: str, base: BaseModel, *, dtype: torch.dtype | str = torch.float32,
-               **config_overrides) -> DraftModel:
+               draft_vocab: torch.Tensor | None = None, **config_overrides) -> DraftModel:
     """A new draft for training from scratch: default config updated by ``config_overrides`` (keys of the draft's
     own block, e.g. ``num_heads=3``), trainable weights initialised from the base in fp32 on the base's device.
     With the default ``dtype`` (fp32) the frozen tensors stay the base's own (no copy, base dtype); another
-    ``dtype`` casts the whole draft, frozen tensors included."""
+    ``dtype`` casts the whole draft, frozen tensors included. ``draft_vocab`` (token ids, e.g. :func:`top_tokens` of
+    the training data's reply-token counts) is required exactly when the config sets ``draft_vocab_size``."""
     dtype = parse_dtype(dtype, base.device)
     cls = _draft_class(draft_type, "init_draft")
     config = cls.default_config(base, **config_overrides)
     with torch.device(base.device):
         model = cls(config, base)
+    if model.draft_vocab is not None:
+        if draft_vocab is None:
+            raise CloverError(f"draft_vocab_size={model.draft_vocab.numel()} needs the draft vocabulary: pass "
+                              f"draft_vocab (e.g. top_tokens of the training data's reply-token counts)")
+        model.set_draft_vocab(draft_vocab)
+    elif draft_vocab is not None:
+        raise CloverError("draft_vocab was given but the config has no draft_vocab_size")
     model.init_from_base(base)
     return model if dtype == torch.float32 else model.to(dtype=dtype)
+
+
+def top_tokens(counts: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` most frequent token ids of ``counts [V]`` (ties: lower id first), ascending: a draft vocabulary."""
+    order = torch.sort(-counts.long(), stable=True).indices
+    return order[:k].sort().values
 
 
 def save_draft(model: DraftModel, folder) -> Path:

@@ -25,7 +25,7 @@ from clover.model.layers import DecoderLayer, RMSNorm
 
 DEFAULTS = {"num_heads": 5, "num_layers": 2, "heads_coefficient": 1.0, "decay_coefficient": 0.7,
             "embedding": "lm_head", "fuse": "attention", "init_from_layer": -1, "init_noise": "symmetric",
-            "regression_weight": 10.0, "distill_weight": 1.0}
+            "regression_weight": 10.0, "distill_weight": 1.0, "draft_vocab_size": 0}
 CHOICES = {"embedding": ("lm_head", "input"), "fuse": ("attention", "fc"), "init_noise": ("symmetric", "one_sided")}
 
 
@@ -64,6 +64,7 @@ class AttentionDecoder(nn.Module):
 
 class Clover2Draft(DraftModel):
     draft_type = "clover2"
+    config_block = "clover"
     default_config = staticmethod(default_config)
 
     def __init__(self, config: dict, base: BaseModel):

@@ -16,7 +16,8 @@ from clover.model.base import BaseModel
 from clover.model.checkpoint import DraftModel, make_config
 from clover.model.layers import DecoderLayer
 
-DEFAULTS = {"num_layers": 1, "regression_weight": 1.0, "distill_weight": 0.1, "input_noise": 0.2}
+DEFAULTS = {"num_layers": 1, "regression_weight": 1.0, "distill_weight": 0.1, "input_noise": 0.2,
+            "draft_vocab_size": 0}
 
 
 def default_config(base: BaseModel, **overrides) -> dict:
@@ -27,6 +28,7 @@ def default_config(base: BaseModel, **overrides) -> dict:
 
 class EagleDraft(DraftModel):
     draft_type = "eagle"
+    config_block = "eagle"
     default_config = staticmethod(default_config)
 
     def __init__(self, config: dict, base: BaseModel):

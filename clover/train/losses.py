@@ -13,6 +13,11 @@ Either way the mask depends only on the target index ``s = t+i``, so the masked 
 the vocabulary terms run in chunks of rows, with the gradient of the (frozen-``W_lm``) cross-entropy formed inside
 the chunk loop: no ``[B, L, V]`` tensor is materialised, for any head.
 
+With a draft vocabulary (token ids ``draft_vocab``, see :mod:`clover.model.checkpoint`) the heads' logits are over
+those tokens only and the base distribution is restricted to them and renormalised; the top-k metrics still compare
+with the base's argmax over the whole vocabulary, so they count the positions a smaller vocabulary cannot draft as
+misses.
+
 Metrics (detached 0-dim tensors) per head ``i``: ``loss_i``, ``vloss_i``, ``ploss_i``, ``top1_i``/``top2_i``/
 ``top3_i`` (fraction of masked positions whose base argmax is in the head's top-k) and ``count_i`` (the mask sum);
 for exact aggregation across batches/processes also ``vloss_sum_i``, ``ploss_sum_i``, ``top{k}_correct_i``
@@ -35,21 +40,22 @@ def target_from_prenorm(hidden_prenorm: torch.Tensor, final_norm_weight: torch.T
 
 def clover_loss(preds: torch.Tensor, target_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                 loss_mask: torch.Tensor, cfg: dict, mask_alignment: str = "predicted",
-                chunk_size: int = 1024) -> tuple[torch.Tensor, dict]:
+                chunk_size: int = 1024, draft_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clover-2 loss for ``preds [N, B, L, H]`` (``forward_train``), ``target_hidden [B, L, H]`` (post-norm
     ``h_{t+1}`` at index ``t``), ``loss_mask [B, L]`` (data mask of token ``x_t`` at index ``t``) and the ``clover``
     config block (``regression_weight``, ``distill_weight``, ``decay_coefficient``, ``heads_coefficient``)."""
     head_weights = [cfg["decay_coefficient"] ** i * cfg["heads_coefficient"] for i in range(preds.shape[0])]
     return _loss(preds, target_hidden, lm_head_weight, _target_mask(loss_mask, mask_alignment), head_weights,
-                 cfg["regression_weight"], cfg["distill_weight"], chunk_size)
+                 cfg["regression_weight"], cfg["distill_weight"], chunk_size, draft_vocab)
 
 
 def eagle_loss(pred: torch.Tensor, target: torch.Tensor, lm_head_weight: torch.Tensor, loss_mask: torch.Tensor,
-               cfg: dict, chunk_size: int = 1024, mask_alignment: str = "predicted") -> tuple[torch.Tensor, dict]:
+               cfg: dict, chunk_size: int = 1024, mask_alignment: str = "predicted",
+               draft_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """EAGLE-1 loss ``regression_weight * Lv + distill_weight * Lp`` for ``pred [B, L, H]`` (one head; metric keys
     as head 0 of :func:`clover_loss`; ``cfg`` is the ``eagle`` config block)."""
     return _loss(pred[None], target, lm_head_weight, _target_mask(loss_mask, mask_alignment), [1.0],
-                 cfg["regression_weight"], cfg["distill_weight"], chunk_size)
+                 cfg["regression_weight"], cfg["distill_weight"], chunk_size, draft_vocab)
 
 
 def _target_mask(loss_mask: torch.Tensor, alignment: str) -> torch.Tensor:
@@ -63,7 +69,8 @@ def _target_mask(loss_mask: torch.Tensor, alignment: str) -> torch.Tensor:
     raise ValueError(f"mask_alignment must be 'predicted' or 'eagle', got {alignment!r}")
 
 
-def _loss(preds, target, weight_lm, target_mask, head_weights, regression_weight, distill_weight, chunk_size):
+def _loss(preds, target, weight_lm, target_mask, head_weights, regression_weight, distill_weight, chunk_size,
+          draft_vocab):
     n = preds.shape[0]
     b_idx, s_idx = target_mask.nonzero(as_tuple=True)
     heads = torch.arange(n, device=preds.device)[:, None]
@@ -73,7 +80,8 @@ def _loss(preds, target, weight_lm, target_mask, head_weights, regression_weight
     reg = F.smooth_l1_loss(rows.float(), targets.float().expand_as(rows), reduction="none", beta=1.0).mean(-1)
     v_sum = (reg * weights).sum(-1)
     need_grad = torch.is_grad_enabled() and rows.requires_grad
-    p_sum, correct = _SoftCrossEntropy.apply(rows, targets, weight_lm.detach(), weights, chunk_size, need_grad)
+    p_sum, correct = _SoftCrossEntropy.apply(rows, targets, weight_lm.detach(), weights, chunk_size, need_grad,
+                                             draft_vocab)
     count = weights.sum(-1)
     denom = count.clamp(min=1.0)
     vloss, ploss = v_sum / denom, p_sum / denom
@@ -91,32 +99,38 @@ def _loss(preds, target, weight_lm, target_mask, head_weights, regression_weight
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
-    """Per head ``n``: ``sum_m w[n, m] * CE(softmax(W y_m), log_softmax(W p[n, m]))`` and weighted top-k hit counts
-    of the teacher argmax, over chunks of rows. ``W`` is frozen, so the gradient w.r.t. ``p``,
-    ``w * (softmax(W p) - softmax(W y)) @ W``, is formed chunk by chunk in the forward pass and only that ``[N, M, H]``
-    tensor is kept for backward."""
+    """Per head ``n``: ``sum_m w[n, m] * CE(softmax(W_d y_m), log_softmax(W_d p[n, m]))`` and weighted top-k hit
+    counts of the teacher's argmax over the whole vocabulary, over chunks of rows; ``W_d`` is ``W`` or its
+    draft-vocabulary rows. ``W`` is frozen, so the gradient w.r.t. ``p``, ``w * (softmax(W_d p) - softmax(W_d y))
+    @ W_d``, is formed chunk by chunk in the forward pass and only that ``[N, M, H]`` tensor is kept for backward."""
 
     @staticmethod
-    def forward(ctx, rows, targets, weight_lm, weights, chunk_size, need_grad):
+    def forward(ctx, rows, targets, weight_lm, weights, chunk_size, need_grad, draft_vocab):
         n, m, _ = rows.shape
+        weight_draft = weight_lm if draft_vocab is None else weight_lm.index_select(0, draft_vocab)
         ce = torch.zeros(n, device=rows.device)
         correct = torch.zeros(n, len(TOPK), device=rows.device)
         grad = torch.zeros_like(rows) if need_grad else None
-        k = min(max(TOPK), weight_lm.shape[0])
+        k = min(max(TOPK), weight_draft.shape[0])
         for start in range(0, m, chunk_size):
             chunk = slice(start, start + chunk_size)
             teacher = F.linear(targets[chunk].to(weight_lm.dtype), weight_lm).float()
-            q = teacher.softmax(-1)
             ref = teacher.argmax(-1, keepdim=True)
+            if draft_vocab is not None:
+                teacher = teacher[:, draft_vocab]
+            q = teacher.softmax(-1)
             for i in range(n):
                 w = weights[i, chunk]
-                logp = F.linear(rows[i, chunk].to(weight_lm.dtype), weight_lm).float().log_softmax(-1)
+                logp = F.linear(rows[i, chunk].to(weight_draft.dtype), weight_draft).float().log_softmax(-1)
                 ce[i] += (w * -(q * logp).sum(-1)).sum()
-                hits = (logp.topk(k, -1).indices == ref).float().cumsum(-1)  # [c, k]: ref within the top-1..k
+                top = logp.topk(k, -1).indices
+                if draft_vocab is not None:
+                    top = draft_vocab[top]
+                hits = (top == ref).float().cumsum(-1)  # [c, k]: ref within the top-1..k
                 correct[i, :k] += (w[:, None] * hits).sum(0)
                 if need_grad:
                     g = (logp.exp() - q) * w[:, None]
-                    grad[i, chunk] = (g.to(weight_lm.dtype) @ weight_lm).to(rows.dtype)
+                    grad[i, chunk] = (g.to(weight_draft.dtype) @ weight_draft).to(rows.dtype)
         ctx.mark_non_differentiable(correct)
         ctx.save_for_backward(grad)
         return ce, correct
@@ -124,4 +138,4 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ce, grad_correct):
         (grad,) = ctx.saved_tensors
-        return grad * grad_ce.to(grad.dtype)[:, None, None], None, None, None, None, None
+        return grad * grad_ce.to(grad.dtype)[:, None, None], None, None, None, None, None, None

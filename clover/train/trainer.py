@@ -33,7 +33,7 @@ from tqdm import tqdm
 from clover.errors import CloverError, run_cli
 from clover.ge_data.dataset import HiddenStateDataset, collate
 from clover.model.base import BaseModel
-from clover.model.checkpoint import check_base, init_draft, read_draft_config, save_draft
+from clover.model.checkpoint import check_base, init_draft, read_draft_config, save_draft, top_tokens
 from clover.model.clover2 import DEFAULTS as CLOVER_DEFAULTS
 from clover.model.layers import KVCache
 from clover.train.losses import TOPK, clover_loss, eagle_loss, target_from_prenorm
@@ -60,6 +60,10 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
     p.add_argument("--evaldata", default=None, help="monitoring data folder (allocation --eval) for chain accuracy")
     p.add_argument("--configpath", default=None,
                    help=f"JSON of draft config overrides (keys of the '{BLOCK[draft_type]}' block)")
+    p.add_argument("--draft_vocab_size", type=int, default=None,
+                   help="draft vocabulary: the K most frequent reply tokens of the training split (0 = the whole "
+                        "vocabulary, the default); several times cheaper heads for a base with a large vocabulary, "
+                        "generation stays lossless")
     p.add_argument("--bs", type=int, default=4, help="batch size per process")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (AdamW, betas 0.9/0.95)")
@@ -110,8 +114,19 @@ def check_args(args) -> None:
         raise CloverError(f"--max_steps must be at least 1, got {args.max_steps}")
 
 
-def read_overrides(path) -> dict:
-    """The ``--configpath`` JSON: a flat object of draft-block keys (unknown keys are rejected by ``init_draft``)."""
+def read_overrides(args) -> dict:
+    """Draft-block keys from the ``--configpath`` JSON (a flat object; unknown keys are rejected by ``init_draft``)
+    and ``--draft_vocab_size``."""
+    overrides = _read_config_file(args.configpath)
+    if args.draft_vocab_size is not None:
+        if overrides.get("draft_vocab_size", args.draft_vocab_size) != args.draft_vocab_size:
+            raise CloverError(f"--draft_vocab_size {args.draft_vocab_size} contradicts draft_vocab_size="
+                              f"{overrides['draft_vocab_size']} in --configpath {args.configpath}; give it once")
+        overrides["draft_vocab_size"] = args.draft_vocab_size
+    return overrides
+
+
+def _read_config_file(path) -> dict:
     if path is None:
         return {}
     try:
@@ -194,9 +209,10 @@ def batch_loss(model, draft, batch: dict, mask_alignment: str, noise: float = 0.
         loss_mask = loss_mask * ahead(batch["attention_mask"], 1)
     preds = model(hidden, next_ids)
     if draft.draft_type == "clover2":
-        return clover_loss(preds, target, draft.lm_head_weight, loss_mask, draft.config["clover"], mask_alignment)
+        return clover_loss(preds, target, draft.lm_head_weight, loss_mask, draft.config["clover"], mask_alignment,
+                           draft_vocab=draft.draft_vocab)
     return eagle_loss(preds, target, draft.lm_head_weight, loss_mask, draft.config["eagle"],
-                      mask_alignment=mask_alignment)
+                      mask_alignment=mask_alignment, draft_vocab=draft.draft_vocab)
 
 
 def num_heads(draft) -> int:
@@ -424,7 +440,7 @@ def make_accelerator(args, draft_type: str, overrides: dict, cpdir: Path):
 def train(args, draft_type: str) -> list[dict]:
     """Train a ``draft_type`` draft as ``args`` (see :func:`build_parser`) say; returns the per-epoch summaries."""
     check_args(args)
-    overrides = read_overrides(args.configpath)
+    overrides = read_overrides(args)
     cpdir = Path(args.cpdir)
     resume_from = resume_point(args, cpdir)
     accelerator = make_accelerator(args, draft_type, overrides, cpdir)
@@ -438,7 +454,13 @@ def train(args, draft_type: str) -> list[dict]:
     set_seed(args.seed)
     base = BaseModel.from_pretrained(args.basepath, dtype="bf16" if bf16 else "fp32", device=device, max_len=1)
     train_set, test_set, monitor = load_data(args, base)
-    draft = init_draft(draft_type, base, **overrides)
+    vocab_size, draft_vocab = overrides.get("draft_vocab_size", 0), None
+    if vocab_size:
+        counts = train_set.token_counts(base.args.vocab_size)
+        draft_vocab = top_tokens(counts, vocab_size)
+        accelerator.print(f"draft vocabulary: the {vocab_size} most frequent reply tokens cover "
+                          f"{counts[draft_vocab].sum() / counts.sum().clamp(min=1):.2%} of the training replies")
+    draft = init_draft(draft_type, base, draft_vocab=draft_vocab, **overrides)
     draft.gradient_checkpointing = args.gradient_checkpointing
     if resume_from is not None:
         check_resumable(resume_from, args, draft_type, draft, base)
