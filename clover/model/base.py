@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from clover.errors import CloverError
-from clover.model.layers import DecoderLayer, KVCache, LlamaArgs, RMSNorm, Rotary, attention_mask
+from clover.model.layers import DecoderLayer, KVCache, LlamaArgs, PrepackedLinear, RMSNorm, Rotary, attention_mask
 from clover.model.loading import check_architecture, read_config, resolve_model_path
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -59,6 +59,7 @@ class BaseModel(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(args)
+        self.logits_head = PrepackedLinear()  # the LM head product at inference (forward runs without autograd)
         self.cache: KVCache | None = None
         self.name_or_path = ""
 
@@ -141,9 +142,9 @@ class BaseModel(nn.Module):
             cache.length = past + t
         hidden = self.model.norm(x)
         if logits_to_keep is None:
-            logits = self.lm_head(hidden)
+            logits = self.logits_head(hidden, self.lm_head.weight)
         elif logits_to_keep > 0:
-            logits = self.lm_head(hidden[:, -logits_to_keep:])
+            logits = self.logits_head(hidden[:, -logits_to_keep:], self.lm_head.weight)
         else:
             logits = None
         return BaseOutput(logits=logits, hidden_prenorm=x, hidden=hidden)

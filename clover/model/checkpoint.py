@@ -33,7 +33,7 @@ from torch import nn
 
 from clover.errors import CloverError
 from clover.model.base import BaseModel, parse_dtype
-from clover.model.layers import KVCache, LlamaArgs, Rotary, attention_mask
+from clover.model.layers import KVCache, LlamaArgs, PrepackedLinear, Rotary, attention_mask
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -89,6 +89,7 @@ class DraftModel(nn.Module):
         else:
             self.draft_vocab = None
         self._draft_head = (None, None)  # (key, W_lm[draft_vocab]) cache, see draft_head_weight
+        self._logits_head = PrepackedLinear()
         with torch.device(device):  # real tensors even when the module itself is built on the meta device
             rotary = Rotary(self.args)
         frozen = {"lm_head": base.lm_head.weight.detach(), "final_norm": base.model.norm.weight.detach(),
@@ -156,7 +157,7 @@ class DraftModel(nn.Module):
         """``hidden [..., H] -> [..., V]`` through the frozen base LM head; with a draft vocabulary only its
         tokens get logits and every other token gets ``-inf`` (probability 0)."""
         w = self.draft_head_weight
-        logits = nn.functional.linear(hidden.to(w.dtype), w)
+        logits = self._logits_head(hidden.to(w.dtype), w)
         if self.draft_vocab is None:
             return logits
         full = logits.new_full(logits.shape[:-1] + (self.args.vocab_size,), -torch.inf)
