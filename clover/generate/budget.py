@@ -14,6 +14,7 @@ from clover.model.base import BaseModel
 from clover.model.loading import cache_dir
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+RUNTIME_VERSION = 2  # bump when the runtime's kernels change, so that cached curves are measured again
 
 
 def measure_cost_curve(base: BaseModel, sizes=SIZES, prefix: int = 256, repeats: int = 5) -> dict[int, float]:
@@ -46,7 +47,8 @@ def measure_cost_curve(base: BaseModel, sizes=SIZES, prefix: int = 256, repeats:
 def verification_cost(base: BaseModel, max_size: int = 64) -> torch.Tensor:
     """``cost[s]`` = seconds to verify ``s`` tokens, for s = 0..max_size (index 0 unused), linearly interpolated
     from the measured curve; the curve is cached under ``$CLOVER_CACHE/cost_curves``."""
-    key = f"{getattr(base, 'folder', base.name_or_path)}|{base.dtype}|{base.device}|{torch.get_num_threads()}"
+    key = (f"{getattr(base, 'folder', base.name_or_path)}|{base.dtype}|{base.device}|{torch.get_num_threads()}|"
+           f"v{RUNTIME_VERSION}")
     path = cache_dir() / "cost_curves" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     curve = None
     if path.is_file():

@@ -8,14 +8,15 @@ QUESTIONS=${QUESTIONS:-}            # empty = the shipped question set; or ../sh
 QARGS=${QUESTIONS:+--question-file $QUESTIONS}
 PER_GROUP=${PER_GROUP:-}            # e.g. 10: a stratified subset (10 questions per category group)
 QARGS="$QARGS ${PER_GROUP:+--per-group $PER_GROUP}"
-CONVS=${CONVS:-120}
+CONVS=${CONVS:-440}
+DRAFT_VOCAB=${DRAFT_VOCAB:-8192}    # both drafts propose from the 8,192 most frequent reply tokens (0 = all)
 
 python -m clover.ge_data.allocation --model_path "$BASE" --outdir "$WORK/data" --start 0 --end "$CONVS" \
-    --max_len 384 --shard_size 16
+    --max_len 512 --shard_size 32
 python -m clover.train.main_clover2 --basepath "$BASE" --tmpdir "$WORK/data" --cpdir "$WORK/ckpt/clover2" \
-    --bs 2 --lr 1e-3 --epochs 2 --warmup_steps 5 --schedule constant --max_len 384
+    --bs 4 --lr 1e-3 --epochs 1 --warmup_steps 10 --max_len 512 --draft_vocab_size "$DRAFT_VOCAB"
 python -m clover.train.main --basepath "$BASE" --tmpdir "$WORK/data" --cpdir "$WORK/ckpt/eagle" \
-    --bs 2 --lr 1e-3 --epochs 2 --warmup_steps 5 --schedule constant --max_len 384
+    --bs 4 --lr 1e-3 --epochs 1 --warmup_steps 10 --max_len 512 --draft_vocab_size "$DRAFT_VOCAB"
 for METHOD in baseline clover eagle; do
     DRAFT=()
     [ "$METHOD" = clover ] && DRAFT=(--draft-model-path "$WORK/ckpt/clover2/final")
