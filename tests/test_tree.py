@@ -18,6 +18,8 @@ V = 50
 class TinyRNN:
     """A small deterministic recurrent 'draft': state' = tanh(A state + E[token]), logits = W state."""
 
+    vocab = None  # logits over the whole vocabulary
+
     def __init__(self, seed=0):
         g = torch.Generator().manual_seed(seed)
         self.A = torch.randn(16, 16, generator=g) / 4

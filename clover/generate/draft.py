@@ -3,7 +3,8 @@
 ``start(hidden, next_ids)`` feeds the newly committed positions to the draft (pairs of a base hidden state at
 position ``p`` and the token at ``p + 1``, the last pair using the not-yet-committed root) and returns the logits for
 the root's children; ``expand(parent_rows, tokens, depth)`` returns the logits for the children of a batch of tree
-nodes (see :class:`clover.generate.tree.DraftExpander`).
+nodes (see :class:`clover.generate.tree.DraftExpander`). Logits are over the draft's vocabulary: column ``j`` is token
+``vocab[j]`` (``vocab`` is None when the draft proposes from the whole vocabulary).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class Clover2Runner:
 
     def __init__(self, draft):
         self.draft = draft
+        self.vocab = draft.draft_vocab
         self.states = None
 
     def reset(self) -> None:
@@ -25,11 +27,11 @@ class Clover2Runner:
     def start(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         trunk = self.draft.extend(hidden, next_ids)[0, -1:]
         self.states, out = self.draft.head(trunk, None, 0)
-        return self.draft.lm_logits(out)[0]
+        return self.draft.draft_logits(out)[0]
 
     def expand(self, parent_rows: torch.Tensor, tokens: torch.Tensor, depth: int) -> torch.Tensor:
         self.states, out = self.draft.head(self.states[parent_rows], tokens, depth)
-        return self.draft.lm_logits(out)
+        return self.draft.draft_logits(out)
 
 
 class EagleRunner:
@@ -40,6 +42,7 @@ class EagleRunner:
 
     def __init__(self, draft):
         self.draft = draft
+        self.vocab = draft.draft_vocab
         self.committed = 0
 
     def reset(self) -> None:
@@ -52,7 +55,7 @@ class EagleRunner:
         self.committed = self.draft.cache_length
         self.feats = feats
         self.ancestors = torch.zeros(1, 0, dtype=torch.bool, device=feats.device)  # over tree cache entries
-        return self.draft.lm_logits(feats)[0]
+        return self.draft.draft_logits(feats)[0]
 
     def expand(self, parent_rows: torch.Tensor, tokens: torch.Tensor, depth: int) -> torch.Tensor:
         r = tokens.numel()
@@ -61,7 +64,7 @@ class EagleRunner:
         mask = torch.cat([torch.ones(r, self.committed, dtype=torch.bool, device=device), self.ancestors], 1)
         positions = torch.full((r,), self.committed + depth - 1, dtype=torch.long, device=device)
         self.feats = self.draft.tree_step(self.feats[parent_rows], tokens, positions, mask)
-        return self.draft.lm_logits(self.feats)
+        return self.draft.draft_logits(self.feats)
 
 
 def runner_for(draft):

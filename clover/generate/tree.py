@@ -35,7 +35,10 @@ NAMED_TREES = {"mc_sim_7b_63": MC_SIM_7B_63, "chain5": tuple((0,) * d for d in r
 
 
 class DraftExpander(Protocol):
-    """What a tree builder needs from a draft: logits for the children of a batch of nodes."""
+    """What a tree builder needs from a draft: logits for the children of a batch of nodes, over the draft's
+    vocabulary (column ``j`` is token ``vocab[j]``; ``vocab`` None = the whole vocabulary)."""
+
+    vocab: torch.Tensor | None
 
     def expand(self, parent_rows: torch.Tensor, tokens: torch.Tensor, depth: int) -> torch.Tensor:
         """Logits ``[R, V]`` for the children of R nodes at ``depth`` whose tokens are ``tokens`` and whose parents
@@ -140,7 +143,7 @@ class TreeSpec:
         tokens[0] = root
         logits = root_logits.reshape(1, -1)
         for d, lvl in enumerate(self.levels, start=1):
-            top = logits.topk(lvl["k"], dim=-1).indices
+            top = as_tokens(logits.topk(lvl["k"], dim=-1).indices, draft.vocab)
             tokens[lvl["nodes"]] = top[lvl["parent_rows"], lvl["ranks"]]
             if d < self.depth and lvl["expanded"].numel():
                 logits = draft.expand(lvl["expanded_parent_rows"], tokens[lvl["expanded"]], d)
@@ -174,6 +177,11 @@ class TreeSpec:
                 "retrieve_indices": retrieve, "draft_tree_indices": draft_indices, "repeat_nums": repeat_nums}
 
 
+def as_tokens(columns: torch.Tensor, vocab: torch.Tensor | None) -> torch.Tensor:
+    """Token ids of draft-logit columns."""
+    return columns if vocab is None else vocab[columns]
+
+
 def build_dynamic_tree(root: torch.Tensor, root_logits: torch.Tensor, draft: DraftExpander, *, max_depth: int,
                        budget: int | None, width: int = 8, expand: int = 8, top_p: float = 0.95,
                        min_ratio: float = 0.25, cost_per_size: torch.Tensor | None = None) -> DraftTree:
@@ -196,6 +204,7 @@ def build_dynamic_tree(root: torch.Tensor, root_logits: torch.Tensor, draft: Dra
     n_seen = 1  # candidate ids: 0 = root, then in order of creation
     for d in range(1, max_depth + 1):
         probs, tok = logits.float().softmax(-1).topk(width, dim=-1)            # [R, W]
+        tok = as_tokens(tok, draft.vocab)
         keep = (probs.cumsum(-1) <= top_p) & (probs >= min_ratio * probs[:, :1])
         keep[:, 0] = True
         score = torch.where(keep & (frontier_score[:, None] > -torch.inf),

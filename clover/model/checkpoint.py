@@ -153,11 +153,16 @@ class DraftModel(nn.Module):
             raise CloverError(f"draft-vocabulary token ids must lie in [0, {self.args.vocab_size})")
         self.draft_vocab.copy_(ids)
 
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [..., H] -> [..., V_d]``: logits over the draft vocabulary (column ``j`` is token
+        ``draft_vocab[j]``), or over the whole vocabulary when there is none."""
+        w = self.draft_head_weight
+        return self._logits_head(hidden.to(w.dtype), w)
+
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [..., H] -> [..., V]`` through the frozen base LM head; with a draft vocabulary only its
         tokens get logits and every other token gets ``-inf`` (probability 0)."""
-        w = self.draft_head_weight
-        logits = self._logits_head(hidden.to(w.dtype), w)
+        logits = self.draft_logits(hidden)
         if self.draft_vocab is None:
             return logits
         full = logits.new_full(logits.shape[:-1] + (self.args.vocab_size,), -torch.inf)

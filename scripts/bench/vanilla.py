@@ -1,6 +1,6 @@
 """Benchmark: the project's plain greedy decoding vs transformers' generate on SmolLM2 (same prompts, same run,
 same dtype), and the verification cost curve (one forward of 1..64 tokens over a 300-token cache) next to a bare
-chain of the model's matmuls. Prints a table and writes figs/bench_vanilla.json.
+chain of the model's matmuls (with the runtime's prepacked CPU weights, and with torch's default kernels). Prints a table and writes figs/bench_vanilla.json.
 
     python scripts/bench/vanilla.py [--model smollm2-135m-instruct] [--prompts 5] [--new-tokens 64] [--runs 3]
 """
@@ -20,6 +20,7 @@ from clover.data.templates import get_template
 from clover.evaluation.answers import default_question_file, load_questions
 from clover.generate.plain import generate_plain
 from clover.model.base import BaseModel
+from clover.model.layers import PrepackedLinear
 from clover.model.loading import load_tokenizer, resolve_model_path
 
 SIZES = (1, 4, 8, 16, 26, 32, 64)
@@ -68,18 +69,21 @@ def cost_curve(base, runs, prefix=300):
     return curve
 
 
-def bare_matmuls(base, runs):
-    """The same matmuls as one forward (all layers + LM head), with nothing else, for 1..64 tokens."""
+def bare_matmuls(base, runs, prepacked: bool):
+    """The same matmuls as one forward (all layers + LM head), with nothing else, for 1..64 tokens: with the
+    runtime's prepacked weights (``prepacked``) or torch's default ``F.linear``."""
     weights = [p for n, p in base.named_parameters() if p.dim() == 2 and "embed" not in n]
     if base.args.tie_word_embeddings:
         weights.append(base.lm_head.weight)
+    kernels = [PrepackedLinear() if prepacked else F.linear for _ in weights]
     curve = {}
     for s in SIZES:
         xs = {w.shape[1]: torch.randn(1, s, w.shape[1], dtype=base.dtype) for w in weights}
 
+        @torch.inference_mode()
         def chain():
-            for w in weights:
-                F.linear(xs[w.shape[1]], w)
+            for w, kernel in zip(weights, kernels):
+                kernel(xs[w.shape[1]], w)
         chain()
         curve[s] = median_time(chain, runs) * 1000
     return curve
@@ -109,15 +113,17 @@ def main():
         base = BaseModel.from_pretrained(args.model, dtype=dtype_name, max_len=1024)
         hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=dtype).eval()
         ours, theirs = decode_speed(base, hf, prompts, args.new_tokens, args.runs, template.stop_token_ids[0])
-        curve, bare = cost_curve(base, args.runs * 2), bare_matmuls(base, args.runs * 2)
+        curve = cost_curve(base, args.runs * 2)
+        bare, default = bare_matmuls(base, args.runs * 2, True), bare_matmuls(base, args.runs * 2, False)
         results["dtypes"][dtype_name] = {"clover_tokens_per_s": ours, "transformers_tokens_per_s": theirs,
-                                         "speedup": ours / theirs, "forward_ms": curve, "bare_matmul_ms": bare}
+                                         "speedup": ours / theirs, "forward_ms": curve, "bare_matmul_ms": bare,
+                                         "bare_matmul_default_kernels_ms": default}
         print(f"\n{dtype_name}: clover plain greedy {ours:.1f} tok/s, transformers generate {theirs:.1f} tok/s "
               f"-> {ours / theirs:.2f}x (median over {len(prompts)} prompts x {args.runs} runs, "
               f"{args.new_tokens} new tokens)")
-        print("tokens  forward over 300-token cache (ms)  bare matmuls (ms)  ratio")
+        print("tokens  forward over 300-token cache (ms)  bare matmuls (ms)  ratio  bare, torch default kernels (ms)")
         for s in SIZES:
-            print(f"{s:6d}  {curve[s]:33.1f}  {bare[s]:17.1f}  {curve[s] / bare[s]:5.2f}")
+            print(f"{s:6d}  {curve[s]:33.1f}  {bare[s]:17.1f}  {curve[s] / bare[s]:5.2f}  {default[s]:32.1f}")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))  # after each dtype: a partial run keeps its numbers
     print(f"\nwrote {args.out}")
