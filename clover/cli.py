@@ -27,15 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--budget", default="auto", help="node budget of the dynamic tree: a number or 'auto' "
                                                         "(from this device's measured verification cost)")
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold, in (0, 1]")
+        p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+        p.add_argument("--max-new-tokens", type=int, default=256, help="cap on generated tokens per reply")
         p.add_argument("--template", default="auto", help="chat template: auto|tokenizer|vicuna|llama3|chatml")
         p.add_argument("--system", default=None, help="system prompt")
         p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
         p.add_argument("--max-len", type=int, default=4096, help="KV-cache capacity in tokens (context window)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="sampling seed")
         if name == "generate":
             p.add_argument("--prompt", required=True, help="the user message")
     return parser

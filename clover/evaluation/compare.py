@@ -112,23 +112,24 @@ def plot(results: dict, figs: Path) -> None:
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m clover.evaluation.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-model-path", default=DEFAULT_MODEL)
+    p.add_argument("--base-model-path", default=DEFAULT_MODEL, help="built-in name, .gguf or HF folder")
     p.add_argument("--clover-draft", default=None, help="Clover-2 checkpoint (omit to leave Clover-2 out)")
     p.add_argument("--eagle-draft", default=None, help="EAGLE-1 checkpoint (omit to leave EAGLE-1 out)")
-    p.add_argument("--question-file", default=None)
-    p.add_argument("--question-begin", type=int, default=None)
-    p.add_argument("--question-end", type=int, default=None)
+    p.add_argument("--question-file", default=None, help="Spec-Bench format JSONL (default: the shipped set)")
+    p.add_argument("--question-begin", type=int, default=None, help="first question (line index) to answer")
+    p.add_argument("--question-end", type=int, default=None, help="answer questions before this line index")
     p.add_argument("--per-group", type=int, default=None,
                    help="stratified subset: this many questions per category group, evenly spaced")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    p.add_argument("--max-new-token", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--tree", default="mc_sim_7b_63")
-    p.add_argument("--total-token", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--outdir", default="runs/compare")
-    p.add_argument("--figs", default="figs")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated subset of: " + ", ".join(DEFAULT_METHODS))
+    p.add_argument("--max-new-token", type=int, default=128, help="cap per turn, the same for every method")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--tree", default="mc_sim_7b_63", help="fixed tree name or 'dynamic'")
+    p.add_argument("--total-token", default="auto", help="node budget of the dynamic tree (number or 'auto')")
+    p.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    p.add_argument("--outdir", default="runs/compare", help="answer files, table.md and results.json")
+    p.add_argument("--figs", default="figs", help="folder for the plots")
     return p
 
 

@@ -44,11 +44,11 @@ def forward_seconds(base: BaseModel, sequences: list[torch.Tensor]) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="base model")
     parser.add_argument("--end", type=int, default=40, help="conversations to dump (default 40)")
-    parser.add_argument("--max_len", type=int, default=2048)
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    parser.add_argument("--out", default="figs/bench_ge_data.json")
+    parser.add_argument("--max_len", type=int, default=2048, help="tokens kept per conversation")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="stored dtype")
+    parser.add_argument("--out", default="figs/bench_ge_data.json", help="results JSON")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_ge_data_") as tmp:

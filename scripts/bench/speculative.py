@@ -36,17 +36,17 @@ def configs(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--clover-draft", default=None)
-    p.add_argument("--eagle-draft", default=None)
-    p.add_argument("--question-file", default=None)
-    p.add_argument("--question-end", type=int, default=None)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="base model (built-in name, .gguf or HF folder)")
+    p.add_argument("--clover-draft", default=None, help="Clover-2 checkpoint (omit to leave it out)")
+    p.add_argument("--eagle-draft", default=None, help="EAGLE-1 checkpoint (omit to leave it out)")
+    p.add_argument("--question-file", default=None, help="Spec-Bench format JSONL (default: the shipped set)")
+    p.add_argument("--question-end", type=int, default=None, help="use the questions before this line index")
     p.add_argument("--per-group", type=int, default=None, help="stratified subset: questions per category group")
-    p.add_argument("--max-new-token", type=int, default=96)
+    p.add_argument("--max-new-token", type=int, default=96, help="cap per turn, the same for every method")
     p.add_argument("--budget", type=int, default=10, help="node budget of the fixed-budget dynamic tree")
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--out", default="figs/bench_speculative.json")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes to run")
+    p.add_argument("--runs", type=int, default=3, help="passes over all methods; tokens/s is their median")
+    p.add_argument("--out", default="figs/bench_speculative.json", help="results JSON")
     args = p.parse_args()
     results = {"model": args.model, "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}", "max_new_token": args.max_new_token,

@@ -111,15 +111,15 @@ def dump_data(model: str, folder: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="base model")
     parser.add_argument("--data", default=None, help="hidden-state data folder of --model (default: dump 16 convs)")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per draft")
     parser.add_argument("--bf16_steps", type=int, default=2, help="timed Clover-2 training steps under bf16 autocast")
-    parser.add_argument("--bs", type=int, default=2)
+    parser.add_argument("--bs", type=int, default=2, help="batch size of the timed steps")
     parser.add_argument("--runs", type=int, default=30, help="repetitions of each inference timing (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 gives "
                                                                 "stable timings on a machine shared with other jobs")
-    parser.add_argument("--out", default="figs/bench_train.json")
+    parser.add_argument("--out", default="figs/bench_train.json", help="results JSON")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

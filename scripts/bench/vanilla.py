@@ -1,6 +1,7 @@
 """Benchmark: the project's plain greedy decoding vs transformers' generate on SmolLM2 (same prompts, same run,
 same dtype), and the verification cost curve (one forward of 1..64 tokens over a 300-token cache) next to a bare
-chain of the model's matmuls (with the runtime's prepacked CPU weights, and with torch's default kernels). Prints a table and writes figs/bench_vanilla.json.
+chain of the model's matmuls (with the runtime's prepacked CPU weights, and with torch's default kernels). Prints a
+table and writes figs/bench_vanilla.json.
 
     python scripts/bench/vanilla.py [--model smollm2-135m-instruct] [--prompts 5] [--new-tokens 64] [--runs 3]
 """
@@ -91,12 +92,12 @@ def bare_matmuls(base, runs, prepacked: bool):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--prompts", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--out", default="figs/bench_vanilla.json")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="base model")
+    parser.add_argument("--prompts", type=int, default=5, help="shipped questions to decode")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions (median)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes")
+    parser.add_argument("--out", default="figs/bench_vanilla.json", help="results JSON")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
