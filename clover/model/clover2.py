@@ -190,7 +190,7 @@ class Clover2Draft(DraftModel):
     def head(self, state: torch.Tensor, tokens: torch.Tensor | None, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One tree level for ``R`` rows: ``depth 0`` = head 0 on the trunk state (``tokens`` ignored, the state is
         returned unchanged); ``depth >= 1`` = one RNN step with the tokens ``[R]`` chosen at the previous depth.
-        Returns ``(new_state [R, H], hidden [R, H])``; logits = :meth:`lm_logits` of ``hidden``."""
+        Returns ``(new_state [R, H], hidden [R, H])``; logits = :meth:`draft_logits` of ``hidden``."""
         if depth == 0:
             return state, self.head0(state)
         if tokens is None:

@@ -83,9 +83,9 @@ def draft_step_ms(base, runs: int) -> dict:
         return out
 
     return {"clover2_head": median_ms(lambda: clover.head(state, tokens, 1), runs),
-            "clover2_head_with_logits": median_ms(lambda: clover.lm_logits(clover.head(state, tokens, 1)[1]), runs),
+            "clover2_head_with_logits": median_ms(lambda: clover.draft_logits(clover.head(state, tokens, 1)[1]), runs),
             "eagle_tree_step": median_ms(eagle_step, runs),
-            "eagle_tree_step_with_logits": median_ms(lambda: eagle.lm_logits(eagle_step()), runs)}
+            "eagle_tree_step_with_logits": median_ms(lambda: eagle.draft_logits(eagle_step()), runs)}
 
 
 def matmul_ms(h: int, runs: int) -> dict:
