@@ -36,8 +36,10 @@ def test_plain_answers_count_exactly_and_resume(tmp_path, questions):
     first = answers[0]["choices"][0]
     assert len(first["turns"]) == 2  # the multi-turn question kept its conversation
     for choice in (a["choices"][0] for a in answers):
-        for new, steps, accepts in zip(choice["new_tokens"], choice["idxs"], choice["accept_lengths"]):
+        for new, steps, accepts in zip(choice["new_tokens"], choice["idxs"], choice["accept_lengths_per_turn"]):
             assert 1 <= new <= 6 and steps == new and accepts == [1] * new  # plain decoding: τ = 1 exactly
+        assert choice["decoding_steps"] == choice["idxs"]
+        assert choice["accept_lengths"] == [1] * sum(choice["new_tokens"])  # flat over the turns (Spec-Bench)
     before = path.read_text()
     generate_answers("baseline", SMOLLM2, path, questions, max_new_token=6, warmup=0, progress=False)
     assert path.read_text() == before  # every question was done: nothing regenerated
@@ -58,6 +60,16 @@ def test_comparison_runs_end_to_end(tmp_path, questions, drafts):
     assert "Clover-2" in table and "transformers prompt lookup" in table
     assert (tmp_path / "figs" / "tau_per_group.png").stat().st_size > 0
     assert (tmp_path / "figs" / "speedup_per_group.png").stat().st_size > 0
+    # every method's file holds Spec-Bench's fields, consistent with ours
+    for method in results["methods"]:
+        lines = (tmp_path / "cmp" / "answers" / f"{method}.jsonl").read_text().splitlines()
+        for choice in (c for line in lines for c in json.loads(line)["choices"]):
+            assert sum(choice["accept_lengths"]) == sum(choice["new_tokens"])
+            assert len(choice["accept_lengths"]) == sum(choice["decoding_steps"])
+            assert choice["decoding_steps"] == choice["idxs"]
+            assert choice["accept_lengths"] == [a for turn in choice["accept_lengths_per_turn"] for a in turn]
+            if method != "hf_pld":  # the prefill commits exactly the first token of every turn
+                assert all(turn[0] == 1 for turn in choice["accept_lengths_per_turn"])
     # greedy speculative answers are the plain answers
     plain = load_answers(tmp_path / "cmp" / "answers" / "baseline.jsonl")
     for method in ("clover", "eagle", "hf"):

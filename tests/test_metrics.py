@@ -8,12 +8,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clover.errors import CloverError
 from clover.evaluation.answers import (GROUPS, MT_BENCH_CATEGORIES, answer_record, append_answer, category_group,
-                                       default_question_file, done_question_ids, error_record, load_answers,
-                                       load_questions, sort_answer_file)
+                                       current_format, default_question_file, done_question_ids, error_record,
+                                       load_answers, load_questions, sort_answer_file, turn_accept_lengths)
 from clover.evaluation.speed_spe import speed_report
 from clover.evaluation.tau_spe import tau_report
 
@@ -47,6 +48,56 @@ BASELINE = [
     ok(4, "qa", [[1] * 5], [1.0], method="baseline"),
     ok(6, "math_reasoning", [[1] * 3], [1.0], method="baseline"),
 ]
+
+
+# The same five answers as CLOVER, as the writer before flat accept_lengths stored them (nested per turn, no
+# decoding_steps): what an existing answer file holds.
+LEGACY_CLOVER = [
+    {"question_id": 1, "category": "writing", "model_id": "tiny-clover", "base_model": "tiny", "method": "clover",
+     "tstamp": 1.0, "choices": [{"index": 0, "turns": ["answer 0", "answer 1"], "new_tokens": [8, 4], "idxs": [3, 1],
+                                 "wall_time": [1.0, 0.5], "accept_lengths": [[3, 3, 2], [4]]}]},
+    {"question_id": 2, "category": "translation", "model_id": "tiny-clover", "base_model": "tiny", "method": "clover",
+     "tstamp": 1.0, "choices": [{"index": 0, "turns": ["answer 0"], "new_tokens": [8], "idxs": [4],
+                                 "wall_time": [2.0], "accept_lengths": [[2, 2, 2, 2]]}]},
+    {"question_id": 3, "category": "translation", "model_id": "tiny-clover", "base_model": "tiny", "method": "clover",
+     "tstamp": 1.0, "choices": [{"index": 0, "turns": ["answer 0"], "new_tokens": [8], "idxs": [2],
+                                 "wall_time": [0.5], "accept_lengths": [[4, 4]]}]},
+    {"question_id": 4, "category": "qa", "model_id": "tiny-clover", "base_model": "tiny", "method": "clover",
+     "tstamp": 1.0, "error": "out of memory"},
+    {"question_id": 5, "category": "rag", "model_id": "tiny-clover", "base_model": "tiny", "method": "clover",
+     "tstamp": 1.0, "choices": [{"index": 0, "turns": ["answer 0"], "new_tokens": [6], "idxs": [2],
+                                 "wall_time": [1.0], "accept_lengths": [[3, 3]]}]},
+]
+
+# Multi-turn answers with turns of different lengths (the case where nested accept_lengths are ragged), every
+# question successful: a file Spec-Bench's evaluation/speed.py can read as it is.
+MULTI_TURN = [
+    ok(11, "writing", [[1, 3, 3, 2], [1, 4, 4, 1, 2]], [1.0, 0.75]),
+    ok(12, "coding", [[1, 2], [1, 1, 1, 4, 4, 4]], [0.25, 2.0]),
+    ok(13, "roleplay", [[1, 4, 4, 4, 4, 3], [1]], [1.5, 0.125]),
+    ok(21, "translation", [[1, 2, 2, 2]], [0.5]),
+    ok(31, "summarization", [[1, 1, 3]], [0.4]),
+    ok(35, "qa", [[1, 3, 1, 3, 2]], [0.8]),
+    ok(41, "math_reasoning", [[1, 4, 4, 4, 4, 4, 4]], [1.25]),
+    ok(51, "rag", [[1, 2, 1, 2]], [0.6]),
+]
+
+
+def spec_bench_numbers(path: Path, group: str | None = None) -> tuple[float, float]:
+    """(mean accepted tokens, tokens per second) of an answer file computed the way Spec-Bench's evaluation/speed.py
+    computes them: read every line as JSON, keep the lines of ``group`` (all with None), take only each line's first
+    choice, pool its ``accept_lengths`` lists into one list and average it with numpy, and average the per-line rates
+    sum(new_tokens) / sum(wall_time)."""
+    pooled, rates = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if group is not None and category_group(record["category"]) != group:
+                continue
+            first = record["choices"][0]
+            pooled += first["accept_lengths"]
+            rates.append(sum(first["new_tokens"]) / sum(first["wall_time"]))
+    return float(np.mean(pooled)), float(np.mean(np.array(rates)))
 
 
 def write_answers(path: Path, records) -> Path:
@@ -130,6 +181,100 @@ def test_answer_record_derives_counts():
         ok(1, "qa", [[1]], [0.0])
     with pytest.raises(CloverError, match="accept_lengths"):
         ok(1, "qa", [[2, 0]], [1.0])
+
+
+def test_answer_record_stores_accept_lengths_flat_and_per_turn():
+    choice = CLOVER[0]["choices"][0]
+    assert choice["accept_lengths"] == [3, 3, 2, 4]  # flat over the turns, in order (Spec-Bench)
+    assert choice["accept_lengths_per_turn"] == [[3, 3, 2], [4]]
+    assert choice["decoding_steps"] == choice["idxs"] == [3, 1]
+    assert turn_accept_lengths(choice) == [[3, 3, 2], [4]]
+
+
+def test_invariants_of_every_written_choice(tmp_path):
+    path = write_answers(tmp_path / "a.jsonl", CLOVER + MULTI_TURN + BASELINE[:4])
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    choices = [c for record in lines if "choices" in record for c in record["choices"]]
+    assert len(choices) == 16
+    for c in choices:
+        assert sum(c["accept_lengths"]) == sum(c["new_tokens"])
+        assert len(c["accept_lengths"]) == sum(c["decoding_steps"])
+        assert c["decoding_steps"] == c["idxs"] == [len(turn) for turn in c["accept_lengths_per_turn"]]
+        assert c["new_tokens"] == [sum(turn) for turn in c["accept_lengths_per_turn"]]
+        assert c["accept_lengths"] == [a for turn in c["accept_lengths_per_turn"] for a in turn]
+        assert all(len(c[key]) == len(c["turns"]) for key in ("new_tokens", "idxs", "decoding_steps", "wall_time"))
+        assert all(isinstance(a, int) for a in c["accept_lengths"])
+
+
+def test_spec_bench_reader_agrees_with_tau_and_speed(tmp_path):
+    path = write_answers(tmp_path / "clover.jsonl", MULTI_TURN)
+    answers = load_answers(path)
+    tau, speed = tau_report(answers), speed_report(answers)
+    mean_accepted, tokens_per_s = spec_bench_numbers(path)
+    assert mean_accepted == pytest.approx(tau["overall"]["tau"], rel=1e-12)
+    assert mean_accepted == pytest.approx(tau["overall"]["mean_accept_length"], rel=1e-12)
+    assert tokens_per_s == pytest.approx(speed["overall"]["tokens_per_s_mean"], rel=1e-12)
+    assert mean_accepted == pytest.approx(113 / 47)  # hand count: 113 tokens in 47 steps
+    for group in GROUPS:
+        mean_accepted, tokens_per_s = spec_bench_numbers(path, group)
+        assert mean_accepted == pytest.approx(tau["groups"][group]["tau"], rel=1e-12)
+        assert tokens_per_s == pytest.approx(speed["groups"][group]["tokens_per_s_mean"], rel=1e-12)
+
+
+def test_legacy_answer_file_gives_the_same_numbers(tmp_path):
+    path = write_lines(tmp_path / "old.jsonl", LEGACY_CLOVER)
+    answers = load_answers(path)
+    assert answers == [CLOVER[0], CLOVER[1], CLOVER[2], CLOVER[3], CLOVER[4]]  # converted to the current format
+    assert done_question_ids(path) == {1, 2, 3, 5}
+    # the numbers of the hand-computed tests above, from the old file and from the old records themselves
+    for records in (answers, LEGACY_CLOVER):
+        tau, speed = tau_report(records), speed_report(records)
+        assert tau["overall"]["tau"] == pytest.approx(34 / 12) and tau["overall"]["steps"] == 12
+        assert tau["overall"]["mean_accept_length"] == tau["overall"]["tau"]
+        assert tau["groups"]["translation"]["tau"] == pytest.approx(16 / 6)
+        assert speed["overall"]["tokens_per_s_total"] == pytest.approx(6.8)
+        assert speed["overall"]["tokens_per_s_mean"] == pytest.approx(8.5)
+        assert tau["excluded"] == speed["excluded"] == {"failed": 1}
+    assert speed_report(answers, BASELINE) == speed_report(CLOVER, BASELINE)
+    assert current_format(LEGACY_CLOVER[0]) == CLOVER[0] and current_format(CLOVER[0]) is CLOVER[0]
+
+
+def test_resuming_a_legacy_file_rewrites_it_in_the_current_format(tmp_path):
+    path = write_lines(tmp_path / "old.jsonl", LEGACY_CLOVER)
+    retry = ok(4, "qa", [[1, 2, 3], [1]], [0.5, 0.25])
+    append_answer(path, retry)  # what a resumed run appends: the failed question, answered now
+    assert done_question_ids(path) == {1, 2, 3, 4, 5}  # the mixed file reads
+    sort_answer_file(path)  # what every run ends with
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert lines == [CLOVER[0], CLOVER[1], CLOVER[2], retry, CLOVER[4]]
+    mean_accepted, tokens_per_s = spec_bench_numbers(path)
+    assert mean_accepted == pytest.approx(tau_report(load_answers(path))["overall"]["tau"])
+    assert tokens_per_s == pytest.approx(speed_report(load_answers(path))["overall"]["tokens_per_s_mean"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"accept_lengths": [3, 3, 2, 4]}, '"accept_lengths" is a flat list but "accept_lengths_per_turn" is missing'),
+    ({"decoding_steps": [3, 1]}, '"decoding_steps" needs "accept_lengths_per_turn"'),
+    ({"accept_lengths": [[3, 3], [4]]}, "turn 0: counts disagree"),
+])
+def test_load_answers_rejects_bad_legacy_choices(tmp_path, change, message):
+    bad = json.loads(json.dumps(LEGACY_CLOVER[0]))
+    bad["choices"][0].update(change)
+    with pytest.raises(CloverError, match=f"a.jsonl:1: .*{message}"):
+        load_answers(write_lines(tmp_path / "a.jsonl", [bad]))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"decoding_steps": [4]}, '"decoding_steps" must equal "idxs"'),
+    ({"accept_lengths": [3, 3, 4, 2]}, '"accept_lengths" must be the concatenation'),
+    ({"accept_lengths": [[3, 3, 2], [4]]}, '"accept_lengths" must be the concatenation'),
+    ({"accept_lengths_per_turn": [[3, 3, 2, 4]]}, "one list of accept lengths per turn"),
+])
+def test_load_answers_rejects_inconsistent_current_choices(tmp_path, change, message):
+    bad = json.loads(json.dumps(CLOVER[0]))
+    bad["choices"][0].update(change)
+    with pytest.raises(CloverError, match=f"a.jsonl:1: .*{message}"):
+        load_answers(write_lines(tmp_path / "a.jsonl", [bad]))
 
 
 def test_answer_file_round_trip_sorted_last_wins(tmp_path):
@@ -289,3 +434,17 @@ def test_cli_speed_and_tau(tmp_path):
     empty.touch()
     failure = run_module("clover.evaluation.tau_spe", "--path", empty)
     assert failure.returncode == 2 and failure.stderr.startswith("error: no answers in")
+
+
+def test_cli_upgrade_and_legacy_files(tmp_path):
+    old = write_lines(tmp_path / "old.jsonl", LEGACY_CLOVER)
+    tau = run_module("clover.evaluation.tau_spe", "--path", old)
+    assert tau.returncode == 0, tau.stderr
+    assert "2.83" in tau.stdout and "1.83" in tau.stdout  # the numbers of the current-format file
+
+    upgrade = run_module("clover.evaluation.answers", "--upgrade", old)
+    assert upgrade.returncode == 0, upgrade.stderr
+    lines = [json.loads(line) for line in old.read_text(encoding="utf-8").splitlines()]
+    assert lines == CLOVER
+    missing = run_module("clover.evaluation.answers", "--upgrade", tmp_path / "nothing.jsonl")
+    assert missing.returncode == 2 and "file not found" in missing.stderr

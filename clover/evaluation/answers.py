@@ -6,16 +6,29 @@ Its category maps to one of six groups (:data:`GROUPS`); MT-bench's eight catego
 An answer is one JSON line per question::
 
     {"question_id", "category", "model_id", "base_model", "method", "tstamp",
-     "choices": [{"index": 0, "turns": [str], "new_tokens": [int], "idxs": [int], "wall_time": [float],
-                  "accept_lengths": [[int, ...], ...]}]}
+     "choices": [{"index": 0, "turns": [str], "new_tokens": [int], "idxs": [int], "decoding_steps": [int],
+                  "wall_time": [float], "accept_lengths": [int, ...], "accept_lengths_per_turn": [[int, ...], ...]}]}
 
-with one entry per turn in every list of the choice: ``new_tokens`` tokens generated, ``idxs`` decoding steps
-(verification forwards), ``wall_time`` seconds, ``accept_lengths`` tokens committed per step including the bonus
-token, so ``sum(accept_lengths[t]) == new_tokens[t]`` and ``len(accept_lengths[t]) == idxs[t]``. A question whose
-generation failed has ``"error": "message"`` instead of ``choices`` and carries no numbers.
+``turns``, ``new_tokens``, ``idxs``, ``decoding_steps`` and ``wall_time`` have one entry per turn: the answer text,
+tokens generated, decoding steps, seconds. A decoding step is a forward pass that commits tokens: the prefill (which
+yields the first token) and every verification step after it; ``idxs`` is the name the original Clover scripts read,
+``decoding_steps`` the one Spec-Bench writes, and both hold the same counts. ``accept_lengths_per_turn[t]`` lists the
+tokens committed by each step of turn ``t``, bonus token included, so ``sum(accept_lengths_per_turn[t]) ==
+new_tokens[t]`` and ``len(accept_lengths_per_turn[t]) == idxs[t]``. ``accept_lengths`` is the same numbers as one flat
+list over the turns in order, Spec-Bench's convention (its ``evaluation/speed.py`` averages the concatenation over
+questions), so per choice ``sum(accept_lengths) == sum(new_tokens)`` and ``len(accept_lengths) ==
+sum(decoding_steps)``. A question whose generation failed has ``"error": "message"`` instead of ``choices`` and
+carries no numbers.
+
+Files written before the flat list was introduced hold ``accept_lengths`` nested per turn and no ``decoding_steps``
+or ``accept_lengths_per_turn``. They are still read (:func:`turn_accept_lengths` gives the per-turn split of either
+format), loaded records are converted to the current format, and rewriting a file (:func:`sort_answer_file`, which
+every generation run ends with, or ``python -m clover.evaluation.answers --upgrade FILE``) writes it in the current
+format.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import operator
@@ -25,13 +38,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from clover.errors import CloverError
+from clover.errors import CloverError, run_cli
 
 GROUPS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 _KNOWN_CATEGORIES = MT_BENCH_CATEGORIES + GROUPS[1:]
 _RECORD_STRINGS = ("category", "model_id", "base_model", "method")
-_CHOICE_LISTS = ("turns", "new_tokens", "idxs", "wall_time", "accept_lengths")
+_TURN_LISTS = ("turns", "new_tokens", "idxs", "wall_time")  # one entry per turn in both formats
+PER_TURN_KEY = "accept_lengths_per_turn"
 
 
 def category_group(category: str) -> str:
@@ -119,22 +133,35 @@ def load_questions(path: str | os.PathLike, begin: int | None = None, end: int |
     return [q for i, q in enumerate(questions) if i in keep]
 
 
+def _is_accept_list(value: object) -> bool:
+    return isinstance(value, list) and all(_is_int(a) and a >= 1 for a in value)
+
+
 def _check_choice(choice: object, index: int = 0) -> None:
-    """Raise ValueError describing what is wrong with choice number ``index`` of a successful answer."""
+    """Raise ValueError describing what is wrong with choice number ``index`` of a successful answer (either the
+    current format or the one with nested per-turn ``accept_lengths`` written before it)."""
     if not isinstance(choice, dict) or choice.get("index") != index:
         raise ValueError(f'choice {index} must be an object with "index": {index}')
-    for key in _CHOICE_LISTS:
+    for key in _TURN_LISTS:
         if not isinstance(choice.get(key), list):
             raise ValueError(f'choice field "{key}" must be a list with one entry per turn')
     n_turns = len(choice["turns"])
     if n_turns == 0:
         raise ValueError('choice "turns" is empty')
-    for key in _CHOICE_LISTS[1:]:
+    for key in _TURN_LISTS[1:]:
         if len(choice[key]) != n_turns:
             raise ValueError(f'choice "{key}" has {len(choice[key])} entries for {n_turns} turns')
+    current = PER_TURN_KEY in choice
+    per_turn = choice[PER_TURN_KEY] if current else choice.get("accept_lengths")
+    name = PER_TURN_KEY if current else "accept_lengths"
+    if not current and _is_accept_list(per_turn) and per_turn:
+        raise ValueError(f'"accept_lengths" is a flat list but "{PER_TURN_KEY}" is missing, so the steps cannot be '
+                         "split into turns; regenerate this answer")
+    if not isinstance(per_turn, list) or len(per_turn) != n_turns:
+        raise ValueError(f'choice "{name}" must be a list with one list of accept lengths per turn ({n_turns})')
     for t in range(n_turns):
         new_tokens, steps, seconds = choice["new_tokens"][t], choice["idxs"][t], choice["wall_time"][t]
-        accepts = choice["accept_lengths"][t]
+        accepts = per_turn[t]
         if not isinstance(choice["turns"][t], str):
             raise ValueError(f"turn {t}: the answer text must be a string")
         if not (_is_int(new_tokens) and new_tokens >= 0 and _is_int(steps) and steps >= 0):
@@ -142,11 +169,30 @@ def _check_choice(choice: object, index: int = 0) -> None:
         if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
                 and seconds > 0):
             raise ValueError(f"turn {t}: wall_time must be a positive number of seconds, got {seconds!r}")
-        if not isinstance(accepts, list) or not all(_is_int(a) and a >= 1 for a in accepts):
+        if not _is_accept_list(accepts):
             raise ValueError(f"turn {t}: accept_lengths must be a list of integers >= 1 (the bonus token included)")
         if len(accepts) != steps or sum(accepts) != new_tokens:
             raise ValueError(f"turn {t}: counts disagree: {len(accepts)} accept lengths summing to {sum(accepts)} "
                              f"but idxs={steps} and new_tokens={new_tokens}")
+    if not current:
+        if "decoding_steps" in choice:
+            raise ValueError(f'a choice with "decoding_steps" needs "{PER_TURN_KEY}" too')
+        return
+    if choice.get("decoding_steps") != choice["idxs"]:
+        raise ValueError(f'"decoding_steps" must equal "idxs" (the steps of every turn), got '
+                         f'{choice.get("decoding_steps")!r} and {choice["idxs"]!r}')
+    if choice.get("accept_lengths") != [a for turn in per_turn for a in turn]:
+        raise ValueError(f'"accept_lengths" must be the concatenation of "{PER_TURN_KEY}" over the turns in order')
+
+
+def turn_accept_lengths(choice: dict) -> list[list[int]]:
+    """The accept lengths of a choice split per turn, for the current format and for files written before it."""
+    return choice[PER_TURN_KEY] if PER_TURN_KEY in choice else choice["accept_lengths"]
+
+
+def flat_accept_lengths(choice: dict) -> list[int]:
+    """The accept lengths of a choice as one list over its turns in order (Spec-Bench's ``accept_lengths``)."""
+    return [a for turn in turn_accept_lengths(choice) for a in turn]
 
 
 def check_answer(record: object) -> None:
@@ -198,14 +244,28 @@ def _validated(record: dict) -> dict:
 
 def make_choice(index: int, turns: Sequence[str], accept_lengths: Sequence[Sequence[int]],
                 wall_time: Sequence[float]) -> dict:
-    """One choice of an answer; per turn ``new_tokens`` and ``idxs`` are derived from ``accept_lengths``.
+    """One choice of an answer in the current format; per turn ``new_tokens``, ``idxs`` and ``decoding_steps`` are
+    derived from ``accept_lengths``, which is stored both flat and per turn.
 
-    ``accept_lengths[t]`` lists the tokens committed by each decoding step of turn ``t``, bonus token included
-    (plain decoding: one 1 per generated token).
+    ``accept_lengths[t]`` lists the tokens committed by each decoding step of turn ``t`` (the prefill's first token
+    is a step of length 1), bonus token included (plain decoding: one 1 per generated token).
     """
     accepts = [[operator.index(a) for a in turn] for turn in accept_lengths]
-    return {"index": index, "turns": list(turns), "new_tokens": [sum(a) for a in accepts],
-            "idxs": [len(a) for a in accepts], "wall_time": [float(s) for s in wall_time], "accept_lengths": accepts}
+    steps = [len(a) for a in accepts]
+    return {"index": index, "turns": list(turns), "new_tokens": [sum(a) for a in accepts], "idxs": steps,
+            "decoding_steps": list(steps), "wall_time": [float(s) for s in wall_time],
+            "accept_lengths": [a for turn in accepts for a in turn], PER_TURN_KEY: accepts}
+
+
+def current_format(record: dict) -> dict:
+    """A valid answer record in the current format (unchanged if it already is); other fields are kept."""
+    if not is_success(record) or all(PER_TURN_KEY in c for c in record["choices"]):
+        return record
+    choices = []
+    for choice in record["choices"]:
+        made = make_choice(choice["index"], choice["turns"], turn_accept_lengths(choice), choice["wall_time"])
+        choices.append({**made, **{k: v for k, v in choice.items() if k not in made}})
+    return {**record, "choices": choices}
 
 
 def answer_record(question_id: int, category: str, *, model_id: str, base_model: str, method: str,
@@ -238,19 +298,21 @@ def append_answer(path: str | os.PathLike, record: dict) -> None:
 
 
 def _latest_answers(path: str | os.PathLike) -> list[dict]:
-    """Validated answers of a file sorted by question_id, the last line winning for a repeated id; may be empty."""
+    """Validated answers of a file in the current format, sorted by question_id, the last line winning for a
+    repeated id; may be empty."""
     latest: dict[int, dict] = {}
     for number, record in _read_json_lines(path):
         try:
             check_answer(record)
         except ValueError as err:
             raise CloverError(f"{path}:{number}: {err}") from None
-        latest[record["question_id"]] = record
+        latest[record["question_id"]] = current_format(record)
     return [latest[qid] for qid in sorted(latest)]
 
 
 def load_answers(path: str | os.PathLike) -> list[dict]:
-    """Validated answers of a file, sorted by question_id; for a repeated question_id the last line wins."""
+    """Validated answers of a file in the current format (older files are converted), sorted by question_id; for a
+    repeated question_id the last line wins."""
     answers = _latest_answers(path)
     if not answers:
         raise CloverError(f"no answers in {path}; generate answers first")
@@ -265,7 +327,8 @@ def done_question_ids(path: str | os.PathLike) -> set[int]:
 
 
 def sort_answer_file(path: str | os.PathLike) -> None:
-    """Rewrite an answer file sorted by question_id without repeated ids, atomically (temp file + os.replace)."""
+    """Rewrite an answer file sorted by question_id without repeated ids, in the current format, atomically (temp
+    file + os.replace)."""
     path = Path(path)
     answers = load_answers(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -288,3 +351,19 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in cells]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m clover.evaluation.answers",
+        description="Rewrite answer files in the current record format (flat accept_lengths, decoding_steps), "
+                    "sorted by question_id without repeated ids, so Spec-Bench's evaluation scripts read them.")
+    parser.add_argument("--upgrade", nargs="+", required=True, metavar="FILE", help="answer files to rewrite in place")
+    args = parser.parse_args(argv)
+    for path in args.upgrade:
+        sort_answer_file(path)
+        print(f"rewrote {path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -3,7 +3,10 @@
 Two throughputs are reported, per group and overall: ``tok/s total`` = total new tokens / total wall time, and
 ``tok/s mean`` = the mean of the per-question rates (a question's new tokens / its wall time, all turns together).
 With ``--base_path`` the speedup is the ratio of the total throughputs (and, also shown, the ratio of the means),
-over the questions answered successfully in both files. Failed answers are excluded and counted.
+over the questions answered successfully in both files. Failed answers are excluded and counted. With one choice
+per question, ``tok/s mean`` is the "Tokens per second" that Spec-Bench's ``evaluation/speed.py`` prints for the same
+file. Only ``new_tokens`` and ``wall_time`` are read, which both answer formats (see
+:mod:`clover.evaluation.answers`) hold per turn.
 
     python -m clover.evaluation.speed_spe --path answers/clover.jsonl --base_path answers/baseline.jsonl
 """

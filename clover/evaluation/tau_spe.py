@@ -2,8 +2,9 @@
 
 τ = Σ new_tokens / Σ idxs: tokens committed per decoding step (verification forward), the bonus token included,
 so plain decoding gives exactly τ = 1.00; τ−1 is the same without the bonus token (draft tokens accepted per step).
-The mean of the per-step ``accept_lengths`` is computed separately and must agree with the counts. Failed answers
-are excluded and counted.
+The mean of the per-step ``accept_lengths`` (pooled over all steps, as Spec-Bench's ``evaluation/speed.py`` does)
+is computed separately and must agree with the counts. Answer files of the current format and those written before
+it (nested per-turn ``accept_lengths``) are both read. Failed answers are excluded and counted.
 
     python -m clover.evaluation.tau_spe --path answers/clover.jsonl
 """
@@ -14,15 +15,16 @@ import json
 from typing import Sequence
 
 from clover.errors import CloverError, run_cli
-from clover.evaluation.answers import GROUPS, category_group, format_table, is_success, load_answers
+from clover.evaluation.answers import (GROUPS, category_group, flat_accept_lengths, format_table, is_success,
+                                       load_answers, turn_accept_lengths)
 
 
 def _step_counts(record: dict) -> tuple[int, int]:
     """(new tokens, steps) of an answer, checked against its per-step accept lengths."""
     choices = record["choices"]
     tokens, steps = sum(sum(c["new_tokens"]) for c in choices), sum(sum(c["idxs"]) for c in choices)
-    accepted = sum(sum(turn) for c in choices for turn in c["accept_lengths"])
-    n_accepts = sum(len(turn) for c in choices for turn in c["accept_lengths"])
+    accepted = sum(sum(turn) for c in choices for turn in turn_accept_lengths(c))
+    n_accepts = sum(len(turn) for c in choices for turn in turn_accept_lengths(c))
     if (accepted, n_accepts) != (tokens, steps):
         raise CloverError(f"question {record['question_id']}: counts disagree: accept_lengths hold {n_accepts} steps "
                           f"committing {accepted} tokens, but idxs sum to {steps} and new_tokens to {tokens}; "
@@ -37,7 +39,7 @@ def _tau(name: str, records: Sequence[dict]) -> dict:
     steps = sum(s for _, s in counts)
     if steps == 0:
         raise CloverError(f"{name}: no decoding steps, so τ is undefined")
-    accepts = [a for record in records for c in record["choices"] for turn in c["accept_lengths"] for a in turn]
+    accepts = [a for record in records for c in record["choices"] for a in flat_accept_lengths(c)]
     tau = tokens / steps
     return {"questions": len(records), "new_tokens": tokens, "steps": steps, "tau": tau, "tau_minus_1": tau - 1,
             "mean_accept_length": sum(accepts) / len(accepts)}
