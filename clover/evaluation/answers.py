@@ -23,8 +23,8 @@ carries no numbers.
 Files written before the flat list was introduced hold ``accept_lengths`` nested per turn and no ``decoding_steps``
 or ``accept_lengths_per_turn``. They are still read (:func:`turn_accept_lengths` gives the per-turn split of either
 format), loaded records are converted to the current format, and rewriting a file (:func:`sort_answer_file`, which
-every generation run ends with, or ``python -m clover.evaluation.answers --upgrade FILE``) writes it in the current
-format.
+every generation run that answers a question ends with, or ``python -m clover.evaluation.answers --upgrade FILE``)
+writes it in the current format.
 """
 from __future__ import annotations
 
