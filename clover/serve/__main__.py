@@ -1,0 +1,68 @@
+"""Command line: ``python -m clover.serve --base-model M [--draft D] ...`` — serve one model over OpenAI's API.
+
+Argument parsing only; the model and its queue are :mod:`clover.serve.engine`, the routes :mod:`clover.serve.app`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+
+from clover.errors import CloverError, run_cli
+from clover.model.loading import DEFAULT_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clover.serve", description=__doc__)
+    p.add_argument("--base-model", "--model", dest="base_model", default=DEFAULT_MODEL,
+                   help=f"base model: built-in name, .gguf file or HF folder (default {DEFAULT_MODEL})")
+    p.add_argument("--draft", default=None, help="draft checkpoint folder (Clover-2 or EAGLE-1); omit for plain "
+                                                 "decoding")
+    p.add_argument("--tree", default="dynamic", help="'dynamic' (default), a fixed tree name such as mc_sim_7b_63, "
+                                                     "or a Python list of node paths")
+    p.add_argument("--tree-budget", default="auto", help="node budget of the dynamic tree: a number or 'auto' "
+                                                         "(from this device's measured verification cost; default)")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    p.add_argument("--max-len", type=int, default=4096, help="KV-cache capacity in tokens: the context window "
+                                                             "(default 4096)")
+    p.add_argument("--template", default="auto", help="chat template: auto|tokenizer|vicuna|llama3|chatml")
+    p.add_argument("--system", default=None, help="system prompt used when a conversation has none")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("CLOVER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CLOVER_API_KEY; none = open)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send and /v1/models lists "
+                                                             "(default: the --base-model value)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvicorn
+
+        from clover.serve.app import create_app
+    except ImportError as err:
+        raise CloverError(f"the server needs the 'serve' extra ({err.name} is missing): pip install -e .[serve]") \
+            from None
+    from clover.serve.engine import Engine
+
+    if args.max_len < 2:
+        raise CloverError(f"--max-len must be at least 2, got {args.max_len}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log = logging.getLogger("clover.serve")
+    log.info("loading %s%s", args.base_model, f" with draft {args.draft}" if args.draft else "")
+    engine = Engine.load(args.base_model, args.draft, tree=args.tree, tree_budget=args.tree_budget, dtype=args.dtype,
+                         device=args.device, max_len=args.max_len, template=args.template, system=args.system)
+    name = args.served_model_name or args.base_model
+    log.info("serving %r (%s) on http://%s:%d/v1%s", name, engine.description, args.host, args.port,
+             ", API key required" if args.api_key else "")
+    uvicorn.run(create_app(engine, name, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    run_cli(main)

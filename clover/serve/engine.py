@@ -1,0 +1,284 @@
+"""One model, one worker thread, a FIFO queue of jobs.
+
+The HTTP side validates a request, encodes its prompt (:meth:`Engine.encode_chat` / :meth:`Engine.encode_prompt`) and
+submits a :class:`Job`; the worker runs jobs one at a time in arrival order through the project's own decoders
+(``SpeculativeModel.stream`` with a draft, ``stream_plain`` without), and hands back text deltas and a final
+:class:`Finished` through the job's ``emit`` callback. A job can be cancelled at any time (client gone): a queued one is
+skipped, a running one stops at the next decoding step, so the model is free for the next job at once. Every decoder
+call starts from empty KV caches, and the caches are emptied again after each job.
+
+Stop strings are matched on the decoded text: the text is cut before the first match, and while streaming the tail that
+could still become a stop string (or an unfinished multi-byte character) is held back.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from clover.errors import CloverError
+from clover.serve.schema import APIError, bad
+
+log = logging.getLogger("clover.serve")
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Finished:
+    finish_reason: str          # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    steps: int                  # decoding steps: the prefill that yields the first token + each verification step
+    seconds: float
+    first_token_seconds: float  # from the start of the job (not of the wait in the queue)
+
+    @property
+    def tau(self) -> float:
+        return self.completion_tokens / max(self.steps, 1)
+
+
+@dataclass
+class Failed:
+    error: APIError
+
+
+@dataclass
+class Job:
+    ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None   # None: the base model's eos ids
+    emit: Callable[[object], None] = lambda event: None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def holdback(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` must wait: a possible start of a stop string or of a character."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    if text.endswith("\ufffd"):  # bytes of a multi-byte character still to come
+        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
+    return hold
+
+
+def find_stop(text: str, stops: list[str]) -> int | None:
+    """Index where the first stop string found in ``text`` starts."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+class Engine:
+    def __init__(self, stream_fn, tokenizer, template, max_len: int, device, reset_fn, description: str = ""):
+        self._stream_fn, self._reset_fn = stream_fn, reset_fn
+        self.tokenizer, self.template, self.max_len, self.device = tokenizer, template, max_len, torch.device(device)
+        self.description = description
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._current: Job | None = None
+        self.stats = {"served": 0, "cancelled": 0, "failed": 0}
+
+    @classmethod
+    def load(cls, base_model: str, draft: str | None = None, tree: str = "dynamic", tree_budget: str = "auto",
+             dtype: str = "auto", device: str = "cpu", max_len: int = 4096, template: str = "auto",
+             system: str | None = None) -> "Engine":
+        """Load the base model (and draft) the way ``python -m clover.cli`` does."""
+        from clover.data.templates import get_template
+        from clover.generate.plain import stream_plain
+        from clover.generate.sampling import SamplingParams
+        from clover.model.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(base_model)
+        chat = get_template(tokenizer, template, system_prompt=system)
+        if draft:
+            from clover.cli import _parse_tree
+            from clover.generate.speculative import SpeculativeModel
+
+            tree_arg = _parse_tree(tree) if tree.lstrip().startswith("[") else tree
+            budget = tree_budget if tree_budget == "auto" else _budget(tree_budget)
+            model = SpeculativeModel.from_pretrained(base_model, draft, dtype=dtype, device=device, max_len=max_len,
+                                                     tree=tree_arg, budget=budget)
+            base = model.base
+
+            def stream(job: Job, generator):
+                return model.stream(job.ids, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
+                                    max_new_tokens=job.max_tokens, stop_token_ids=job.stop_token_ids,
+                                    generator=generator)
+
+            def reset():
+                base.reset()
+                model.runner.reset()
+
+            description = f"{model.draft.draft_type} draft {draft}, tree {tree}, budget {tree_budget}"
+        else:
+            from clover.model.base import BaseModel
+
+            base = BaseModel.from_pretrained(base_model, dtype=dtype, device=device, max_len=max_len)
+
+            def stream(job: Job, generator):
+                stops = base.args.eos_token_id if job.stop_token_ids is None else job.stop_token_ids
+                return stream_plain(base, job.ids, SamplingParams(job.temperature, job.top_p, job.top_k),
+                                    job.max_tokens, stops, (), generator)
+
+            reset = base.reset
+            description = "plain decoding (no draft)"
+        return cls(stream, tokenizer, chat, base.max_len, base.device, reset,
+                   f"{description}; {base.dtype}, {base.device}, context {base.max_len}")
+
+    # ---- prompts ------------------------------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        try:
+            ids = self.template.encode_prompt(messages)
+        except CloverError as err:
+            raise bad(str(err), "messages") from None
+        self.check_length(ids, "messages")
+        return ids
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for t in prompt):
+                raise bad(f"'prompt' has token ids outside the vocabulary [0, {vocab}).", "prompt")
+            ids = list(prompt)
+        if not ids:
+            raise bad("'prompt' is empty: give at least one token.", "prompt")
+        self.check_length(ids, "prompt")
+        return ids
+
+    def check_length(self, ids: list[int], param: str) -> None:
+        if len(ids) >= self.max_len:
+            raise bad(f"This model's maximum context length is {self.max_len} tokens, and the '{param}' alone take "
+                      f"{len(ids)} tokens (room is needed for at least one new token): shorten '{param}'.", param,
+                      code="context_length_exceeded")
+
+    def room(self, ids: list[int]) -> int:
+        """New tokens that fit after the prompt."""
+        return self.max_len - len(ids)
+
+    # ---- the worker ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="clover-serve-worker", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.cancel()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, job: Job) -> None:
+        self._queue.put(job)
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                continue
+            self._current = job
+            try:
+                self._run(job)
+            except CloverError as err:
+                self.stats["failed"] += 1
+                job.emit(Failed(bad(str(err))))
+            except Exception as err:  # noqa: BLE001 - any failure becomes a 500 for this job, the server goes on
+                self.stats["failed"] += 1
+                log.exception("generation failed")
+                job.emit(Failed(APIError(500, f"The server failed while generating: {type(err).__name__}: {err}",
+                                         type="server_error")))
+            finally:
+                self._current = None
+                self._reset_fn()  # no request sees another's context
+
+    def _run(self, job: Job) -> None:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(job.seed if job.seed is not None else random.SystemRandom().getrandbits(63))
+        start = time.perf_counter()
+        first = None
+        stream = self._stream_fn(job, generator)
+        tokens: list[int] = []
+        sent, steps, finish = 0, 0, None
+        try:
+            while True:
+                if job.cancelled.is_set():
+                    break
+                try:
+                    chunk = next(stream)
+                except StopIteration as stop:
+                    finish = "stop" if stop.value.finish_reason == "stop" else "length"  # "context" -> "length"
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    cut = find_stop(text, job.stop)
+                    if cut is not None:
+                        text, finish = text[:cut], "stop"
+                    if len(text) > sent:
+                        job.emit(Delta(text[sent:]))
+                    break
+                steps += 1
+                tokens.extend(chunk)
+                if first is None:
+                    first = time.perf_counter() - start
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                cut = find_stop(text, job.stop)
+                if cut is not None:
+                    if cut > sent:
+                        job.emit(Delta(text[sent:cut]))
+                    finish = "stop"
+                    break
+                safe = len(text) - holdback(text, job.stop)
+                if safe > sent:
+                    job.emit(Delta(text[sent:safe]))
+                    sent = safe
+        finally:
+            stream.close()
+        if finish is None:
+            self.stats["cancelled"] += 1
+            log.info("cancelled after %d tokens (client gone)", len(tokens))
+            return
+        self.stats["served"] += 1
+        done = Finished(finish, len(job.ids), len(tokens), steps, time.perf_counter() - start, first or 0.0)
+        log.info("%d prompt + %d new tokens in %.2f s (%.1f tokens/s), %d steps, tau %.2f, %s", done.prompt_tokens,
+                 done.completion_tokens, done.seconds, done.completion_tokens / max(done.seconds, 1e-9), done.steps,
+                 done.tau, done.finish_reason)
+        job.emit(done)
+
+
+def _budget(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise CloverError(f"--tree-budget must be a number of tree nodes or 'auto', got {text!r}") from None
