@@ -3,11 +3,12 @@ initialisation (A.8), checkpoints (strict, trainable weights only, base checks),
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from clover.errors import CloverError
 from clover.model.base import BaseModel
@@ -366,3 +367,81 @@ def test_draft_vocabulary(llama_base, draft_type, tmp_path):
         init_draft(draft_type, llama_base, draft_vocab=vocab)
     with pytest.raises(CloverError, match="draft_vocab_size must be"):
         init_draft(draft_type, llama_base, draft_vocab_size=V + 1, draft_vocab=vocab)
+
+
+# ---- the token scale of AD0 -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def loud_base(tmp_path_factory):
+    """A tiny Llama whose last layer writes two huge channels into the residual stream, as real Llama-family models
+    do (pre-norm states of norm ~40x the embedding rows'; SmolLM2's are ~250x)."""
+    base = BaseModel.from_pretrained(save_tiny(tmp_path_factory.mktemp("loud"), "llama"), dtype="fp32", max_len=128)
+    with torch.no_grad():
+        base.model.layers[-1].mlp.down_proj.weight[:2] *= 3000.0
+    return base
+
+
+def head0_sensitivity(model, hidden, ids) -> float:
+    """Relative change of head 0's output when every ``x_{t+1}`` is replaced by another token."""
+    with torch.no_grad():
+        a = model.forward_train(hidden, ids)[0]
+        b = model.forward_train(hidden, (ids + 1 + ids.flip(-1)) % V)[0]
+    return float((a - b).norm() / a.norm())
+
+
+def test_token_scale_makes_head0_see_the_token(loud_base):
+    ids = torch.randint(3, V, (1, 24), generator=torch.Generator().manual_seed(3))
+    hidden = loud_base(ids, use_cache=False, logits_to_keep=0).hidden_prenorm.clone()
+    ratio = float(hidden[0].norm(dim=-1).median() / loud_base.lm_head.weight.norm(dim=-1).median())
+    assert ratio > 30  # the premise: pre-norm states dwarf the embedding rows
+    torch.manual_seed(0)
+    measured = init_draft("clover2", loud_base, hidden_sample=hidden[0]).eval()
+    scale = measured.config["clover"]["token_scale"]
+    assert isinstance(scale, float) and scale == measured.token_scale and 0.5 * ratio < scale < 2 * ratio
+    assert head0_sensitivity(measured, hidden, ids) >= 1e-2
+    torch.manual_seed(0)
+    probed = init_draft("clover2", loud_base).eval()  # no data: measured on the base's states for a fixed probe
+    assert 0.2 * scale < probed.token_scale < 5 * scale
+    assert head0_sensitivity(probed, hidden, ids) >= 1e-2
+    torch.manual_seed(0)
+    original = init_draft("clover2", loud_base, token_scale=1.0).eval()  # the unscaled original, for ablations
+    assert original.token_scale == 1.0 and head0_sensitivity(original, hidden, ids) < 5e-3
+    fc = init_draft("clover2", loud_base, fuse="fc", hidden_sample=hidden[0]).eval()  # the fc ablation is scaled too
+    assert fc.token_scale == scale and head0_sensitivity(fc, hidden, ids) >= 1e-2
+    for bad in (0, -2.0, "big", True):
+        with pytest.raises(CloverError, match="token_scale"):
+            init_draft("clover2", loud_base, token_scale=bad)
+
+
+def test_token_scale_round_trip(loud_base, tmp_path):
+    model = perturbed("clover2", loud_base)
+    folder = save_draft(model, tmp_path / "ckpt")
+    assert json.loads((folder / "config.json").read_text())["clover"]["token_scale"] == model.token_scale > 1
+    loaded = load_draft(folder, loud_base)
+    assert loaded.token_scale == model.token_scale
+    hidden, ids = inputs(1, 7)
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_train(hidden, ids), model.forward_train(hidden, ids))
+
+
+GOLDEN = Path(__file__).parent / "data" / "golden_v0"
+
+
+@pytest.mark.parametrize("draft_type", ["clover2", "eagle"])
+def test_checkpoint_written_before_token_scale(draft_type):
+    """Checkpoints written by an earlier version (``tests/data/golden_v0/make.py``; no ``token_scale`` key) load
+    with strict keys and give that version's outputs and greedy tokens."""
+    from clover.generate.speculative import CloverModel, EagleModel
+
+    assert "token_scale" not in json.loads((GOLDEN / "clover2" / "config.json").read_text())["clover"]
+    base = BaseModel.from_pretrained(GOLDEN / "base", dtype="fp32", max_len=128)
+    draft = load_draft(GOLDEN / draft_type, base, expected_type=draft_type)
+    expected = load_file(str(GOLDEN / "expected.safetensors"))
+    if draft_type == "clover2":
+        assert draft.token_scale == 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(draft.forward_train(expected["hidden"], expected["ids"]),
+                                   expected[f"{draft_type}_train"], rtol=1e-5, atol=1e-5)
+    draft.allocate_cache(base.max_len)
+    model = {"clover2": CloverModel, "eagle": EagleModel}[draft_type](base, draft, tree="dynamic", budget=6)
+    assert model.generate(expected["prompt"], max_new_tokens=24).tokens == expected[f"{draft_type}_tokens"].tolist()
+    assert model.generate_plain(expected["prompt"], max_new_tokens=24).tokens == expected["plain_tokens"].tolist()

@@ -236,12 +236,15 @@ def _draft_class(draft_type, where: str) -> type[DraftModel]:
 
 
 def init_draft(draft_type: str, base: BaseModel, *, dtype: torch.dtype | str = torch.float32,
-               draft_vocab: torch.Tensor | None = None, **config_overrides) -> DraftModel:
+               draft_vocab: torch.Tensor | None = None, hidden_sample: torch.Tensor | None = None,
+               **config_overrides) -> DraftModel:
     """A new draft for training from scratch: default config updated by ``config_overrides`` (keys of the draft's
     own block, e.g. ``num_heads=3``), trainable weights initialised from the base in fp32 on the base's device.
     With the default ``dtype`` (fp32) the frozen tensors stay the base's own (no copy, base dtype); another
     ``dtype`` casts the whole draft, frozen tensors included. ``draft_vocab`` (token ids, e.g. :func:`top_tokens` of
-    the training data's reply-token counts) is required exactly when the config sets ``draft_vocab_size``."""
+    the training data's reply-token counts) is required exactly when the config sets ``draft_vocab_size``.
+    ``hidden_sample`` (pre-norm states of the training data) lets a draft measure scales it sets at initialisation
+    (Clover-2's ``token_scale``)."""
     dtype = parse_dtype(dtype, base.device)
     cls = _draft_class(draft_type, "init_draft")
     config = cls.default_config(base, **config_overrides)
@@ -254,7 +257,7 @@ def init_draft(draft_type: str, base: BaseModel, *, dtype: torch.dtype | str = t
         model.set_draft_vocab(draft_vocab)
     elif draft_vocab is not None:
         raise CloverError("draft_vocab was given but the config has no draft_vocab_size")
-    model.init_from_base(base)
+    model.init_from_base(base, hidden_sample)
     return model if dtype == torch.float32 else model.to(dtype=dtype)
 
 

@@ -3,6 +3,11 @@
 Trunk: an Attention Decoder ``AD0`` fuses each pre-norm base state ``h~_t`` with the embedding of the token
 ``x_{t+1}`` (a per-head cosine gate, no mixing across positions), then ``K`` Llama decoder layers with the base's
 RoPE/GQA configuration (causal, own KV cache at inference) and an RMSNorm give the trunk state ``c0_t``.
+The token side of AD0 is multiplied by ``token_scale``: real Llama-family models carry a few huge channels in the
+pre-norm residual stream (SmolLM2: per-token norm ~780 against embedding rows of norm ~3), so an unscaled embedding
+adds a signal ~1e-4 of the state and head 0 learns to ignore ``x_{t+1}``. ``token_scale`` is measured once at
+initialisation (median per-token norm of pre-norm states / median embedding-row norm) and recorded in the config; a
+config without the key (checkpoints written before it existed) means 1.0, the original behaviour.
 Heads: head 0 is ``norm(FC0 c0)``; head ``i >= 1`` is one RNN step ``c_i = AD1(c_{i-1}, E[y_i])``,
 ``norm(FC1 [c_i ; E[y_i]])``; logits come from the frozen base LM head. ``E`` is ``W_lm`` itself (default) or the
 base input embedding.
@@ -25,7 +30,7 @@ from clover.model.layers import DecoderLayer, RMSNorm
 
 DEFAULTS = {"num_heads": 5, "num_layers": 2, "heads_coefficient": 1.0, "decay_coefficient": 0.7,
             "embedding": "lm_head", "fuse": "attention", "init_from_layer": -1, "init_noise": "symmetric",
-            "regression_weight": 10.0, "distill_weight": 1.0, "draft_vocab_size": 0}
+            "regression_weight": 10.0, "distill_weight": 1.0, "draft_vocab_size": 0, "token_scale": "auto"}
 CHOICES = {"embedding": ("lm_head", "input"), "fuse": ("attention", "fc"), "init_noise": ("symmetric", "one_sided")}
 
 
@@ -39,6 +44,10 @@ def default_config(base: BaseModel, **overrides) -> dict:
         raise CloverError(f"init_from_layer={layer!r} is not a layer of the base model (it has {n_layers} layers); "
                           f"use an index, 'first' or 'last'")
     overrides["init_from_layer"] = layer % n_layers
+    scale = overrides.get("token_scale", DEFAULTS["token_scale"])
+    if scale != "auto" and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+        raise CloverError(f"token_scale={scale!r} must be 'auto' (measured at initialisation) or a positive number "
+                          f"(1.0 = the original unscaled embedding)")
     return make_config("clover2", "clover", base, DEFAULTS, overrides)
 
 
@@ -62,6 +71,24 @@ class AttentionDecoder(nn.Module):
         return x + (gate.unsqueeze(-1) * v).flatten(-2)
 
 
+@torch.no_grad()
+def measure_token_scale(hidden_prenorm: torch.Tensor, embed_weight: torch.Tensor) -> float:
+    """Median per-token norm of pre-norm states over median embedding-row norm (medians: the first position of a
+    sequence, an attention sink, has a norm several times the others)."""
+    states = hidden_prenorm.reshape(-1, hidden_prenorm.shape[-1]).float()
+    rows = embed_weight.float().norm(dim=-1)
+    return round(float(states.norm(dim=-1).median() / rows.median().clamp(min=1e-12)), 4)
+
+
+@torch.no_grad()
+def probe_prenorm(base: BaseModel, length: int = 64, seed: int = 0) -> torch.Tensor:
+    """Pre-norm states ``[length, H]`` of the base on a fixed random token sequence (a stateless forward: the
+    base's cache is untouched)."""
+    length = min(length, base.args.max_position_embeddings)
+    ids = torch.randint(0, base.args.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    return base(ids.to(base.device), logits_to_keep=0, use_cache=False).hidden_prenorm[0]
+
+
 class Clover2Draft(DraftModel):
     draft_type = "clover2"
     config_block = "clover"
@@ -81,6 +108,8 @@ class Clover2Draft(DraftModel):
         if h % a.num_attention_heads:
             raise CloverError(f"hidden_size {h} is not divisible by num_attention_heads {a.num_attention_heads}")
         self.num_heads = cfg["num_heads"]
+        scale = cfg.get("token_scale", 1.0)  # absent in checkpoints written before it existed: unscaled
+        self.token_scale = 1.0 if scale == "auto" else float(scale)  # "auto" is resolved by init_from_base
         if cfg["fuse"] == "attention":
             self.clover_head_mlp_rnn = AttentionDecoder(h, a.num_attention_heads, eps)
         else:
@@ -94,11 +123,16 @@ class Clover2Draft(DraftModel):
 
     # ---- initialisation (training from scratch only; spec §2.7) -------------------------------------------------
     @torch.no_grad()
-    def init_from_base(self, base: BaseModel) -> None:
+    def init_from_base(self, base: BaseModel, hidden_sample: torch.Tensor | None = None) -> None:
         """Trunk layers := copies of base layer ``init_from_layer``; both norms := the base final norm; AD blocks and
         FCs := identity paths plus small noise (``init_noise``), biases 0, so that ``AD(x, y) ~ x`` and the heads
-        pass the state through."""
+        pass the state through. ``token_scale="auto"`` is measured from ``hidden_sample`` (pre-norm states
+        ``[..., H]`` of the training data) or, without one, from the base's states on a fixed random probe."""
         cfg = self.config["clover"]
+        if cfg["token_scale"] == "auto":
+            if hidden_sample is None:
+                hidden_sample = probe_prenorm(base)
+            cfg["token_scale"] = self.token_scale = measure_token_scale(hidden_sample, self.embed_weight)
         source = base.model.layers[cfg["init_from_layer"]].state_dict()
         for layer in self.layers:
             layer.load_state_dict(source)
@@ -125,7 +159,9 @@ class Clover2Draft(DraftModel):
 
     # ---- shared pieces ------------------------------------------------------------------------------------------
     def fuse(self, hidden_prenorm: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """AD0 (or the ``fc`` ablation) on the pairs ``(h~_t, E[x_{t+1}])``."""
+        """AD0 (or the ``fc`` ablation) on the pairs ``(h~_t, token_scale * E[x_{t+1}])``."""
+        if self.token_scale != 1.0:
+            emb = emb * self.token_scale
         if self.config["clover"]["fuse"] == "fc":
             return self.fuse_fc(torch.cat([hidden_prenorm, emb], dim=-1))
         return self.clover_head_mlp_rnn(hidden_prenorm, emb)

@@ -40,7 +40,7 @@ class EagleDraft(DraftModel):
         self.fc = nn.Linear(2 * h, h)
         self.layers = nn.ModuleList(DecoderLayer(self.args, input_layernorm=i > 0) for i in range(n_layers))
 
-    def init_from_base(self, base: BaseModel) -> None:
+    def init_from_base(self, base: BaseModel, hidden_sample: torch.Tensor | None = None) -> None:
         """Nothing to copy: EAGLE-1 keeps PyTorch's default initialisation (the embedding is the frozen base one)."""
 
     def _features(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,9 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue after the last completed epoch in --cpdir")
     p.add_argument("--keep_last", type=int, default=2, help="epoch checkpoints to keep")
     p.add_argument("--test_fraction", type=float, default=0.05, help="held-out share of the training data")
+    p.add_argument("--eval_every", type=int, default=0,
+                   help="also evaluate the held-out split every this many optimizer steps and append the line to "
+                        "CKPT/evals.jsonl (learning curves; 0 = only at the end of each epoch)")
     p.add_argument("--chain_eval_batches", type=int, default=8, help="monitoring batches for chain accuracy")
     p.add_argument("--seed", type=int, default=0, help="seeds initialisation, train/test split and data order")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers per process")
@@ -107,7 +110,8 @@ def check_args(args) -> None:
     for name in ("bs", "grad_accum", "epochs", "max_len", "keep_last"):
         if getattr(args, name) < 1:
             raise CloverError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "chain_eval_batches", "num_workers"):
+    for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "eval_every", "chain_eval_batches",
+                 "num_workers"):
         if getattr(args, name) < 0:
             raise CloverError(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -411,6 +415,11 @@ def load_data(args, base) -> tuple[HiddenStateDataset, HiddenStateDataset, Hidde
     return train_set, test_set, monitor
 
 
+def hidden_sample(dataset, conversations: int = 32) -> torch.Tensor:
+    """Pre-norm states of the first conversations of ``dataset``: what a draft measures its initial scales on."""
+    return torch.cat([dataset[i]["hidden_prenorm"] for i in range(min(conversations, len(dataset)))])
+
+
 def resume_point(args, cpdir: Path) -> Path | None:
     """The checkpoint to resume from (None: start fresh); refuses to start afresh over completed epochs."""
     found = epoch_dirs(cpdir)
@@ -460,7 +469,8 @@ def train(args, draft_type: str) -> list[dict]:
         draft_vocab = top_tokens(counts, vocab_size)
         accelerator.print(f"draft vocabulary: the {vocab_size} most frequent reply tokens cover "
                           f"{counts[draft_vocab].sum() / counts.sum().clamp(min=1):.2%} of the training replies")
-    draft = init_draft(draft_type, base, draft_vocab=draft_vocab, **overrides)
+    draft = init_draft(draft_type, base, draft_vocab=draft_vocab, hidden_sample=hidden_sample(train_set),
+                       **overrides)
     draft.gradient_checkpointing = args.gradient_checkpointing
     if resume_from is not None:
         check_resumable(resume_from, args, draft_type, draft, base)
@@ -490,9 +500,10 @@ def train(args, draft_type: str) -> list[dict]:
         progress = json.loads((resume_from / "trainer_state" / "trainer.json").read_text())
         start_epoch, global_step = progress["epoch"], progress["global_step"]
         accelerator.print(f"resumed from {resume_from} (epoch {start_epoch}, optimizer step {global_step})")
-    elif accelerator.is_main_process:  # a fresh run starts a fresh metrics log
+    elif accelerator.is_main_process:  # a fresh run starts fresh metrics logs
         cpdir.mkdir(parents=True, exist_ok=True)
         (cpdir / "metrics.jsonl").unlink(missing_ok=True)
+        (cpdir / "evals.jsonl").unlink(missing_ok=True)
     trackers = bool(accelerator.log_with)
     if trackers:
         accelerator.init_trackers(f"clover-{draft_type}", config={k: v for k, v in vars(args).items()
@@ -535,6 +546,14 @@ def train(args, draft_type: str) -> list[dict]:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
                 if trackers:
                     accelerator.log({"train/loss": loss.item(), "train/lr": lr}, step=global_step)
+                if args.eval_every and global_step % args.eval_every == 0 and len(test_set):
+                    with accelerator.autocast():
+                        point = {"epoch": epoch + 1, "step": global_step, **summarize(total(evaluate(
+                            draft, shard(test_set, rank, world), args.bs, args.mask_alignment)), keys, "test_")}
+                    model.train()
+                    if accelerator.is_main_process:
+                        with open(cpdir / "evals.jsonl", "a") as f:
+                            f.write(json.dumps(point) + "\n")
                 if args.max_steps is not None and global_step >= args.max_steps:
                     break
         bar.close()
