@@ -121,8 +121,10 @@ def forward_costs(base, sizes, reps: int, device) -> dict:
 
 def draft_costs(base, reps: int, device, dtype) -> dict:
     """Clover-2 (default config: 2 trunk layers, 5 heads) and EAGLE-1 (1 decoder layer) at the base's shape, both
-    with a ``CACHE``-position draft cache: a start on 1 and 4 new positions, one tree level on 4 and 8 rows (LM head
-    over the whole vocabulary included), and the level without its LM-head product."""
+    with a ``CACHE``-position draft cache: a start on 1 and 4 new positions (``runner.start``: ``extend`` plus the
+    root's children's logits) and one tree level on 4 and 8 rows (``runner.expand``: ``head`` or ``tree_step`` plus
+    the logits), LM head over the whole vocabulary included, and each without its LM-head product (``extend``,
+    ``head``, ``tree_step`` alone)."""
     from clover.generate.draft import Clover2Runner, EagleRunner
     from clover.model.checkpoint import init_draft
 
@@ -145,8 +147,12 @@ def draft_costs(base, reps: int, device, dtype) -> dict:
             else:
                 runner.committed = CACHE  # EagleRunner.start truncates to it
             runner.start(hidden[:, CACHE:CACHE + n], ids[:, CACHE:CACHE + n])
+        def extend_only(n):  # the trunk (Clover-2) or decoder layer (EAGLE-1) on n positions, no LM head
+            draft.truncate(CACHE)
+            draft.extend(hidden[:, CACHE:CACHE + n], ids[:, CACHE:CACHE + n])
         for n in START_SIZES:
             r[f"start_{n}"] = timed(lambda: start(n), device, reps, warmup=2)
+            r[f"start_{n}_without_lm_head"] = timed(lambda: extend_only(n), device, reps, warmup=2)
         start(1)
         saved = {k: getattr(runner, k) for k in ("states", "feats", "ancestors", "committed") if hasattr(runner, k)}
         for rows in LEVEL_ROWS:
