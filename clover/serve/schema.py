@@ -1,4 +1,4 @@
-"""Validation of OpenAI-style request bodies into plain dataclasses, and the error type that becomes OpenAI's error JSON.
+"""Validation of OpenAI-style request bodies into plain dataclasses, and the error that becomes OpenAI's error JSON.
 
 Every check names the offending field in ``param`` and in the message, so that a client sees what to fix. Fields that
 the server does not implement are rejected when they would change the answer (``n > 1``, ``logprobs``, penalties,
