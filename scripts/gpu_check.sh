@@ -60,11 +60,11 @@ for part in "${PARTS[@]}"; do
   limit=$LIMIT_CHECKS; [ "$part" = bench ] && limit=$LIMIT_BENCH
   echo "== $part (at most $limit s) =="
   set -o pipefail
-  timeout -k 10 "$limit" "$PY" -m gpu_check "$part" --out "$OUTDIR" --budget "$BUDGET" "${DRY[@]}" 2>&1 \
+  timeout -k 10 "$limit" "$PY" -m gpu_check "$part" --out "$OUTDIR" --budget "$BUDGET" ${DRY[@]+"${DRY[@]}"} 2>&1 \
     | tee "$OUTDIR/$part.log"
   rc=$?
   set +o pipefail
   [ $rc -eq 124 ] && echo "gpu_check.sh: the $part part ran past $limit s and was stopped"
 done
 echo "== report =="
-"$PY" -m gpu_check report --out "$OUTDIR" --parts "${PARTS[@]}" "${DRY[@]}"
+"$PY" -m gpu_check report --out "$OUTDIR" --parts "${PARTS[@]}" ${DRY[@]+"${DRY[@]}"}

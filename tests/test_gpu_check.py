@@ -52,3 +52,24 @@ def test_dry_run(tmp_path):
 
     md = (out / "gpu_check.md").read_text()
     assert "| ge_data | pass |" in md and "transformers `generate`" in md and "| 128 |" in md
+
+
+def test_report_fails_checks_that_never_finished(tmp_path):
+    """A checks part stopped by its time limit leaves checks.json with fewer results than planned: the report counts
+    the missing ones as failed (and a missing bench.json as a failed benchmark)."""
+    import sys
+
+    planned = ["runtime_vs_transformers_llama", "ge_data"]
+    done = [{"name": planned[0], "passed": True, "seconds": 1.0, "details": {}, "error": None}]
+    (tmp_path / "checks.json").write_text(json.dumps({"part": "checks", "planned": planned, "checks": done}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "scripts")])}
+    proc = subprocess.run([sys.executable, "-m", "gpu_check", "report", "--out", str(tmp_path), "--dry-run"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["all_passed"] is False and report["checks_passed"] == 1 and report["checks_total"] == 2
+    assert report["checks"][1]["name"] == "ge_data" and "not run" in report["checks"][1]["error"]
+    assert report["bench_ok"] is False and "bench.json missing" in report["bench_error"]
+    proc = subprocess.run([sys.executable, "-m", "gpu_check", "report", "--out", str(tmp_path), "--dry-run",
+                           "--parts", "bench"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1  # only the benchmark was asked for, and it is missing

@@ -59,8 +59,12 @@ def _version(name: str) -> str:
 def nvidia_smi() -> dict:
     """GPU name, driver and memory from ``nvidia-smi`` (empty when it is not there)."""
     exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return {}
+    if exe is None:  # the kernel module's version line names the driver too
+        try:
+            line = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+            return {"driver": line.split("Kernel Module")[1].split()[0]}
+        except (OSError, IndexError):
+            return {}
     try:
         line = subprocess.run([exe, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                               capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
