@@ -124,6 +124,14 @@ def finish_of(result) -> str:
     return "stop" if result.finish_reason == "stop" else "length"
 
 
+def test_stop_string_helpers():
+    from clover.serve.engine import find_stop, holdback
+
+    assert holdback("Hello Wor", ["World", "Wx"]) == 3 and holdback("Hello", ["World"]) == 0
+    assert holdback("caf\ufffd", []) == 1 and holdback("ab", ["b", "abc"]) == 2
+    assert find_stop("one two three", ["three", " two"]) == 3 and find_stop("abc", ["x"]) is None
+
+
 def test_models(client):
     assert [m.id for m in client.models.list().data] == [NAME]
     assert client.models.retrieve(NAME).id == NAME

@@ -212,20 +212,26 @@ class Engine:
                 continue
             self._current = job
             try:
-                self._run(job)
+                last = self._run(job)
             except CloverError as err:
                 self.stats["failed"] += 1
-                job.emit(Failed(bad(str(err))))
+                last = Failed(bad(str(err)))
             except Exception as err:  # noqa: BLE001 - any failure becomes a 500 for this job, the server goes on
                 self.stats["failed"] += 1
                 log.exception("generation failed")
-                job.emit(Failed(APIError(500, f"The server failed while generating: {type(err).__name__}: {err}",
-                                         type="server_error")))
+                last = Failed(APIError(500, f"The server failed while generating: {type(err).__name__}: {err}",
+                                       type="server_error"))
             finally:
+                try:
+                    self._reset_fn()  # no request sees another's context
+                except Exception:  # noqa: BLE001 - the next job resets the caches again before it starts
+                    log.exception("resetting the caches failed")
                 self._current = None
-                self._reset_fn()  # no request sees another's context
+            if last is not None:  # only now: the model is free and clean when the client hears the end
+                job.emit(last)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> Finished | None:
+        """Stream the job's text deltas; return its final event (None when it was cancelled)."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(job.seed if job.seed is not None else random.SystemRandom().getrandbits(63))
         start = time.perf_counter()
@@ -268,13 +274,13 @@ class Engine:
         if finish is None:
             self.stats["cancelled"] += 1
             log.info("cancelled after %d tokens (client gone)", len(tokens))
-            return
+            return None
         self.stats["served"] += 1
         done = Finished(finish, len(job.ids), len(tokens), steps, time.perf_counter() - start, first or 0.0)
         log.info("%d prompt + %d new tokens in %.2f s (%.1f tokens/s), %d steps, tau %.2f, %s", done.prompt_tokens,
                  done.completion_tokens, done.seconds, done.completion_tokens / max(done.seconds, 1e-9), done.steps,
                  done.tau, done.finish_reason)
-        job.emit(done)
+        return done
 
 
 def _budget(text: str) -> int:
