@@ -93,6 +93,9 @@ class Engine:
         self._stream_fn, self._reset_fn = stream_fn, reset_fn
         self.tokenizer, self.template, self.max_len, self.device = tokenizer, template, max_len, torch.device(device)
         self.description = description
+        # the event loop encodes prompts while the worker decodes outputs: one tokenizer call at a time, since a
+        # Rust tokenizer refuses a call that changes its settings while another thread uses it
+        self._tokenizer_lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._current: Job | None = None
@@ -148,7 +151,8 @@ class Engine:
     # ---- prompts ------------------------------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
         try:
-            ids = self.template.encode_prompt(messages)
+            with self._tokenizer_lock:
+                ids = self.template.encode_prompt(messages)
         except CloverError as err:
             raise bad(str(err), "messages") from None
         self.check_length(ids, "messages")
@@ -156,7 +160,8 @@ class Engine:
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenizer(prompt)["input_ids"]
+            with self._tokenizer_lock:
+                ids = self.tokenizer(prompt)["input_ids"]
         else:
             vocab = len(self.tokenizer)
             if any(not 0 <= t < vocab for t in prompt):
@@ -172,6 +177,10 @@ class Engine:
             raise bad(f"This model's maximum context length is {self.max_len} tokens, and the '{param}' alone take "
                       f"{len(ids)} tokens (room is needed for at least one new token): shorten '{param}'.", param,
                       code="context_length_exceeded")
+
+    def _decode(self, tokens: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def room(self, ids: list[int]) -> int:
         """New tokens that fit after the prompt."""
@@ -247,7 +256,7 @@ class Engine:
                     chunk = next(stream)
                 except StopIteration as stop:
                     finish = "stop" if stop.value.finish_reason == "stop" else "length"  # "context" -> "length"
-                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    text = self._decode(tokens)
                     cut = find_stop(text, job.stop)
                     if cut is not None:
                         text, finish = text[:cut], "stop"
@@ -258,7 +267,7 @@ class Engine:
                 tokens.extend(chunk)
                 if first is None:
                     first = time.perf_counter() - start
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                text = self._decode(tokens)
                 cut = find_stop(text, job.stop)
                 if cut is not None:
                     if cut > sent:
