@@ -294,6 +294,8 @@ def test_api_key_and_unknown_routes(server, client):
     with pytest.raises(openai.BadRequestError) as info:  # the official client reads the error body
         chat(client, PROMPTS[0], temperature=-1)
     assert info.value.status_code == 400 and info.value.param == "temperature"
+    got, error = post(server, "/v1/completions", {"model": NAME, "max_tokens": 2})
+    assert got == 400 and error["error"]["param"] == "prompt"
     got, error = post(server, "/v1/no-such-route", body)
     assert got == 404 and set(error["error"]) == {"message", "type", "param", "code"}
     assert post(server, "/v1/chat/completions", body)[0] == 200
