@@ -111,11 +111,14 @@ def test_clover2_incremental_matches_training(base):
 def test_clover2_init(base):
     torch.manual_seed(0)
     model = init_draft("clover2", base)
-    last = base.model.layers[base.args.num_hidden_layers - 1].state_dict()
-    assert model.config["clover"]["init_from_layer"] == base.args.num_hidden_layers - 1
-    for layer in model.layers:  # every trunk layer is an exact copy of the base's last layer
+    first = base.model.layers[0].state_dict()
+    assert model.config["clover"]["init_from_layer"] == 0
+    for layer in model.layers:  # every trunk layer is an exact copy of the base's first layer (the default)
         for key, value in layer.state_dict().items():
-            assert torch.equal(value, last[key]), key
+            assert torch.equal(value, first[key]), key
+    last = init_draft("clover2", base, init_from_layer="last")
+    assert last.config["clover"]["init_from_layer"] == base.args.num_hidden_layers - 1
+    assert torch.equal(last.layers[1].mlp.down_proj.weight, base.model.layers[-1].mlp.down_proj.weight)
     for norm in (model.clover_norm, model.clover_head_norm):
         assert torch.equal(norm.weight, base.model.norm.weight)
     assert model.args.rope_theta == base.args.rope_theta == 5e5  # spec B2: base RoPE, not 10000
@@ -132,10 +135,10 @@ def test_clover2_init(base):
     noise = model.clover_head_mlp_rnn.v.weight
     assert noise.min() < 0 < noise.max() and noise.abs().max() <= 0.01  # symmetric U(-0.01, 0.01)
 
-    first = init_draft("clover2", base, init_from_layer="first", init_noise="one_sided", num_layers=1)
-    assert first.config["clover"]["init_from_layer"] == 0
-    assert torch.equal(first.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
-    assert first.clover_head_mlp_rnn.v.weight.min() >= 0
+    one = init_draft("clover2", base, init_from_layer=1, init_noise="one_sided", num_layers=1)
+    assert one.config["clover"]["init_from_layer"] == 1
+    assert torch.equal(one.layers[0].self_attn.q_proj.weight, base.model.layers[1].self_attn.q_proj.weight)
+    assert one.clover_head_mlp_rnn.v.weight.min() >= 0
     with pytest.raises(CloverError, match="init_from_layer"):
         init_draft("clover2", base, init_from_layer=7)
     with pytest.raises(CloverError, match="unknown clover2 config option"):

@@ -1,4 +1,4 @@
-"""The Clover-2 draft (spec §2, with the §9 fixes B1, B2, B17, B18, Q22).
+"""The Clover-2 draft: an attention-decoder trunk and regressive (RNN) heads over the frozen base model.
 
 Trunk: an Attention Decoder ``AD0`` fuses each pre-norm base state ``h~_t`` with the embedding of the token
 ``x_{t+1}`` (a per-head cosine gate, no mixing across positions), then ``K`` Llama decoder layers with the base's
@@ -29,14 +29,15 @@ from clover.model.checkpoint import DraftModel, make_config
 from clover.model.layers import DecoderLayer, RMSNorm
 
 DEFAULTS = {"num_heads": 5, "num_layers": 2, "heads_coefficient": 1.0, "decay_coefficient": 0.7,
-            "embedding": "lm_head", "fuse": "attention", "init_from_layer": -1, "init_noise": "symmetric",
+            "embedding": "lm_head", "fuse": "attention", "init_from_layer": 0, "init_noise": "symmetric",
             "regression_weight": 10.0, "distill_weight": 1.0, "draft_vocab_size": 0, "token_scale": "auto"}
 CHOICES = {"embedding": ("lm_head", "input"), "fuse": ("attention", "fc"), "init_noise": ("symmetric", "one_sided")}
 
 
 def default_config(base: BaseModel, **overrides) -> dict:
     """Clover-2 draft config for ``base``. ``init_from_layer`` accepts an index (negative counts from the end),
-    ``"last"`` or ``"first"`` and is recorded as a non-negative int (default: the base's last layer, spec B1)."""
+    ``"last"`` or ``"first"`` and is recorded as a non-negative int. Default: the base's first layer, which trained
+    better drafts than the last one in this project's measurements (scripts/bench/draft_quality.py, README)."""
     n_layers = base.args.num_hidden_layers
     layer = overrides.get("init_from_layer", DEFAULTS["init_from_layer"])
     layer = {"last": n_layers - 1, "first": 0}.get(layer, layer)
