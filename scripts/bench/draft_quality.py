@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -69,7 +70,7 @@ def train_variant(name: str, args, out: Path) -> Path:
         print(f"{name}: finished run found in {cpdir}, not retrained")
         return cpdir
     if cpdir.exists():  # an interrupted run: start it again (its evals would mix two runs)
-        subprocess.run(["rm", "-rf", str(cpdir)], check=True)
+        shutil.rmtree(cpdir)
     cpdir.mkdir(parents=True)
     config = cpdir.parent / f".{name}.config.json"
     config.write_text(json.dumps(overrides))
