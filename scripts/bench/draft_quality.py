@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from clover.ge_data.dataset import HiddenStateDataset
 from clover.model.base import BaseModel
 from clover.model.checkpoint import load_draft
 from clover.train.trainer import evaluate, metric_keys, num_heads, summarize
+from machine import cpu_flags, cpu_model  # scripts/bench/machine.py, beside this script
 
 # name -> (draft type, draft config overrides); every other setting is shared by all variants
 VARIANTS = {
@@ -46,19 +46,8 @@ TRAINERS = {"clover2": "clover.train.main_clover2", "eagle": "clover.train.main"
 
 
 def cpu_description() -> str:
-    """CPU model and the flags that decide CPU matmul speed (AVX-512, bf16, AMX)."""
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
-    wanted = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
-    return f"{model}; {os.cpu_count()} cores; {' '.join(wanted) or 'no AVX flags seen'}; torch " \
+    """CPU model and the flags that decide CPU matmul speed (AVX-512, bf16, AMX), cores and torch threads."""
+    return f"{cpu_model()}; {os.cpu_count()} cores; {' '.join(cpu_flags()) or 'no AVX flags seen'}; torch " \
            f"{torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
 
 

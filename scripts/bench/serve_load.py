@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from clover import cli  # noqa: E402
 from clover.model.loading import DEFAULT_MODEL  # noqa: E402
+from machine import cpu_model  # noqa: E402  (scripts/bench/machine.py, beside this script)
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in Spanish.",
            "Who wrote Hamlet?", "What is the boiling point of water?", "Give me a synonym for happy.",
@@ -59,16 +60,6 @@ def parse_args(argv=None):
     p.add_argument("--time-limit", type=float, default=120, help="seconds for the whole run (default 120)")
     p.add_argument("--out", default=str(ROOT / "figs" / "serve_load.json"), help="JSON results file")
     return p.parse_args(argv)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def rss_mib(pid: int) -> float:
