@@ -21,7 +21,8 @@ def cpu_flags() -> list[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
+                flags = line.split(":", 1)[1].split()
+                return [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
     except OSError:
         pass
     return []
