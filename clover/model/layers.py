@@ -132,7 +132,13 @@ class Rotary(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Return cos, sin of shape ``[..., T, 1, head_dim]``-broadcastable as ``[B, 1, T, d]``."""
-        return self.cos[position_ids].to(dtype).unsqueeze(-3), self.sin[position_ids].to(dtype).unsqueeze(-3)
+        return self.lookup(self.cos, self.sin, position_ids, dtype)
+
+    @staticmethod
+    def lookup(cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows ``position_ids`` of the tables ``cos``/``sin`` in ``dtype``, laid out as :meth:`forward`'s."""
+        return cos[position_ids].to(dtype).unsqueeze(-3), sin[position_ids].to(dtype).unsqueeze(-3)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
