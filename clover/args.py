@@ -1,0 +1,240 @@
+"""The command-line vocabulary every clover entry point shares: one name per idea, the old spellings as hidden aliases.
+
+Each ``add_*`` function adds one group of flags to a parser (or an argument group) with the same names, value checks
+and ``dest`` everywhere:
+
+    p = CloverArgumentParser(prog="python -m clover.something", description=__doc__)
+    add_base_model(p)                    # --base-model       -> args.base_model
+    add_draft(p)                         # --draft            -> args.draft
+    add_tree(p, "mc_sim_7b_63")          # --tree --tree-budget -> args.tree, args.tree_budget ('auto' or an int)
+    add_max_new_tokens(p, 256)           # --max-new-tokens   -> args.max_new_tokens
+
+Old spellings (``--basepath``, ``--model_path``, ``--total-token``, ``--max-new-token`` ...) are registered by
+:func:`add_option` as separate arguments with the same ``dest`` and no help text, so old commands keep working and
+``--help`` lists only the new names. An old name and its new name (or two old names of one flag) on the same command
+line are an error: they sit in one mutually exclusive group. Repeating the very same spelling keeps the last value,
+as argparse always does.
+
+:class:`CloverArgumentParser` reports every usage error (an unknown flag, a bad or missing value, a missing required
+flag) as one line ``error: ...`` on stderr that names the flag, and exits with status 2, as
+:func:`clover.errors.run_cli` does for a :class:`~clover.errors.CloverError`.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import re
+import sys
+
+from clover.model.loading import DEFAULT_MODEL
+
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
+
+
+class CloverArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one ``error: ...`` line (exit status 2) instead of usage + message."""
+
+    def error(self, message: str):
+        print(f"error: {self._explain(message)} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    def _explain(self, message: str) -> str:
+        """argparse's message, reworded where it talks about the alias groups or could suggest a flag."""
+        new = {s: getattr(a, "primary", s) for a in self._actions for s in a.option_strings}
+        both = re.fullmatch(r"argument (\S+): not allowed with argument (\S+)", message)
+        if both and new.get(both[1]) == new.get(both[2]):
+            flag, names = new[both[1]], (both[2], both[1])
+            if flag in names:
+                old = names[1 - names.index(flag)]
+                return f"{old} is an old name of {flag}: give only one of them"
+            return f"{names[0]} and {names[1]} are both old names of {flag}: give it once"
+        missing = re.fullmatch(r"one of the arguments (\S+) is required", message)
+        if missing:
+            return f"the following arguments are required: {missing[1]}"
+        unknown = re.fullmatch(r"unrecognized arguments: (.*)", message)
+        flag = next((w.split("=")[0] for w in unknown[1].split() if w.startswith("-")), None) if unknown else None
+        if flag:
+            close = difflib.get_close_matches(flag, list(new), n=1, cutoff=0.8)
+            return f"unknown flag {flag}" + (f"; did you mean {new[close[0]]}?" if close else "")
+        return message
+
+
+# ---- value checks: each returns the converted value or raises ArgumentTypeError with what is expected ----------
+
+def _number(text: str, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") \
+            from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number > 0 (a count, a length, a cap)."""
+    value = _number(text, int)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number >= 0 (an index, or a count where 0 means off)."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (a temperature, a rate)."""
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1] (a nucleus-sampling threshold)."""
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def tree_budget(text: str) -> int | str:
+    """'auto' (the budget measured from this device's verification cost) or a node count >= 0."""
+    text = str(text)
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of tree nodes >= 0 or 'auto', got {text!r}")
+    return value
+
+
+def runtime_dtype(text: str) -> str:
+    """A dtype name the runtime accepts (auto: fp32 on CPU, bf16 on CUDA)."""
+    if text.lower() not in DTYPE_NAMES:
+        raise argparse.ArgumentTypeError(f"must be auto, fp32, bf16 or fp16, got {text!r}")
+    return text.lower()
+
+
+# ---- the flags ----------------------------------------------------------------------------------------------------
+
+def add_option(p: argparse.ArgumentParser, name: str, *old_names: str, **kwargs) -> argparse.Action:
+    """Add flag ``name`` (shown in --help) and its ``old_names`` (hidden aliases with the same dest and checks) to
+    ``p``, a parser or an argument group (as every ``add_*`` function below).
+
+    ``kwargs`` are argparse's; ``dest`` defaults to ``name`` without dashes. Returns the visible action."""
+    kwargs.setdefault("dest", name.lstrip("-").replace("-", "_"))
+    if not old_names:
+        return p.add_argument(name, **kwargs)
+    group = p.add_mutually_exclusive_group(required=kwargs.pop("required", False))
+    action = group.add_argument(name, **kwargs)
+    for old in old_names:
+        group.add_argument(old, **{**kwargs, "help": argparse.SUPPRESS}).primary = name
+    return action
+
+
+def add_base_model(p: argparse.ArgumentParser, required: bool = False, help: str | None = None) -> argparse.Action:
+    """``--base-model`` (dest ``base_model``): a built-in name, a .gguf file or an HF folder."""
+    what = "base model: built-in name, .gguf file or HF folder"
+    return add_option(p, "--base-model", "--basepath", "--model_path", "--model-path", "--base-model-path", "--model",
+                      "--base", required=required, default=None if required else DEFAULT_MODEL, metavar="MODEL",
+                      help=help or (what if required else f"{what} (default %(default)s)"))
+
+
+def add_draft(p: argparse.ArgumentParser, required: bool = False, help: str | None = None) -> argparse.Action:
+    """``--draft`` (dest ``draft``): a draft checkpoint folder; optional drafts mean plain decoding when omitted."""
+    return add_option(p, "--draft", "--ea-model-path", "--draft-model-path", required=required, default=None,
+                      metavar="FOLDER", help=help or "draft checkpoint folder (Clover-2 or EAGLE-1)"
+                                                     + ("" if required else "; omit for plain decoding"))
+
+
+def add_data_dir(p: argparse.ArgumentParser, required: bool = True, help: str | None = None,
+                 also: tuple[str, ...] = ()) -> argparse.Action:
+    """``--data-dir`` (dest ``data_dir``): a hidden-state data folder (``python -m clover.ge_data.allocation``);
+    ``also``: old names of this entry point besides ``--tmpdir``."""
+    return add_option(p, "--data-dir", "--tmpdir", *also, required=required, default=None, metavar="FOLDER",
+                      help=help or "training data folder (python -m clover.ge_data.allocation)")
+
+
+def add_ckpt_dir(p: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> argparse.Action:
+    """``--ckpt-dir`` (dest ``ckpt_dir``): a training checkpoint folder (epoch_{k}/, final/, metrics.jsonl)."""
+    return add_option(p, "--ckpt-dir", "--cpdir", required=required, default=None, metavar="FOLDER",
+                      help=help or "checkpoint folder (epoch_{k}/, final/, metrics.jsonl)")
+
+
+def add_questions(p: argparse.ArgumentParser, subset: bool = True, help: str | None = None) -> None:
+    """``--question-file`` (Spec-Bench format JSONL, default: the shipped set) and, with ``subset``,
+    ``--question-begin``, ``--question-end`` and ``--per-group`` (dests ``question_file``, ``question_begin``,
+    ``question_end``, ``per_group``)."""
+    add_option(p, "--question-file", "--question_file", default=None, metavar="FILE",
+               help=help or "Spec-Bench format JSONL (default: the shipped set)")
+    if subset:
+        add_option(p, "--question-begin", "--question_begin", type=non_negative_int, default=None, metavar="I",
+                   help="first question (line index) to answer")
+        add_option(p, "--question-end", "--question_end", type=positive_int, default=None, metavar="I",
+                   help="answer questions before this line index")
+        add_option(p, "--per-group", "--per_group", type=positive_int, default=None, metavar="G",
+                   help="stratified subset: this many questions per category group, evenly spaced")
+
+
+def add_answer_file(p: argparse.ArgumentParser, required: bool = True, help: str | None = None,
+                    also: tuple[str, ...] = ()) -> argparse.Action:
+    """``--answer-file`` (dest ``answer_file``): an answer file, one JSON line per question; ``also``: old names of
+    this entry point."""
+    return add_option(p, "--answer-file", "--answer_file", *also, required=required, default=None, metavar="FILE",
+                      help=help or "answer file (JSON lines)")
+
+
+def add_sampling(p: argparse.ArgumentParser, top: bool = True, seed_help: str | None = "sampling seed") -> None:
+    """``--temperature`` (>= 0, 0 = greedy) and, with ``top``, ``--top-p`` (in (0, 1]) and ``--top-k`` (>= 0,
+    0 = off); with a ``seed_help``, ``--seed`` (default 0)."""
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T", help="0 = greedy (default)")
+    if top:
+        add_option(p, "--top-p", "--top_p", type=probability, default=1.0, metavar="P",
+                   help="nucleus sampling threshold, in (0, 1] (default 1: off)")
+        add_option(p, "--top-k", "--top_k", type=non_negative_int, default=0, metavar="K",
+                   help="sample from the k most likely tokens (default 0: off)")
+    if seed_help:
+        p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+
+
+def add_max_new_tokens(p: argparse.ArgumentParser, default: int,
+                       help: str = "cap on new tokens per reply") -> argparse.Action:
+    """``--max-new-tokens`` (dest ``max_new_tokens``, > 0)."""
+    return add_option(p, "--max-new-tokens", "--max-new-token", "--max_new_tokens", type=positive_int,
+                      default=default, metavar="N", help=f"{help} (default %(default)s)")
+
+
+def add_tree(p: argparse.ArgumentParser, default_tree: str = "mc_sim_7b_63", default_budget: str = "auto") -> None:
+    """``--tree`` (a fixed tree name, 'dynamic', or a Python list of node paths) and ``--tree-budget`` (dest
+    ``tree_budget``: 'auto' or an int >= 0; the node budget of the dynamic tree)."""
+    p.add_argument("--tree", default=default_tree,
+                   help="fixed tree name such as mc_sim_7b_63, 'dynamic', or a Python list of node paths "
+                        "(default %(default)s)")
+    add_option(p, "--tree-budget", "--total-token", "--budget", type=tree_budget, default=tree_budget(default_budget),
+               metavar="N|auto", help="node budget of the dynamic tree: a number, or 'auto' (from this device's "
+                                      "measured verification cost; default %(default)s)")
+
+
+def add_runtime(p: argparse.ArgumentParser, dtype: str = "auto", max_len: int | None = 4096) -> None:
+    """``--dtype`` (auto, fp32, bf16, fp16), ``--device`` (default cuda when available, else cpu) and, unless
+    ``max_len`` is None, ``--max-len`` (dest ``max_len``, > 0: the KV-cache capacity)."""
+    import torch
+
+    p.add_argument("--dtype", type=runtime_dtype, default=dtype, metavar="DTYPE",
+                   help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (default %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda[:i] (default %(default)s)")
+    if max_len is not None:
+        add_option(p, "--max-len", "--max_len", type=positive_int, default=max_len, metavar="N",
+                   help="KV-cache capacity in tokens: the context window, prompt + answer (default %(default)s)")
