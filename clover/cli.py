@@ -9,33 +9,24 @@ import sys
 
 import torch
 
+from clover.args import (CloverArgumentParser, add_base_model, add_draft, add_max_new_tokens, add_runtime,
+                         add_sampling, add_tree)
 from clover.errors import run_cli
-from clover.model.loading import DEFAULT_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m clover.cli", description=__doc__)
+    parser = CloverArgumentParser(prog="python -m clover.cli", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("generate", "answer one prompt"), ("chat", "interactive multi-turn chat")):
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--model", "--base", dest="model", default=DEFAULT_MODEL,
-                       help=f"base model: built-in name, .gguf file or HF folder (default {DEFAULT_MODEL})")
-        p.add_argument("--draft", default=None, help="draft checkpoint folder (Clover-2 or EAGLE-1); omit for plain "
-                                                     "decoding")
-        p.add_argument("--tree", default="mc_sim_7b_63", help="fixed tree name, 'dynamic', or a Python list of node "
-                                                               "paths (default mc_sim_7b_63)")
-        p.add_argument("--budget", default="auto", help="node budget of the dynamic tree: a number or 'auto' "
-                                                        "(from this device's measured verification cost)")
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold, in (0, 1]")
-        p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-        p.add_argument("--max-new-tokens", type=int, default=256, help="cap on generated tokens per reply")
+        add_base_model(p)
+        add_draft(p)
+        add_tree(p, "mc_sim_7b_63")
+        add_sampling(p)
+        add_max_new_tokens(p, 256)
         p.add_argument("--template", default="auto", help="chat template: auto|tokenizer|vicuna|llama3|chatml")
         p.add_argument("--system", default=None, help="system prompt")
-        p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
-        p.add_argument("--max-len", type=int, default=4096, help="KV-cache capacity in tokens (context window)")
-        p.add_argument("--seed", type=int, default=0, help="sampling seed")
+        add_runtime(p)
         if name == "generate":
             p.add_argument("--prompt", required=True, help="the user message")
     return parser
@@ -44,19 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
 def load_generator(args):
     """(generate-function, tokenizer, template) for the chosen model, draft and tree."""
     from clover.data.templates import get_template
-    from clover.generate.plain import generate_plain, stream_plain
+    from clover.generate.plain import stream_plain
     from clover.generate.sampling import SamplingParams
     from clover.model.base import BaseModel
     from clover.model.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.base_model)
     template = get_template(tokenizer, args.template, system_prompt=args.system)
     if args.draft:
         from clover.generate.speculative import SpeculativeModel
 
         tree = args.tree if not args.tree.lstrip().startswith("[") else _parse_tree(args.tree)
-        budget = args.budget if args.budget == "auto" else int(args.budget)
-        model = SpeculativeModel.from_pretrained(args.model, args.draft, dtype=args.dtype, device=args.device,
+        budget = args.tree_budget  # 'auto' or a node count, checked by the parser
+        model = SpeculativeModel.from_pretrained(args.base_model, args.draft, dtype=args.dtype, device=args.device,
                                                  max_len=args.max_len, tree=tree, budget=budget)
 
         def stream(ids, generator):
@@ -64,7 +55,8 @@ def load_generator(args):
                                 max_new_tokens=args.max_new_tokens, stop_token_ids=template.stop_token_ids,
                                 generator=generator)
     else:
-        base = BaseModel.from_pretrained(args.model, dtype=args.dtype, device=args.device, max_len=args.max_len)
+        base = BaseModel.from_pretrained(args.base_model, dtype=args.dtype, device=args.device,
+                                         max_len=args.max_len)
         params = SamplingParams(args.temperature, args.top_p, args.top_k)
 
         def stream(ids, generator):
