@@ -8,26 +8,16 @@ import argparse
 import logging
 import os
 
-import torch
-
+from clover.args import CloverArgumentParser, add_base_model, add_draft, add_runtime, add_tree
 from clover.errors import CloverError, run_cli
-from clover.model.loading import DEFAULT_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clover.serve", description=__doc__)
-    p.add_argument("--base-model", "--model", dest="base_model", default=DEFAULT_MODEL,
-                   help=f"base model: built-in name, .gguf file or HF folder (default {DEFAULT_MODEL})")
-    p.add_argument("--draft", default=None, help="draft checkpoint folder (Clover-2 or EAGLE-1); omit for plain "
-                                                 "decoding")
-    p.add_argument("--tree", default="dynamic", help="'dynamic' (default), a fixed tree name such as mc_sim_7b_63, "
-                                                     "or a Python list of node paths")
-    p.add_argument("--tree-budget", default="auto", help="node budget of the dynamic tree: a number or 'auto' "
-                                                         "(from this device's measured verification cost; default)")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
-    p.add_argument("--max-len", type=int, default=4096, help="KV-cache capacity in tokens: the context window "
-                                                             "(default 4096)")
+    p = CloverArgumentParser(prog="python -m clover.serve", description=__doc__)
+    add_base_model(p)
+    add_draft(p)
+    add_tree(p, "dynamic")
+    add_runtime(p)
     p.add_argument("--template", default="auto", help="chat template: auto|tokenizer|vicuna|llama3|chatml")
     p.add_argument("--system", default=None, help="system prompt used when a conversation has none")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
