@@ -215,12 +215,14 @@ def add_max_new_tokens(p: argparse.ArgumentParser, default: int,
                       default=default, metavar="N", help=f"{help} (default %(default)s)")
 
 
-def add_tree(p: argparse.ArgumentParser, default_tree: str = "mc_sim_7b_63", default_budget: str = "auto") -> None:
-    """``--tree`` (a fixed tree name, 'dynamic', or a Python list of node paths) and ``--tree-budget`` (dest
-    ``tree_budget``: 'auto' or an int >= 0; the node budget of the dynamic tree)."""
+def add_tree(p: argparse.ArgumentParser, default_tree: str = "mc_sim_7b_63", default_budget: str = "auto",
+             node_paths: bool = False) -> None:
+    """``--tree`` (a fixed tree name or 'dynamic'; with ``node_paths`` also a Python list of node paths, which the
+    entry point parses) and ``--tree-budget`` (dest ``tree_budget``: 'auto' or an int >= 0; the node budget of the
+    dynamic tree)."""
+    paths = ", or a Python list of node paths" if node_paths else ""
     p.add_argument("--tree", default=default_tree,
-                   help="fixed tree name such as mc_sim_7b_63, 'dynamic', or a Python list of node paths "
-                        "(default %(default)s)")
+                   help=f"fixed tree name such as mc_sim_7b_63, or 'dynamic'{paths} (default %(default)s)")
     add_option(p, "--tree-budget", "--total-token", "--budget", type=tree_budget, default=tree_budget(default_budget),
                metavar="N|auto", help="node budget of the dynamic tree: a number, or 'auto' (from this device's "
                                       "measured verification cost; default %(default)s)")

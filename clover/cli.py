@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_base_model(p)
         add_draft(p)
-        add_tree(p, "mc_sim_7b_63")
+        add_tree(p, "mc_sim_7b_63", node_paths=True)
         add_sampling(p)
         add_max_new_tokens(p, 256)
         p.add_argument("--template", default="auto", help="chat template: auto|tokenizer|vicuna|llama3|chatml")

@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = CloverArgumentParser(prog="python -m clover.serve", description=__doc__)
     add_base_model(p)
     add_draft(p)
-    add_tree(p, "dynamic")
+    add_tree(p, "dynamic", node_paths=True)
     add_runtime(p)
     p.add_argument("--template", default="auto", help="chat template: auto|tokenizer|vicuna|llama3|chatml")
     p.add_argument("--system", default=None, help="system prompt used when a conversation has none")
