@@ -28,17 +28,17 @@ writes it in the current format.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import operator
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
+from clover.args import CloverArgumentParser
 from clover.errors import CloverError, run_cli
+from clover.io import write_text
 
 GROUPS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -327,21 +327,9 @@ def done_question_ids(path: str | os.PathLike) -> set[int]:
 
 
 def sort_answer_file(path: str | os.PathLike) -> None:
-    """Rewrite an answer file sorted by question_id without repeated ids, in the current format, atomically (temp
-    file + os.replace)."""
-    path = Path(path)
-    answers = load_answers(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in answers:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Rewrite an answer file sorted by question_id without repeated ids, in the current format, atomically
+    (:func:`clover.io.write_text`)."""
+    write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in load_answers(path)))
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -354,7 +342,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = CloverArgumentParser(
         prog="python -m clover.evaluation.answers",
         description="Rewrite answer files in the current record format (flat accept_lengths, decoding_steps), "
                     "sorted by question_id without repeated ids, so Spec-Bench's evaluation scripts read them.")

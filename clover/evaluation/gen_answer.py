@@ -3,26 +3,27 @@
 (``eagle``), and the transformers peers ``hf`` (plain ``generate``) and ``hf_pld`` (prompt-lookup decoding).
 
 Every method gets the same prompts (the base model's chat template; multi-turn questions keep the conversation with
-the model's own earlier answers), the same ``--max-new-token`` cap and stop tokens, a warm-up before timing, and a
+the model's own earlier answers), the same ``--max-new-tokens`` cap and stop tokens, a warm-up before timing, and a
 seed per (question, choice). Runs resume: questions already answered in the answer file are skipped; a failed
 question is recorded as a failure, never with numbers.
 
-    python -m clover.evaluation.gen_answer --method clover --base-model-path smollm2-135m-instruct \\
-        --draft-model-path runs/clover2 --answer-file answers/clover.jsonl
+    python -m clover.evaluation.gen_answer --method clover --base-model smollm2-135m-instruct \\
+        --draft runs/clover2 --answer-file answers/clover.jsonl
 """
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from clover.args import (CloverArgumentParser, add_answer_file, add_base_model, add_draft, add_max_new_tokens,
+                         add_questions, add_runtime, add_sampling, add_tree, non_negative_int, positive_int)
 from clover.errors import CloverError, run_cli
 from clover.evaluation.answers import (answer_record, append_answer, default_question_file, done_question_ids,
                                        error_record, load_questions, make_choice, sort_answer_file)
-from clover.model.loading import DEFAULT_MODEL
+from clover.io import device_timer
 
 METHODS = ("baseline", "clover", "eagle", "hf", "hf_pld")
 
@@ -124,13 +125,9 @@ def answer_question(decoder: Decoder, template, tokenizer, question: dict, choic
     for turn in question["turns"]:
         messages.append({"role": "user", "content": turn})
         ids = template.encode_prompt(messages)
-        if decoder.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        tokens, accept_lengths = decoder.decode(ids, seed + 1000 * choice)
-        if decoder.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        with device_timer(decoder.device) as timer:
+            tokens, accept_lengths = decoder.decode(ids, seed + 1000 * choice)
+        times.append(timer.seconds)
         text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": text})
         texts.append(text)
@@ -178,42 +175,32 @@ def generate_answers(method: str, base_model_path: str, answer_file, question_fi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clover.evaluation.gen_answer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CloverArgumentParser(prog="python -m clover.evaluation.gen_answer", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--base-model-path", default=DEFAULT_MODEL, help="built-in name, .gguf or HF folder")
-    p.add_argument("--draft-model-path", default=None, help="draft checkpoint (clover / eagle)")
-    p.add_argument("--question-file", default=None, help="Spec-Bench format JSONL (default: the shipped set)")
-    p.add_argument("--question-begin", type=int, default=None, help="first question (line index) to answer")
-    p.add_argument("--question-end", type=int, default=None, help="answer questions before this line index")
-    p.add_argument("--per-group", type=int, default=None,
-                   help="stratified subset: this many questions per category group, evenly spaced")
-    p.add_argument("--answer-file", required=True,
-                   help="JSONL to append to (questions already in it are skipped)")
+    add_base_model(p)
+    add_draft(p, help="draft checkpoint folder (methods clover and eagle)")
+    add_questions(p)
+    add_answer_file(p, help="JSONL to append to (questions already in it are skipped)")
     p.add_argument("--model-id", default=None,
                    help="model_id of every line (default: <model>-<method>-temperature-<T>)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold, in (0, 1]")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    p.add_argument("--max-new-token", type=int, default=256, help="cap per turn, the same for every method")
-    p.add_argument("--num-choices", type=int, default=1, help="answers per question (different seeds)")
-    p.add_argument("--tree", default="mc_sim_7b_63", help="fixed tree name or 'dynamic'")
-    p.add_argument("--total-token", default="auto", help="node budget of the dynamic tree (number or 'auto')")
+    add_sampling(p, seed_help="base seed; each question and choice derives its own")
+    add_max_new_tokens(p, 256, help="cap per turn, the same for every method")
+    p.add_argument("--num-choices", type=positive_int, default=1, metavar="K",
+                   help="answers per question (different seeds)")
+    add_tree(p, "mc_sim_7b_63")
     p.add_argument("--template", default="auto", help="chat template name (auto: from the model)")
-    p.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
-    p.add_argument("--max-len", type=int, default=4096, help="KV-cache length (prompt + answer)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; each question and choice derives its own")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs of the first question")
+    add_runtime(p)
+    p.add_argument("--warmup", type=non_negative_int, default=1, metavar="N",
+                   help="untimed warm-up runs of the first question")
     return p
 
 
 def main(argv=None) -> None:
     a = build_parser().parse_args(argv)
-    budget = a.total_token if a.total_token == "auto" else int(a.total_token)
-    path = generate_answers(a.method, a.base_model_path, a.answer_file, a.question_file, a.draft_model_path,
-                            a.model_id, a.temperature, a.top_p, a.top_k, a.max_new_token, a.num_choices, a.tree,
-                            budget, a.question_begin, a.question_end, a.dtype, a.device, a.max_len, a.template,
+    path = generate_answers(a.method, a.base_model, a.answer_file, a.question_file, a.draft,
+                            a.model_id, a.temperature, a.top_p, a.top_k, a.max_new_tokens, a.num_choices, a.tree,
+                            a.tree_budget, a.question_begin, a.question_end, a.dtype, a.device, a.max_len, a.template,
                             a.seed, a.warmup, per_group=a.per_group)
     print(f"wrote {path}")
 

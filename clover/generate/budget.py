@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import time
 
 import torch
 
+from clover.io import device_timer, write_json
 from clover.model.base import BaseModel
 from clover.model.loading import cache_dir
 
@@ -32,13 +31,9 @@ def measure_cost_curve(base: BaseModel, sizes=SIZES, prefix: int = 256, repeats:
         times = []
         for _ in range(repeats + 1):
             base.truncate(prefix)
-            if base.device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            base(ids[:, prefix:prefix + s], tree_mask=mask)
-            if base.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
+            with device_timer(base.device) as timer:
+                base(ids[:, prefix:prefix + s], tree_mask=mask)
+            times.append(timer.seconds)
         curve[s] = sorted(times[1:])[repeats // 2]
     base.reset()
     return curve
@@ -58,9 +53,7 @@ def verification_cost(base: BaseModel, max_size: int = 64) -> torch.Tensor:
     if curve is None:
         curve = measure_cost_curve(base)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "curve": curve}))
-        os.replace(tmp, path)
+        write_json(path, {"key": key, "curve": curve}, indent=None)
     xs = torch.tensor(sorted(curve), dtype=torch.float32)
     ys = torch.tensor([curve[int(x)] for x in xs], dtype=torch.float32)
     sizes = torch.arange(max_size + 1, dtype=torch.float32).clamp(min=1, max=float(xs[-1]))
@@ -79,13 +72,9 @@ def draft_costs(runner, base: BaseModel, rows: int, repeats: int = 5) -> tuple[f
     parents = torch.zeros(rows, dtype=torch.long, device=base.device)
 
     def timed(fn):
-        if base.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if base.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+        with device_timer(base.device) as timer:
+            fn()
+        return timer.seconds
 
     starts, levels = [], []
     for _ in range(repeats + 1):

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from clover.errors import CloverError
+from clover.io import replace_dir
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -128,8 +129,8 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(tmp)
-        if not target.exists():
-            os.replace(tmp, target)
+        if not target.exists():  # another process may have converted it meanwhile
+            replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -27,6 +27,7 @@ import torch
 
 from clover.errors import CloverError, run_cli
 from clover.ge_data.dataset import HiddenStateDataset
+from clover.io import write_json
 from clover.model.base import BaseModel
 from clover.model.checkpoint import load_draft
 from clover.train.trainer import evaluate, metric_keys, num_heads, summarize
@@ -195,9 +196,7 @@ def main(argv=None) -> None:
     report = {"date": date.today().isoformat(), "machine": machine, "settings": settings,
               "held_out_conversations": len(test_set), "variants": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.json).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, args.json)
+    write_json(args.json, report, indent=1)
     steps = max(r["curve"][-1]["step"] for r in results.values())
     plot(results, Path(args.fig), f"{args.base_model}, {steps} steps of batch {args.bs} at max_len {args.max_len}, "
                                   f"lr {args.lr}, {len(test_set)} held-out conversations; {machine.split(';')[0]}")

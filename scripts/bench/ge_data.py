@@ -18,19 +18,19 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from clover.ge_data import allocation
 from clover.ge_data.dataset import shard_files
 from clover.ge_data.worker import compute_dtype
+from clover.io import read_safetensors
 from clover.model.base import DTYPES, BaseModel
 
 
 def stored_sequences(folder: Path) -> list[torch.Tensor]:
     sequences = []
     for path in shard_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            ids, offsets = f.get_tensor("input_ids").long(), f.get_tensor("offsets").tolist()
+        t = read_safetensors(path, keys=("input_ids", "offsets"), what="shard")
+        ids, offsets = t["input_ids"].long(), t["offsets"].tolist()
         sequences += [ids[a:b][None] for a, b in zip(offsets[:-1], offsets[1:])]
     return sequences
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from clover import io as clover_io
 from gpu_check.common import environment, header, pick_device, test_helpers
 
 
@@ -31,9 +31,7 @@ def quiet_transformers() -> None:
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    clover_io.write_json(path, data, default=str)
 
 
 def run_checks(args, device) -> int:

@@ -257,9 +257,8 @@ def check_ge_data(ctx: Context) -> dict:
     """``python -m clover.ge_data.allocation`` on the device (``--gpus 0``; ``--gpus cpu`` dry): ShareGPT-format
     conversations and a monitoring set (``--eval``: the base model answers the questions greedily on the device),
     bf16 storage; the stored pre-norm states equal a fresh forward of the runtime, rounded to bf16."""
-    from safetensors import safe_open
-
     from clover.ge_data.dataset import shard_files
+    from clover.io import read_safetensors
     from clover.model.base import BaseModel
     from clover.ge_data.worker import compute_dtype
 
@@ -288,8 +287,7 @@ def check_ge_data(ctx: Context) -> dict:
     eval_totals = json.loads((out_eval / "manifest.json").read_text())["totals"]
     assert eval_totals["complete"] and eval_totals["conversations"] >= 1, eval_totals
     # the first conversation's stored states vs a fresh forward (the worker's compute dtype, on the device)
-    with safe_open(str(shard_files(out)[0]), framework="pt") as f:
-        t = {k: f.get_tensor(k) for k in f.keys()}
+    t = read_safetensors(shard_files(out)[0], what="shard")
     a, b = int(t["offsets"][0]), int(t["offsets"][1])
     ids, stored = t["input_ids"][a:b].long(), t["hidden_prenorm"][a:b]
     assert stored.dtype == torch.bfloat16 and 0 < int(t["loss_mask"][a:b].sum()) < b - a

@@ -10,11 +10,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
 import torch
+
+from clover.io import device_timer
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (tests/ and clover/ live here)
 
@@ -29,11 +30,6 @@ def pick_device(dry_run: bool) -> torch.device:
     return torch.device("cuda")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device, reps: int, warmup: int = 1) -> dict:
     """Median (and min, max) seconds of ``fn()`` over ``reps`` calls after ``warmup`` calls, the device synchronised
     before and after each call so that asynchronous CUDA work is counted where it is launched."""
@@ -41,11 +37,9 @@ def timed(fn, device: torch.device, reps: int, warmup: int = 1) -> dict:
         fn()
     times = []
     for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
+        with device_timer(device) as timer:
+            fn()
+        times.append(timer.seconds)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "reps": reps}
 
 
