@@ -7,7 +7,7 @@
 Every stage is the documented command line (printed before it runs) and resumes when rerun: finished shards,
 trained drafts and answered questions are kept. ``--fast`` is a few-minute smoke version.
 
-    python -m clover.pipeline [--fast] [--workdir runs/pipeline] [--model smollm2-135m-instruct]
+    python -m clover.pipeline [--fast] [--workdir runs/pipeline] [--base-model smollm2-135m-instruct]
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from clover.args import CloverArgumentParser, add_base_model, add_questions, add_tree
 from clover.errors import CloverError, run_cli
-from clover.model.loading import DEFAULT_MODEL
 
 # (conversations, max_len, batch size, epochs, max_steps, questions, max_new_token) per size. Both drafts propose
 # from the 8,192 most frequent reply tokens (--draft_vocab_size), with which Clover-2's five vocabulary-sized heads
@@ -43,12 +43,12 @@ def run(cmd: list[str]) -> None:
     print(f"[{time.perf_counter() - start:.0f} s]", flush=True)
 
 
-def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tree: str, budget: str) -> None:
+def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tree: str, budget: int | str) -> None:
     s = SIZES[size]
     py = [sys.executable, "-m"]
     data = workdir / "data"
-    run(py + ["clover.ge_data.allocation", "--model_path", model, "--outdir", str(data), "--start", "0",
-              "--end", str(s["conversations"]), "--max_len", str(s["max_len"]), "--shard_size", "32"])
+    run(py + ["clover.ge_data.allocation", "--base-model", model, "--data-dir", str(data), "--start", "0",
+              "--end", str(s["conversations"]), "--max-len", str(s["max_len"]), "--shard-size", "32"])
     common = ["--basepath", model, "--tmpdir", str(data), "--bs", str(s["bs"]), "--max_len", str(s["max_len"]),
               "--epochs", str(s["epochs"]), "--warmup_steps", "10", "--keep_last", "1",
               "--draft_vocab_size", str(DRAFT_VOCAB_SIZE)]
@@ -60,9 +60,9 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
         if not (ckpt / "final" / "model.safetensors").is_file():
             run(py + [module, *common, "--cpdir", str(ckpt), "--lr", lr])
         drafts[name] = ckpt / "final"
-    cmd = py + ["clover.evaluation.compare", "--base-model-path", model, "--clover-draft", str(drafts["clover2"]),
+    cmd = py + ["clover.evaluation.compare", "--base-model", model, "--clover-draft", str(drafts["clover2"]),
                 "--eagle-draft", str(drafts["eagle"]), "--outdir", str(workdir / "compare"),
-                "--max-new-token", str(s["max_new_token"]), "--tree", tree, "--total-token", budget]
+                "--max-new-tokens", str(s["max_new_token"]), "--tree", tree, "--tree-budget", str(budget)]
     if question_file:
         cmd += ["--question-file", question_file]
     if s["question_end"]:
@@ -72,17 +72,16 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m clover.pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="base model (built-in name, .gguf or HF folder)")
+    p = CloverArgumentParser(prog="python -m clover.pipeline", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_model(p)
     p.add_argument("--workdir", default="runs/pipeline", help="where data, checkpoints and answers go")
     p.add_argument("--fast", action="store_true", help="a few-minute smoke version (tiny data and budgets)")
-    p.add_argument("--question-file", default=None, help="Spec-Bench format questions (default: the shipped set)")
-    p.add_argument("--tree", default="dynamic", help="draft tree for both drafts: 'dynamic' or a fixed tree name")
-    p.add_argument("--total-token", default="auto", help="dynamic tree node budget, or 'auto' (measured cost)")
+    add_questions(p, subset=False, help="Spec-Bench format questions (default: the shipped set)")
+    add_tree(p, "dynamic")
     a = p.parse_args(argv)
     workdir = Path(a.workdir) / ("fast" if a.fast else "full")
-    pipeline(workdir, a.model, "fast" if a.fast else "full", a.question_file, a.tree, a.total_token)
+    pipeline(workdir, a.base_model, "fast" if a.fast else "full", a.question_file, a.tree, a.tree_budget)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ prompt-lookup decoding, the project's plain decoding, EAGLE-1 and Clover-2. Writ
 (resumable), a markdown table (tokens/s, speedup over the project's plain decoding, τ per group) and plots in figs/.
 
     python -m clover.evaluation.compare --clover-draft runs/clover2 --eagle-draft runs/eagle \\
-        [--question-file spec_bench_question.jsonl] [--max-new-token 128] [--outdir runs/compare]
+        [--question-file spec_bench_question.jsonl] [--max-new-tokens 128] [--outdir runs/compare]
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from clover.args import (CloverArgumentParser, add_base_model, add_max_new_tokens, add_questions, add_runtime,
+                         add_sampling, add_tree)
 from clover.errors import CloverError, run_cli
 from clover.evaluation.answers import GROUPS, load_answers
 from clover.evaluation.gen_answer import generate_answers
@@ -110,24 +112,18 @@ def plot(results: dict, figs: Path) -> None:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m clover.evaluation.compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-model-path", default=DEFAULT_MODEL, help="built-in name, .gguf or HF folder")
+    p = CloverArgumentParser(prog="python -m clover.evaluation.compare", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_model(p)
     p.add_argument("--clover-draft", default=None, help="Clover-2 checkpoint (omit to leave Clover-2 out)")
     p.add_argument("--eagle-draft", default=None, help="EAGLE-1 checkpoint (omit to leave EAGLE-1 out)")
-    p.add_argument("--question-file", default=None, help="Spec-Bench format JSONL (default: the shipped set)")
-    p.add_argument("--question-begin", type=int, default=None, help="first question (line index) to answer")
-    p.add_argument("--question-end", type=int, default=None, help="answer questions before this line index")
-    p.add_argument("--per-group", type=int, default=None,
-                   help="stratified subset: this many questions per category group, evenly spaced")
+    add_questions(p)
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated subset of: " + ", ".join(DEFAULT_METHODS))
-    p.add_argument("--max-new-token", type=int, default=128, help="cap per turn, the same for every method")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--tree", default="mc_sim_7b_63", help="fixed tree name or 'dynamic'")
-    p.add_argument("--total-token", default="auto", help="node budget of the dynamic tree (number or 'auto')")
-    p.add_argument("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    add_max_new_tokens(p, 128, help="cap per turn, the same for every method")
+    add_sampling(p, top=False, seed_help=None)
+    add_tree(p, "mc_sim_7b_63")
+    add_runtime(p, max_len=None)
     p.add_argument("--outdir", default="runs/compare", help="answer files, table.md and results.json")
     p.add_argument("--figs", default="figs", help="folder for the plots")
     return p
@@ -135,9 +131,9 @@ def build_parser():
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    budget = a.total_token if a.total_token == "auto" else int(a.total_token)
-    results = run_comparison(a.outdir, a.base_model_path, a.clover_draft, a.eagle_draft, a.question_file,
-                             a.methods.split(","), a.max_new_token, a.temperature, a.tree, budget, a.dtype, a.device,
+    results = run_comparison(a.outdir, a.base_model, a.clover_draft, a.eagle_draft, a.question_file,
+                             a.methods.split(","), a.max_new_tokens, a.temperature, a.tree, a.tree_budget, a.dtype,
+                             a.device,
                              a.figs, a.question_begin, a.question_end, per_group=a.per_group)
     print(markdown_table(results))
 

@@ -2,21 +2,21 @@
 
 Two throughputs are reported, per group and overall: ``tok/s total`` = total new tokens / total wall time, and
 ``tok/s mean`` = the mean of the per-question rates (a question's new tokens / its wall time, all turns together).
-With ``--base_path`` the speedup is the ratio of the total throughputs (and, also shown, the ratio of the means),
+With ``--baseline-file`` the speedup is the ratio of the total throughputs (and, also shown, the ratio of the means),
 over the questions answered successfully in both files. Failed answers are excluded and counted. With one choice
 per question, ``tok/s mean`` is the "Tokens per second" that Spec-Bench's ``evaluation/speed.py`` prints for the same
 file. Only ``new_tokens`` and ``wall_time`` are read, which both answer formats (see
 :mod:`clover.evaluation.answers`) hold per turn.
 
-    python -m clover.evaluation.speed_spe --path answers/clover.jsonl --base_path answers/baseline.jsonl
+    python -m clover.evaluation.speed_spe --answer-file answers/clover.jsonl --baseline-file answers/baseline.jsonl
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from typing import Sequence
 
+from clover.args import CloverArgumentParser, add_answer_file, add_option
 from clover.errors import CloverError, run_cli
 from clover.evaluation.answers import GROUPS, category_group, format_table, is_success, load_answers
 
@@ -135,12 +135,14 @@ def format_speed_report(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m clover.evaluation.speed_spe", description=__doc__.split("\n")[0])
-    parser.add_argument("--path", required=True, help="answer file (JSON lines) to measure")
-    parser.add_argument("--base_path", help="baseline answer file (e.g. plain decoding) to compute the speedup over")
+    parser = CloverArgumentParser(prog="python -m clover.evaluation.speed_spe", description=__doc__.split("\n")[0])
+    add_answer_file(parser, also=("--path",), help="answer file (JSON lines) to measure")
+    add_option(parser, "--baseline-file", "--base_path", default=None, metavar="FILE",
+               help="baseline answer file (e.g. plain decoding) to compute the speedup over")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
-    report = speed_report(load_answers(args.path), load_answers(args.base_path) if args.base_path else None)
+    report = speed_report(load_answers(args.answer_file),
+                          load_answers(args.baseline_file) if args.baseline_file else None)
     print(json.dumps(report, indent=2) if args.json else format_speed_report(report))
 
 

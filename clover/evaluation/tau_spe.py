@@ -6,14 +6,14 @@ The mean of the per-step ``accept_lengths`` (pooled over all steps, as Spec-Benc
 is computed separately and must agree with the counts. Answer files of the current format and those written before
 it (nested per-turn ``accept_lengths``) are both read. Failed answers are excluded and counted.
 
-    python -m clover.evaluation.tau_spe --path answers/clover.jsonl
+    python -m clover.evaluation.tau_spe --answer-file answers/clover.jsonl
 """
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Sequence
 
+from clover.args import CloverArgumentParser, add_answer_file
 from clover.errors import CloverError, run_cli
 from clover.evaluation.answers import (GROUPS, category_group, flat_accept_lengths, format_table, is_success,
                                        load_answers, turn_accept_lengths)
@@ -73,11 +73,11 @@ def format_tau_report(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m clover.evaluation.tau_spe", description=__doc__.split("\n")[0])
-    parser.add_argument("--path", required=True, help="answer file (JSON lines) to measure")
+    parser = CloverArgumentParser(prog="python -m clover.evaluation.tau_spe", description=__doc__.split("\n")[0])
+    add_answer_file(parser, also=("--path",), help="answer file (JSON lines) to measure")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
-    report = tau_report(load_answers(args.path))
+    report = tau_report(load_answers(args.answer_file))
     print(json.dumps(report, indent=2) if args.json else format_tau_report(report))
 
 
