@@ -34,8 +34,9 @@ from clover.data.conversations import Conversation, load_conversations, select_c
 from clover.data.templates import TEMPLATE_ALIASES, get_template
 from clover.errors import CloverError, run_cli
 from clover.evaluation.answers import default_question_file, load_questions
-from clover.ge_data.dataset import MANIFEST, open_shard, read_manifest, shard_files, shard_path, temp_path
+from clover.ge_data.dataset import MANIFEST, open_shard, read_manifest, shard_files, shard_path
 from clover.ge_data.worker import WorkerJob, compute_dtype, run_worker
+from clover.io import temp_files, write_json
 from clover.model.layers import LlamaArgs
 from clover.model.loading import check_architecture, load_tokenizer, read_config, resolve_model_path
 
@@ -242,7 +243,8 @@ def prepare_outdir(outdir: Path, manifest: dict, overwrite: bool) -> None:
         if diff:
             raise CloverError(f"{outdir} holds data made with another configuration ({'; '.join(diff)}); use another "
                               f"--data-dir, or --overwrite to delete it and start over")
-    for tmp in list(outdir.glob("shard_*.safetensors.tmp")) + [temp_path(outdir / MANIFEST)]:
+    # what writes of a killed run left: clover.io's temporary files, and the names older versions wrote to
+    for tmp in temp_files(outdir) + list(outdir.glob("shard_*.safetensors.tmp")) + [outdir / f"{MANIFEST}.tmp"]:
         tmp.unlink(missing_ok=True)
 
 
@@ -287,12 +289,9 @@ def write_manifest(outdir: Path, manifest: dict) -> dict:
               "masked_tokens": sum(r["masked_tokens"] for r in records), "bytes": sum(r["bytes"] for r in records),
               "bytes_per_token": sum(r["bytes"] for r in records) / tokens if tokens else None}
     manifest.update(totals=totals, shards=records)
-    tmp = temp_path(outdir / MANIFEST)
     try:
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, outdir / MANIFEST)
+        write_json(outdir / MANIFEST, manifest)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise CloverError(f"cannot write {outdir / MANIFEST}: {err.strerror or err}") from None
     return totals
 

@@ -37,11 +37,6 @@ def shard_path(folder: str | os.PathLike, index: int) -> Path:
     return Path(folder) / f"shard_{index:06d}.safetensors"
 
 
-def temp_path(path: Path) -> Path:
-    """Where a file is written before it is renamed to ``path``."""
-    return path.with_name(path.name + ".tmp")
-
-
 def shard_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(Path(folder).glob(SHARD_GLOB))
 

@@ -10,19 +10,18 @@ conversations hold only user turns, which are first answered greedily by the bas
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 
-import safetensors.torch
 import torch
 from tqdm import tqdm
 
 from clover.data.conversations import Conversation
 from clover.data.templates import ChatTemplate, get_template
 from clover.errors import CloverError
-from clover.ge_data.dataset import shard_path, temp_path
+from clover.ge_data.dataset import shard_path
 from clover.generate.plain import generate_plain
+from clover.io import save_safetensors
 from clover.model.base import DTYPES, BaseModel
 from clover.model.loading import load_tokenizer
 
@@ -117,19 +116,12 @@ def dump_shard(base: BaseModel, template: ChatTemplate, convs: list[Conversation
 
 
 def write_shard(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a shard to a temporary name next to ``path``, flush it to disk, then rename it into place."""
-    tmp = temp_path(path)
+    """Write a shard atomically: to a temporary name next to ``path``, flushed to disk, then renamed into place."""
     try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise CloverError(f"cannot write {path}: {err.strerror or err} (disk full or folder not writable?); "
-                              f"free space and rerun the same command to resume") from None
-        raise
+        save_safetensors(path, tensors, metadata)
+    except OSError as err:
+        raise CloverError(f"cannot write {path}: {err.strerror or err} (disk full or folder not writable?); "
+                          f"free space and rerun the same command to resume") from None
 
 
 def answer_turns(base: BaseModel, template: ChatTemplate, user_turns: list[dict], max_new_tokens: int) -> list[dict]:
