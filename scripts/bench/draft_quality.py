@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from clover.args import CloverArgumentParser, add_base_model, add_data_dir
 from clover.errors import CloverError, run_cli
 from clover.ge_data.dataset import HiddenStateDataset
 from clover.io import write_json
@@ -142,10 +143,10 @@ def plot(results: dict, path: Path, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="training data (python -m clover.ge_data.allocation)")
-    p.add_argument("--base-model", default="smollm2-135m-instruct", help="base model the data was dumped with")
+    p = CloverArgumentParser(description=__doc__.split("\n\n")[0],
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_dir(p)
+    add_base_model(p, help="base model the data was dumped with")
     p.add_argument("--out-dir", default="runs/draft_quality", help="one checkpoint folder per variant")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps per variant")

@@ -6,7 +6,7 @@ same process with the same threads. Prints tokens/s of the whole run (data and m
 loading included), of the dump itself (after model loading: templating, forward, dtype conversion, writing), of the
 raw forward, their ratios (target >= 90% for the dump), and the bytes per token on disk; writes figs/bench_ge_data.json.
 
-    python scripts/bench/ge_data.py [--model smollm2-135m-instruct] [--end 40] [--max_len 2048] [--dtype bf16]
+    python scripts/bench/ge_data.py [--base-model smollm2-135m-instruct] [--end 40] [--max-len 2048] [--dtype bf16]
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from clover.args import CloverArgumentParser, add_base_model, add_option, positive_int
 from clover.ge_data import allocation
 from clover.ge_data.dataset import shard_files
 from clover.ge_data.worker import compute_dtype
@@ -43,20 +44,21 @@ def forward_seconds(base: BaseModel, sequences: list[torch.Tensor]) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="base model")
-    parser.add_argument("--end", type=int, default=40, help="conversations to dump (default 40)")
-    parser.add_argument("--max_len", type=int, default=2048, help="tokens kept per conversation")
+    parser = CloverArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_model(parser)
+    parser.add_argument("--end", type=positive_int, default=40, help="conversations to dump (default 40)")
+    add_option(parser, "--max-len", "--max_len", type=positive_int, default=2048, metavar="N",
+               help="tokens kept per conversation (default 2048)")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="stored dtype")
     parser.add_argument("--out", default="figs/bench_ge_data.json", help="results JSON")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_ge_data_") as tmp:
         outdir = Path(tmp) / "data"
-        base = BaseModel.from_pretrained(args.model, dtype=compute_dtype(args.dtype, "cpu"), max_len=1)
+        base = BaseModel.from_pretrained(args.base_model, dtype=compute_dtype(args.dtype, "cpu"), max_len=1)
         start = time.perf_counter()
-        run = allocation.main(["--model_path", args.model, "--outdir", str(outdir), "--end", str(args.end),
-                               "--max_len", str(args.max_len), "--dtype", args.dtype, "--gpus", "cpu"])
+        run = allocation.main(["--base-model", args.base_model, "--data-dir", str(outdir), "--end", str(args.end),
+                               "--max-len", str(args.max_len), "--dtype", args.dtype, "--gpus", "cpu"])
         whole_seconds = time.perf_counter() - start
         sequences = stored_sequences(outdir)
         forward_seconds(base, sequences[:1])  # warm-up
@@ -64,7 +66,7 @@ def main():
 
     tokens = run["tokens"]
     results = {
-        "model": args.model, "conversations": run["conversations"], "tokens": tokens, "max_len": args.max_len,
+        "model": args.base_model, "conversations": run["conversations"], "tokens": tokens, "max_len": args.max_len,
         "storage_dtype": args.dtype, "compute_dtype": compute_dtype(args.dtype, "cpu"),
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -75,7 +77,7 @@ def main():
         "bytes_on_disk": run["bytes"], "bytes_per_token": run["bytes_per_token"],
         "hidden_bytes_per_token": base.args.hidden_size * DTYPES[args.dtype].itemsize,
     }
-    print(f"\n{args.model}: {run['conversations']} conversations, {tokens:,} tokens (max_len {args.max_len}), "
+    print(f"\n{args.base_model}: {run['conversations']} conversations, {tokens:,} tokens (max_len {args.max_len}), "
           f"{args.dtype} storage, {results['compute_dtype']} forward, {results['threads']} threads")
     print(f"whole run (data + model loading included): {whole_seconds:7.1f} s  "
           f"{results['whole_run_tokens_per_s']:8.0f} tokens/s  {results['whole_run_over_forward']:6.1%} of raw forward")

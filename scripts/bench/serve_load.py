@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from clover import cli  # noqa: E402
-from clover.model.loading import DEFAULT_MODEL  # noqa: E402
+from clover.args import (CloverArgumentParser, add_base_model, add_draft, add_tree, positive_int,  # noqa: E402
+                         runtime_dtype)
 from machine import cpu_model  # noqa: E402  (scripts/bench/machine.py, beside this script)
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in Spanish.",
@@ -47,16 +48,17 @@ NAME = "load-test"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-model", default=DEFAULT_MODEL, help=f"base model (default {DEFAULT_MODEL})")
-    p.add_argument("--draft", default=None, help="draft checkpoint folder (default: an untrained Clover-2 draft)")
-    p.add_argument("--tree", default="dynamic", help="tree of the draft server (default dynamic)")
-    p.add_argument("--tree-budget", default="auto", help="node budget of the dynamic tree (default auto)")
-    p.add_argument("--dtype", default="fp32", help="dtype of both servers and the reference (default fp32)")
-    p.add_argument("--max-tokens", type=int, default=8, help="new tokens per request (default 8)")
-    p.add_argument("--sequential", type=int, default=50, help="requests sent one by one (default 50)")
-    p.add_argument("--concurrent", type=int, default=50, help="requests sent from --clients threads (default 50)")
-    p.add_argument("--clients", type=int, default=8, help="client threads of the concurrent phase (default 8)")
+    p = CloverArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_model(p)
+    add_draft(p, help="draft checkpoint folder (default: an untrained Clover-2 draft)")
+    add_tree(p, "dynamic")
+    p.add_argument("--dtype", type=runtime_dtype, default="fp32",
+                   help="dtype of both servers and the reference (default fp32)")
+    p.add_argument("--max-tokens", type=positive_int, default=8, help="new tokens per request (default 8)")
+    p.add_argument("--sequential", type=positive_int, default=50, help="requests sent one by one (default 50)")
+    p.add_argument("--concurrent", type=positive_int, default=50,
+                   help="requests sent from --clients threads (default 50)")
+    p.add_argument("--clients", type=positive_int, default=8, help="client threads of the concurrent phase (default 8)")
     p.add_argument("--time-limit", type=float, default=120, help="seconds for the whole run (default 120)")
     p.add_argument("--out", default=str(ROOT / "figs" / "serve_load.json"), help="JSON results file")
     return p.parse_args(argv)
@@ -82,7 +84,7 @@ def percentile(values, q: float) -> float:
 
 def references(args) -> dict[str, str]:
     """Greedy answers of ``python -m clover.cli generate`` (plain decoding) for every prompt."""
-    parsed = cli.build_parser().parse_args(["generate", "--prompt", "-", "--model", args.base_model, "--dtype",
+    parsed = cli.build_parser().parse_args(["generate", "--prompt", "-", "--base-model", args.base_model, "--dtype",
                                             args.dtype, "--device", "cpu", "--max-len", "1024",
                                             "--max-new-tokens", str(args.max_tokens)])
     stream, tokenizer, template = cli.load_generator(parsed)
@@ -101,7 +103,7 @@ def start_server(args, draft, log_path: Path):
            "--device", "cpu", "--max-len", "1024", "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", NAME, "--log-level", "warning"]
     if draft:
-        cmd += ["--draft", str(draft), "--tree", args.tree, "--tree-budget", args.tree_budget]
+        cmd += ["--draft", str(draft), "--tree", args.tree, "--tree-budget", str(args.tree_budget)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     while True:

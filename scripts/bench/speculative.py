@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from clover.args import (CloverArgumentParser, add_base_model, add_max_new_tokens, add_option, add_questions,
+                         positive_int)
 from clover.evaluation.answers import load_answers
 from clover.evaluation.gen_answer import generate_answers
 from clover.evaluation.tau_spe import tau_report
@@ -30,27 +32,27 @@ def configs(args):
     for label, method, draft in (("EAGLE-1", "eagle", args.eagle_draft), ("Clover-2", "clover", args.clover_draft)):
         if draft:
             yield f"{label} fixed mc_sim_7b_63", method, draft, "mc_sim_7b_63", "auto"
-            yield f"{label} dynamic budget {args.budget}", method, draft, "dynamic", str(args.budget)
+            yield f"{label} dynamic budget {args.tree_budget}", method, draft, "dynamic", str(args.tree_budget)
             yield f"{label} dynamic auto", method, draft, "dynamic", "auto"
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="base model (built-in name, .gguf or HF folder)")
+    p = CloverArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_model(p)
     p.add_argument("--clover-draft", default=None, help="Clover-2 checkpoint (omit to leave it out)")
     p.add_argument("--eagle-draft", default=None, help="EAGLE-1 checkpoint (omit to leave it out)")
-    p.add_argument("--question-file", default=None, help="Spec-Bench format JSONL (default: the shipped set)")
-    p.add_argument("--question-end", type=int, default=None, help="use the questions before this line index")
-    p.add_argument("--per-group", type=int, default=None, help="stratified subset: questions per category group")
-    p.add_argument("--max-new-token", type=int, default=96, help="cap per turn, the same for every method")
-    p.add_argument("--budget", type=int, default=10, help="node budget of the fixed-budget dynamic tree")
+    add_questions(p)
+    add_max_new_tokens(p, 96, help="cap per turn, the same for every method")
+    add_option(p, "--tree-budget", "--budget", type=positive_int, default=10, metavar="N",
+               help="node budget of the fixed-budget dynamic tree (default 10; 'auto' always runs too)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes to run")
-    p.add_argument("--runs", type=int, default=3, help="passes over all methods; tokens/s is their median")
+    p.add_argument("--runs", type=positive_int, default=3, help="passes over all methods; tokens/s is their median")
     p.add_argument("--out", default="figs/bench_speculative.json", help="results JSON")
     args = p.parse_args()
-    results = {"model": args.model, "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, "
-               f"{torch.get_num_threads()} threads, torch {torch.__version__}", "max_new_token": args.max_new_token,
-               "question_file": args.question_file or "shipped", "question_end": args.question_end,
+    results = {"model": args.base_model, "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, "
+               f"{torch.get_num_threads()} threads, torch {torch.__version__}", "max_new_token": args.max_new_tokens,
+               "question_file": args.question_file or "shipped", "question_begin": args.question_begin,
+               "question_end": args.question_end,
                "per_group": args.per_group, "runs": args.runs,
                "dtypes": {}}
     work = Path(tempfile.mkdtemp(prefix="clover-bench-"))
@@ -59,8 +61,9 @@ def main():
         for r in range(args.runs):  # runs interleave the methods, so machine noise hits them alike
             for label, method, draft, tree, budget in configs(args):
                 f = work / dtype / f"{label.replace(' ', '_')}_{r}.jsonl"
-                generate_answers(method, args.model, f, args.question_file, draft, max_new_token=args.max_new_token,
-                                 tree=tree, total_token=budget, dtype=dtype, question_end=args.question_end,
+                generate_answers(method, args.base_model, f, args.question_file, draft,
+                                 max_new_token=args.max_new_tokens, tree=tree, total_token=budget, dtype=dtype,
+                                 question_begin=args.question_begin, question_end=args.question_end,
                                  per_group=args.per_group, progress=False)
                 answers = load_answers(f)
                 tokens = sum(sum(c["new_tokens"]) for a in answers for c in a["choices"])

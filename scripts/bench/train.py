@@ -2,11 +2,13 @@
 step per tree level at inference (Clover-2 ``head`` vs EAGLE ``tree_step`` on 4 rows over a 300-entry draft cache),
 and fp32 vs bf16 on this CPU (what ``--dtype auto`` decides on). Prints a table and writes figs/bench_train.json.
 
-    python scripts/bench/train.py [--data DIR] [--model smollm2-135m-instruct] [--steps 6] [--bs 2] [--threads 1]
+    python scripts/bench/train.py [--data-dir DIR] [--base-model smollm2-135m-instruct] [--steps 6] [--bs 2] \\
+        [--threads 1]
 
 Training steps are the trainer's own (``batch_loss`` + backward + AdamW) on the same batches for both drafts, after
-one untimed warm-up step; tokens/s counts every real (unpadded) position. Without ``--data`` the script first dumps 16
-ShareGPT conversations of at most 256 tokens with ``python -m clover.ge_data.allocation`` into a temporary folder.
+one untimed warm-up step; tokens/s counts every real (unpadded) position. Without ``--data-dir`` the script first
+dumps 16 ShareGPT conversations of at most 256 tokens with ``python -m clover.ge_data.allocation`` into a temporary
+folder.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from clover.args import CloverArgumentParser, add_base_model, add_data_dir, add_option
 from clover.ge_data.dataset import HiddenStateDataset, collate
 from clover.model.base import BaseModel
 from clover.model.checkpoint import init_draft
@@ -105,16 +108,18 @@ def matmul_ms(h: int, runs: int) -> dict:
 
 
 def dump_data(model: str, folder: Path) -> None:
-    subprocess.run([sys.executable, "-m", "clover.ge_data.allocation", "--model_path", model, "--outdir", str(folder),
-                    "--end", "16", "--max_len", "256"], check=True)
+    subprocess.run([sys.executable, "-m", "clover.ge_data.allocation", "--base-model", model, "--data-dir",
+                    str(folder), "--end", "16", "--max-len", "256"], check=True)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="base model")
-    parser.add_argument("--data", default=None, help="hidden-state data folder of --model (default: dump 16 convs)")
+    parser = CloverArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_model(parser)
+    add_data_dir(parser, required=False, also=("--data",),
+                 help="hidden-state data folder of --base-model (default: dump 16 conversations)")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per draft")
-    parser.add_argument("--bf16_steps", type=int, default=2, help="timed Clover-2 training steps under bf16 autocast")
+    add_option(parser, "--bf16-steps", "--bf16_steps", type=int, default=2,
+               help="timed Clover-2 training steps under bf16 autocast")
     parser.add_argument("--bs", type=int, default=2, help="batch size of the timed steps")
     parser.add_argument("--runs", type=int, default=30, help="repetitions of each inference timing (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 gives "
@@ -124,12 +129,12 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.data) if args.data else Path(tmp) / "data"
-        if not args.data:
-            dump_data(args.model, folder)
+        folder = Path(args.data_dir) if args.data_dir else Path(tmp) / "data"
+        if not args.data_dir:
+            dump_data(args.base_model, folder)
         data = HiddenStateDataset(folder, max_len=256)
-        base = BaseModel.from_pretrained(args.model, dtype="fp32", max_len=1)
-        results = {"model": args.model, "cpu": platform.processor() or platform.machine(),
+        base = BaseModel.from_pretrained(args.base_model, dtype="fp32", max_len=1)
+        results = {"model": args.base_model, "cpu": platform.processor() or platform.machine(),
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                    "mkldnn_bf16_supported": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
@@ -141,7 +146,7 @@ def main():
         results["draft_step_ms"] = draft_step_ms(base, args.runs)
         results["matmul_ms"] = matmul_ms(base.args.hidden_size, args.runs)
 
-    print(f"\n{args.model} on {results['cpu']} ({results['threads']} threads, {results['cpu_capability']}, native "
+    print(f"\n{args.base_model} on {results['cpu']} ({results['threads']} threads, {results['cpu_capability']}, native "
           f"bf16: {results['mkldnn_bf16_supported']}); {len(data)} conversations, {results['data']['tokens']} tokens")
     print("training (batch %d)            params (M)  tokens/s  s/step" % args.bs)
     for name, r in results["train"].items():

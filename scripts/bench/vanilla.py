@@ -3,7 +3,7 @@ same dtype), and the verification cost curve (one forward of 1..64 tokens over a
 chain of the model's matmuls (with the runtime's prepacked CPU weights, and with torch's default kernels). Prints a
 table and writes figs/bench_vanilla.json.
 
-    python scripts/bench/vanilla.py [--model smollm2-135m-instruct] [--prompts 5] [--new-tokens 64] [--runs 3]
+    python scripts/bench/vanilla.py [--base-model smollm2-135m-instruct] [--prompts 5] [--new-tokens 64] [--runs 3]
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clover.args import CloverArgumentParser, add_base_model
 from clover.data.templates import get_template
 from clover.evaluation.answers import default_question_file, load_questions
 from clover.generate.plain import generate_plain
@@ -91,8 +92,8 @@ def bare_matmuls(base, runs, prepacked: bool):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="base model")
+    parser = CloverArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_model(parser)
     parser.add_argument("--prompts", type=int, default=5, help="shipped questions to decode")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     parser.add_argument("--runs", type=int, default=3, help="repetitions (median)")
@@ -101,18 +102,18 @@ def main():
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.base_model)
     template = get_template(tokenizer)
     questions = load_questions(default_question_file())
     prompts = [template.encode_prompt([{"role": "user", "content": q["turns"][0]}])
                for q in questions[:: max(1, len(questions) // args.prompts)][:args.prompts]]
-    results = {"model": args.model, "cpu": platform.processor() or platform.machine(),
+    results = {"model": args.base_model, "cpu": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "dtypes": {}}
     for dtype_name in args.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-        base = BaseModel.from_pretrained(args.model, dtype=dtype_name, max_len=1024)
-        hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=dtype).eval()
+        base = BaseModel.from_pretrained(args.base_model, dtype=dtype_name, max_len=1024)
+        hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.base_model), dtype=dtype).eval()
         ours, theirs = decode_speed(base, hf, prompts, args.new_tokens, args.runs, template.stop_token_ids[0])
         curve = cost_curve(base, args.runs * 2)
         bare, default = bare_matmuls(base, args.runs * 2, True), bare_matmuls(base, args.runs * 2, False)
