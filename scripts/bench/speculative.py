@@ -43,7 +43,7 @@ def main():
     p.add_argument("--eagle-draft", default=None, help="EAGLE-1 checkpoint (omit to leave it out)")
     add_questions(p)
     add_max_new_tokens(p, 96, help="cap per turn, the same for every method")
-    add_option(p, "--tree-budget", "--budget", type=positive_int, default=10, metavar="N",
+    add_option(p, "--tree-budget", "--budget", "--total-token", type=positive_int, default=10, metavar="N",
                help="node budget of the fixed-budget dynamic tree (default 10; 'auto' always runs too)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes to run")
     p.add_argument("--runs", type=positive_int, default=3, help="passes over all methods; tokens/s is their median")
