@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's recipe (spec §8), shared by scripts/7b/run_all.sh and scripts/8b/run_all.sh, which set BASE, WORK,
+# The paper's recipe, shared by scripts/7b/run_all.sh and scripts/8b/run_all.sh, which set BASE, WORK,
 # QUESTIONS, GPUS, NPROC, TEMPLATE and DTYPE and then source this file. Every stage resumes when rerun.
 set -euo pipefail
 : "${BASE:?}" "${WORK:?}" "${QUESTIONS:?}" "${GPUS:?}" "${NPROC:?}" "${TEMPLATE:?}" "${DTYPE:?}"

@@ -1,5 +1,5 @@
 """Clover-2 and EAGLE-1 drafts on tiny random bases: causality/shift (spec A.1), train/infer equivalence (A.2),
-initialisation (A.8), checkpoints (strict, trainable weights only, base checks), gradients, ablations."""
+initialisation near the identity, checkpoints (strict, trainable weights only, base checks), gradients, ablations."""
 from __future__ import annotations
 
 import json

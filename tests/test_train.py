@@ -268,7 +268,7 @@ def test_two_process_cpu_launch(setup):
     state = cpdir / "epoch_1" / "trainer_state"
     assert json.loads((state / "trainer.json").read_text())["global_step"] == 3
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in state.iterdir()}
-    # the LR schedule advanced once per optimizer step, not once per process (spec Q24)
+    # the LR schedule advanced once per optimizer step, not once per process
     assert torch.load(state / "scheduler.bin", weights_only=False)["last_epoch"] == 3
     base = BaseModel.from_pretrained(s["base"], dtype="fp32", max_len=1)
     load_draft(cpdir / "final", base, expected_type="clover2")

@@ -9,7 +9,7 @@ Trees come from two builders that share that object:
 * :class:`TreeSpec` — a fixed shape given as node paths (tuples of child ranks, ``(0, 2)`` = third-ranked child of the
   top-ranked depth-1 node), e.g. ``mc_sim_7b_63``; drafting picks each node's token as the ``rank``-th most likely
   token of its parent's draft distribution.
-* :func:`build_dynamic_tree` — a per-step tree grown by joint probability (spec §5.12, Clover-1's strategy) within a
+* :func:`build_dynamic_tree` — a per-step tree grown by joint probability (Clover-1's strategy, rewritten) within a
   node budget.
 
 Both only loop over depths (≤ number of draft heads); everything per node is a tensor operation.
@@ -151,8 +151,9 @@ class TreeSpec:
         return DraftTree(tokens, t.parents, t.depths, t.mask, t.paths)
 
     def reference_buffers(self, topk: int = 10) -> dict:
-        """The original code's index buffers (spec §5.5), derived from explicit parent rows; used to check this
-        implementation against the published numbers for ``mc_sim_7b_63``."""
+        """The original code's index buffers (tree and retrieve indices, position ids, the draft side's indices and
+        repeat counts), derived from explicit parent rows; used to check this implementation against the published
+        numbers for ``mc_sim_7b_63``."""
         pool_row = {}  # node index -> its row in the candidate pool (expanded nodes in sorted order; root row 0)
         row = 0
         pool_row[0] = 0
@@ -185,7 +186,7 @@ def as_tokens(columns: torch.Tensor, vocab: torch.Tensor | None) -> torch.Tensor
 def build_dynamic_tree(root: torch.Tensor, root_logits: torch.Tensor, draft: DraftExpander, *, max_depth: int,
                        budget: int | None, width: int = 8, expand: int = 8, top_p: float = 0.95,
                        min_ratio: float = 0.25, cost_per_size: torch.Tensor | None = None) -> DraftTree:
-    """Grow a tree by joint draft probability (spec §5.12, written anew).
+    """Grow a tree by joint draft probability (the original's dynamic mode, written anew: it was unreachable there).
 
     Per depth, every frontier node proposes its top-``width`` children by full-softmax draft probability, truncated
     to the top-``top_p`` nucleus (rank 0 always kept) and to children with at least ``min_ratio`` × the top-1

@@ -4,7 +4,7 @@ Every tree node gets one target token from the base model's (processed) distribu
 greedy, an independent draw otherwise. A node is accepted when its token equals its parent's target and its parent
 is accepted; the bonus token is the target of the deepest accepted node.
 
-For sampling this is exactly recursive rejection sampling over siblings (spec §5.9) for a draft that proposes its
+For sampling this is exactly the original's recursive rejection sampling over siblings for a draft that proposes its
 children deterministically (point-mass proposals, as the tree builders do): accepting the first sibling ``x`` with
 probability ``p(x)``, else moving on with the residual ``p`` without ``x`` renormalised, accepts sibling ``x`` with
 overall probability ``p(x)`` and otherwise ends with a token drawn from ``p`` restricted to the non-siblings — the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Clover-2 vs EAGLE-1 on Vicuna-7B v1.5 with the paper's hyper-parameters (spec §8): 68k ShareGPT conversations,
+# Clover-2 vs EAGLE-1 on Vicuna-7B v1.5 with the paper's hyper-parameters: 68k ShareGPT conversations,
 # 4 GPUs, per-GPU batch 4, Clover-2 lr 1e-3 / EAGLE-1 lr 3e-5, 21 epochs, tree mc_sim_7b_63, greedy.
 # Edit the variables below; the stages are in scripts/paper_recipe.sh and resume where they stopped when rerun.
 set -euo pipefail
