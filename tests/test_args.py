@@ -247,7 +247,8 @@ def test_errors_name_the_old_spelling_the_user_typed(capsys):
     base = ["--method", "baseline", "--answer-file", "a.jsonl"]
     one_error_line(main, base + ["--total-token", "x"], capsys, "argument --total-token:", "'x'")
     one_error_line(main, base + ["--max-new-token", "-3"], capsys, "argument --max-new-token:", "> 0")
-    one_error_line(main, base + ["--tree-budgte", "3"], capsys, "unknown flag --tree-budgte; did you mean --tree-budget?")
+    one_error_line(main, base + ["--tree-budgte", "3"], capsys,
+                   "unknown flag --tree-budgte; did you mean --tree-budget?")
 
 
 def test_old_and_new_name_together_is_an_error(parse, capsys):
