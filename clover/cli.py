@@ -35,32 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
 def load_generator(args):
     """(generate-function, tokenizer, template) for the chosen model, draft and tree."""
     from clover.data.templates import get_template
-    from clover.generate.plain import stream_plain
+    from clover.generate.loader import load_decoding
     from clover.generate.sampling import SamplingParams
-    from clover.model.base import BaseModel
     from clover.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(args.base_model)
     template = get_template(tokenizer, args.template, system_prompt=args.system)
-    if args.draft:
-        from clover.generate.speculative import SpeculativeModel
+    tree = _parse_tree(args.tree) if args.draft and args.tree.lstrip().startswith("[") else args.tree
+    decoding = load_decoding(args.base_model, args.draft, tree=tree, budget=args.tree_budget, dtype=args.dtype,
+                             device=args.device, max_len=args.max_len)  # tree_budget: checked by the parser
+    params = SamplingParams(args.temperature, args.top_p, args.top_k)
 
-        tree = args.tree if not args.tree.lstrip().startswith("[") else _parse_tree(args.tree)
-        budget = args.tree_budget  # 'auto' or a node count, checked by the parser
-        model = SpeculativeModel.from_pretrained(args.base_model, args.draft, dtype=args.dtype, device=args.device,
-                                                 max_len=args.max_len, tree=tree, budget=budget)
-
-        def stream(ids, generator):
-            return model.stream(ids, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                max_new_tokens=args.max_new_tokens, stop_token_ids=template.stop_token_ids,
-                                generator=generator)
-    else:
-        base = BaseModel.from_pretrained(args.base_model, dtype=args.dtype, device=args.device,
-                                         max_len=args.max_len)
-        params = SamplingParams(args.temperature, args.top_p, args.top_k)
-
-        def stream(ids, generator):
-            return stream_plain(base, ids, params, args.max_new_tokens, template.stop_token_ids, (), generator)
+    def stream(ids, generator):
+        return decoding.stream(ids, params, args.max_new_tokens, template.stop_token_ids, generator)
     return stream, tokenizer, template
 
 

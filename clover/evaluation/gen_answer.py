@@ -37,18 +37,14 @@ class Decoder:
 
         self.method, self.device, self.max_new_tokens, self.stop_ids = method, device, max_new_tokens, list(stop_ids)
         self.params = SamplingParams(temperature, top_p, top_k)
-        if method in ("clover", "eagle"):
-            if not draft:
+        if method in ("baseline", "clover", "eagle"):  # the project's own decoding, plain or speculative
+            if method != "baseline" and not draft:
                 raise CloverError(f"--method {method} needs --draft-model-path")
-            from clover.generate.speculative import CloverModel, EagleModel
+            from clover.generate.loader import load_decoding
 
-            cls = CloverModel if method == "clover" else EagleModel
-            self.model = cls.from_pretrained(base_model, draft, dtype=dtype, device=device, max_len=max_len,
-                                             tree=tree, budget=budget)
-        elif method == "baseline":
-            from clover.model.base import BaseModel
-
-            self.base = BaseModel.from_pretrained(base_model, dtype=dtype, device=device, max_len=max_len)
+            self.decoding = load_decoding(base_model, None if method == "baseline" else draft,
+                                          draft_type={"clover": "clover2", "eagle": "eagle"}.get(method), tree=tree,
+                                          budget=budget, dtype=dtype, device=device, max_len=max_len)
         elif method in ("hf", "hf_pld"):
             from transformers import AutoModelForCausalLM
 
@@ -63,17 +59,8 @@ class Decoder:
 
     def decode(self, ids: list[int], seed: int) -> tuple[list[int], list[int]]:
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        p = self.params
-        if self.method in ("clover", "eagle"):
-            r = self.model.generate(ids, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                                    max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_ids,
-                                    generator=generator)
-            return r.tokens, r.accept_lengths
-        if self.method == "baseline":
-            from clover.generate.plain import generate_plain
-
-            r = generate_plain(self.base, ids, params=p, max_new_tokens=self.max_new_tokens,
-                               stop_token_ids=self.stop_ids, generator=generator)
+        if self.method in ("baseline", "clover", "eagle"):
+            r = self.decoding.generate(ids, self.params, self.max_new_tokens, self.stop_ids, generator)
             return r.tokens, r.accept_lengths
         return self._decode_hf(ids, seed)
 

@@ -106,46 +106,27 @@ class Engine:
              dtype: str = "auto", device: str = "cpu", max_len: int = 4096, template: str = "auto",
              system: str | None = None) -> "Engine":
         """Load the base model (and draft) the way ``python -m clover.cli`` does."""
+        from clover.cli import _parse_tree
         from clover.data.templates import get_template
-        from clover.generate.plain import stream_plain
+        from clover.generate.loader import load_decoding
         from clover.generate.sampling import SamplingParams
         from clover.model.loading import load_tokenizer
 
         tokenizer = load_tokenizer(base_model)
         chat = get_template(tokenizer, template, system_prompt=system)
-        if draft:
-            from clover.cli import _parse_tree
-            from clover.generate.speculative import SpeculativeModel
+        tree_arg = _parse_tree(tree) if draft and tree.lstrip().startswith("[") else tree
+        budget = tree_budget if not draft or tree_budget == "auto" else _budget(tree_budget)
+        decoding = load_decoding(base_model, draft, tree=tree_arg, budget=budget, dtype=dtype, device=device,
+                                 max_len=max_len)
+        base = decoding.base
 
-            tree_arg = _parse_tree(tree) if tree.lstrip().startswith("[") else tree
-            budget = tree_budget if tree_budget == "auto" else _budget(tree_budget)
-            model = SpeculativeModel.from_pretrained(base_model, draft, dtype=dtype, device=device, max_len=max_len,
-                                                     tree=tree_arg, budget=budget)
-            base = model.base
+        def stream(job: Job, generator):
+            return decoding.stream(job.ids, SamplingParams(job.temperature, job.top_p, job.top_k), job.max_tokens,
+                                   job.stop_token_ids, generator)
 
-            def stream(job: Job, generator):
-                return model.stream(job.ids, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
-                                    max_new_tokens=job.max_tokens, stop_token_ids=job.stop_token_ids,
-                                    generator=generator)
-
-            def reset():
-                base.reset()
-                model.runner.reset()
-
-            description = f"{model.draft.draft_type} draft {draft}, tree {tree}, budget {tree_budget}"
-        else:
-            from clover.model.base import BaseModel
-
-            base = BaseModel.from_pretrained(base_model, dtype=dtype, device=device, max_len=max_len)
-
-            def stream(job: Job, generator):
-                stops = base.args.eos_token_id if job.stop_token_ids is None else job.stop_token_ids
-                return stream_plain(base, job.ids, SamplingParams(job.temperature, job.top_p, job.top_k),
-                                    job.max_tokens, stops, (), generator)
-
-            reset = base.reset
-            description = "plain decoding (no draft)"
-        return cls(stream, tokenizer, chat, base.max_len, base.device, reset,
+        description = (f"{decoding.model.draft.draft_type} draft {draft}, tree {tree}, budget {tree_budget}"
+                       if draft else "plain decoding (no draft)")
+        return cls(stream, tokenizer, chat, base.max_len, base.device, decoding.reset,
                    f"{description}; {base.dtype}, {base.device}, context {base.max_len}")
 
     # ---- prompts ------------------------------------------------------------------------------------------------

@@ -1,0 +1,74 @@
+"""Plain or speculative decoding, built from a base model and an optional draft: the one place where the command line
+(``python -m clover.cli``), the server (:mod:`clover.serve`) and the answer generator
+(:mod:`clover.evaluation.gen_answer`) choose between the two.
+
+    decoding = load_decoding("smollm2-135m-instruct", "runs/clover2/final", tree="dynamic", budget="auto")
+    result = decoding.generate(ids, SamplingParams(temperature=0.7), max_new_tokens=128)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from clover.errors import CloverError
+from clover.generate.output import GenerationResult
+from clover.generate.plain import _drain, stream_plain
+from clover.generate.sampling import SamplingParams
+from clover.model.base import BaseModel
+
+DRAFT_TYPES = (None, "clover2", "eagle")  # None: any draft checkpoint
+
+
+@dataclass
+class Decoding:
+    """A loaded base model and, for speculative decoding, the :class:`~clover.generate.speculative.SpeculativeModel`
+    around it (``model`` is None for plain decoding)."""
+
+    base: BaseModel
+    model: object | None = None
+
+    @property
+    def speculative(self) -> bool:
+        return self.model is not None
+
+    def stream(self, ids, params: SamplingParams, max_new_tokens: int, stop_token_ids=None,
+               generator: torch.Generator | None = None) -> Iterator[list[int]]:
+        """Yield the tokens committed at each step; the generator returns the GenerationResult. ``stop_token_ids``
+        None means the base model's end-of-sequence ids."""
+        stops = self.base.args.eos_token_id if stop_token_ids is None else stop_token_ids
+        if self.model is None:
+            return stream_plain(self.base, ids, params, max_new_tokens, stops, (), generator)
+        return self.model.stream(ids, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                 max_new_tokens=max_new_tokens, stop_token_ids=stops, generator=generator)
+
+    def generate(self, ids, params: SamplingParams, max_new_tokens: int, stop_token_ids=None,
+                 generator: torch.Generator | None = None) -> GenerationResult:
+        """:meth:`stream` run to the end."""
+        return _drain(self.stream(ids, params, max_new_tokens, stop_token_ids, generator))
+
+    def reset(self) -> None:
+        """Empty the KV caches (the base's and the draft's)."""
+        self.base.reset()
+        if self.model is not None:
+            self.model.runner.reset()
+
+
+def load_decoding(base_model, draft=None, *, draft_type: str | None = None, tree="mc_sim_7b_63",
+                  budget: int | str | None = "auto", dtype="auto", device="cpu",
+                  max_len: int | None = None) -> Decoding:
+    """Plain decoding of ``base_model`` (a built-in name, .gguf file or HF folder) when ``draft`` is empty, else
+    speculative decoding with the draft checkpoint folder ``draft`` and ``tree`` (a fixed tree name, ``"dynamic"`` or
+    a list of node paths) with node ``budget`` (a number or ``"auto"``; dynamic tree only). ``draft_type``
+    (``"clover2"`` or ``"eagle"``) makes a checkpoint of the other type an error."""
+    if draft_type not in DRAFT_TYPES:
+        raise CloverError(f"unknown draft type {draft_type!r}; use 'clover2' or 'eagle'")
+    if not draft:
+        return Decoding(BaseModel.from_pretrained(base_model, dtype=dtype, device=device, max_len=max_len))
+    from clover.generate.speculative import CloverModel, EagleModel, SpeculativeModel
+
+    cls = {None: SpeculativeModel, "clover2": CloverModel, "eagle": EagleModel}[draft_type]
+    model = cls.from_pretrained(base_model, draft, dtype=dtype, device=device, max_len=max_len, tree=tree,
+                                budget=budget)
+    return Decoding(model.base, model)
