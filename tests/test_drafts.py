@@ -1,4 +1,4 @@
-"""Clover-2 and EAGLE-1 drafts on tiny random bases: causality/shift (spec A.1), train/infer equivalence (A.2),
+"""Clover-2 and EAGLE-1 drafts on tiny random bases: causality/shift, train/infer equivalence,
 initialisation near the identity, checkpoints (strict, trainable weights only, base checks), gradients, ablations."""
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from clover.model.base import BaseModel
 from clover.model.checkpoint import init_draft, load_draft, save_draft
 from clover.model.clover2 import Clover2Draft
 from clover.model.eagle import EagleDraft
-from clover.train.losses import clover_loss, eagle_loss
+from clover.model.layers import Rotary
+from clover.model.losses import clover_loss, eagle_loss
 from tests.conftest import save_tiny
 
 ATOL = 1e-5
@@ -119,26 +120,27 @@ def test_clover2_init(base):
     last = init_draft("clover2", base, init_from_layer="last")
     assert last.config["clover"]["init_from_layer"] == base.args.num_hidden_layers - 1
     assert torch.equal(last.layers[1].mlp.down_proj.weight, base.model.layers[-1].mlp.down_proj.weight)
-    for norm in (model.clover_norm, model.clover_head_norm):
+    for norm in (model.trunk_norm, model.head_norm):
         assert torch.equal(norm.weight, base.model.norm.weight)
-    assert model.args.rope_theta == base.args.rope_theta == 5e5  # spec B2: base RoPE, not 10000
+    assert model.args.rope_theta == base.args.rope_theta == 5e5  # the base RoPE, not a default 10000
     pos = torch.arange(50)
-    for mine, theirs in zip(model.rope(pos, torch.float32), base.rotary(pos, torch.float32)):
+    for mine, theirs in zip(Rotary.lookup(model.frozen["rope_cos"], model.frozen["rope_sin"], pos, torch.float32),
+                           base.rotary(pos, torch.float32)):
         assert torch.equal(mine, theirs)
     x, y = torch.randn(8, H), torch.randn(8, H)
     with torch.no_grad():
-        for ad in (model.clover_head_mlp_rnn, model.clover_head_mlp_rnn2):  # AD(x, y) ~ x
+        for ad in (model.token_fuse, model.rnn_fuse):  # AD(x, y) ~ x
             assert ((ad(x, y) - x).norm() / x.norm()) < 0.05
-        passed = model.clover_head_mlp2(torch.cat([x, y], -1))  # FC1 passes the state, ignores the embedding
+        passed = model.rnn_fc(torch.cat([x, y], -1))  # FC1 passes the state, ignores the embedding
         assert ((passed - x).norm() / x.norm()) < 0.1
-        assert ((model.clover_head_mlp(x) - x).norm() / x.norm()) < 0.1
-    noise = model.clover_head_mlp_rnn.v.weight
+        assert ((model.head0_fc(x) - x).norm() / x.norm()) < 0.1
+    noise = model.token_fuse.v.weight
     assert noise.min() < 0 < noise.max() and noise.abs().max() <= 0.01  # symmetric U(-0.01, 0.01)
 
     one = init_draft("clover2", base, init_from_layer=1, init_noise="one_sided", num_layers=1)
     assert one.config["clover"]["init_from_layer"] == 1
     assert torch.equal(one.layers[0].self_attn.q_proj.weight, base.model.layers[1].self_attn.q_proj.weight)
-    assert one.clover_head_mlp_rnn.v.weight.min() >= 0
+    assert one.token_fuse.v.weight.min() >= 0
     with pytest.raises(CloverError, match="init_from_layer"):
         init_draft("clover2", base, init_from_layer=7)
     with pytest.raises(CloverError, match="unknown clover2 config option"):
@@ -154,7 +156,7 @@ def test_clover2_ablations(llama_base, overrides):
         assert model.embed_weight is not model.lm_head_weight
         assert torch.equal(model.embed_weight, llama_base.model.embed_tokens.weight)
     else:
-        assert "fuse_fc.weight" in model.state_dict() and not hasattr(model, "clover_head_mlp_rnn")
+        assert "fuse_fc.weight" in model.state_dict() and not hasattr(model, "token_fuse")
     hidden, ids = inputs(1, 9)
     with torch.no_grad():
         preds = model.forward_train(hidden, ids)
@@ -217,12 +219,13 @@ def test_gradient_reaches_only_trainable_weights(llama_base, draft_type):
     hidden, ids = inputs(2, 10)
     target, mask = torch.randn(2, 10, H), torch.ones(2, 10)
     lm = model.lm_head_weight
-    if draft_type == "clover2":
-        loss, _ = clover_loss(model(hidden, ids), target, lm, mask, model.config["clover"])
-    else:
-        loss, _ = eagle_loss(model(hidden, ids), target, lm, mask, model.config["eagle"])
+    loss_fn = clover_loss if draft_type == "clover2" else eagle_loss
+    loss, _ = loss_fn(model(hidden, ids), target, lm, mask, model.cfg)
+    torch.testing.assert_close(model.loss(model(hidden, ids), target, mask)[0], loss)
     loss.backward()
-    assert set(model.state_dict()) == {name for name, _ in model.named_parameters()}
+    on_disk = {model.checkpoint_names.get(name.split(".")[0], name.split(".")[0]) + name[len(name.split(".")[0]):]
+               for name, _ in model.named_parameters()}
+    assert set(model.state_dict()) == on_disk  # every weight, under its checkpoint name
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert all(not t.requires_grad for t in model.frozen.values())
@@ -254,7 +257,7 @@ def test_checkpoint_round_trip(llama_base, tmp_path, monkeypatch, draft_type):
     assert set(shapes) == set(model.state_dict())
     assert not any(V in shape for shape in shapes.values())  # no LM head / embedding copy in the file
 
-    # loading never runs the from-base initialisation (spec B18)
+    # loading never runs the from-base initialisation
     monkeypatch.setattr(type(model), "init_from_base", lambda self, base: pytest.fail("init on load"))
     loaded = load_draft(tmp_path / "ckpt", llama_base, expected_type=draft_type)
     assert type(loaded) is type(model) and not loaded.training

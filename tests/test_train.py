@@ -22,10 +22,9 @@ from clover.data.conversations import Conversation
 from clover.ge_data.allocation import write_manifest
 from clover.ge_data.dataset import HiddenStateDataset, collate, shard_path
 from clover.ge_data.worker import WorkerJob, dump_shard, greedy_generate, write_shard
-from clover.generate.draft import runner_for
 from clover.model.base import BaseModel
 from clover.model.checkpoint import init_draft, load_draft, save_draft
-from clover.train.trainer import chain_counts, drafted_chain, evaluate, metric_keys, model_inputs, summarize
+from clover.train.evaluate import chain_counts, evaluate, model_inputs
 from tests.conftest import save_tiny
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -107,7 +106,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def train_metrics(draft, s) -> dict:
     data = HiddenStateDataset(s["data"], split="train", test_fraction=0.1)
-    return summarize(evaluate(draft, data, 4, "predicted"), metric_keys(getattr(draft, "num_heads", 1)), "")
+    return evaluate(draft, data, 4, "predicted").summary()
 
 
 @pytest.mark.parametrize("module,draft_type", [("main_clover2", "clover2"), ("main", "eagle")])
@@ -148,8 +147,8 @@ def test_chain_accuracy_follows_generation(setup, draft_type):
     batch = collate([data[i] for i in range(3)])
     hidden, next_ids, post = model_inputs(draft, batch)
     lengths = batch["attention_mask"].sum(1).tolist()
-    chain = drafted_chain(draft, hidden, next_ids, lengths)
-    runner = runner_for(draft)
+    chain = draft.greedy_chain(hidden, next_ids, lengths)
+    runner = draft.runner()
     for t in range(0, lengths[0], 5):
         draft.allocate_cache(64)
         runner.reset()

@@ -17,9 +17,7 @@ from clover.generate.output import GenerationResult
 from clover.generate.plain import _drain, stream_plain
 from clover.generate.sampling import SamplingParams
 from clover.model.base import BaseModel
-
-DRAFT_TYPES = (None, "clover2", "eagle")  # None: any draft checkpoint
-
+from clover.model.registry import draft_class
 
 @dataclass
 class Decoding:
@@ -60,15 +58,14 @@ def load_decoding(base_model, draft=None, *, draft_type: str | None = None, tree
                   max_len: int | None = None) -> Decoding:
     """Plain decoding of ``base_model`` (a built-in name, .gguf file or HF folder) when ``draft`` is empty, else
     speculative decoding with the draft checkpoint folder ``draft`` and ``tree`` (a fixed tree name, ``"dynamic"`` or
-    a list of node paths) with node ``budget`` (a number or ``"auto"``; dynamic tree only). ``draft_type``
-    (``"clover2"`` or ``"eagle"``) makes a checkpoint of the other type an error."""
-    if draft_type not in DRAFT_TYPES:
-        raise CloverError(f"unknown draft type {draft_type!r}; use 'clover2' or 'eagle'")
+    a list of node paths) with node ``budget`` (a number or ``"auto"``; dynamic tree only). ``draft_type`` (a
+    registered draft type name, e.g. ``"clover2"``) makes a checkpoint of another type an error."""
+    if draft_type is not None:
+        draft_class(draft_type)  # an unknown name is an error even for plain decoding
     if not draft:
         return Decoding(BaseModel.from_pretrained(base_model, dtype=dtype, device=device, max_len=max_len))
-    from clover.generate.speculative import CloverModel, EagleModel, SpeculativeModel
+    from clover.generate.speculative import SpeculativeModel
 
-    cls = {None: SpeculativeModel, "clover2": CloverModel, "eagle": EagleModel}[draft_type]
-    model = cls.from_pretrained(base_model, draft, dtype=dtype, device=device, max_len=max_len, tree=tree,
-                                budget=budget)
+    model = SpeculativeModel.from_pretrained(base_model, draft, dtype=dtype, device=device, max_len=max_len,
+                                             tree=tree, budget=budget, expected_type=draft_type)
     return Decoding(model.base, model)

@@ -1,6 +1,7 @@
 """Speculative decoding: prefill, draft a tree, verify it in one base forward, commit the accepted path, repeat.
 
-``CloverModel`` / ``EagleModel`` bundle a base runtime, a draft and a tree policy (a fixed shape such as
+``SpeculativeModel`` (any draft; ``CloverModel`` / ``EagleModel`` accept only their own) bundles a base runtime, a
+draft and a tree policy (a fixed shape such as
 ``mc_sim_7b_63``, or ``dynamic`` with a node budget that is a number or ``auto``). ``auto`` measures this device's
 verification cost curve and the draft's own costs once, then picks each step's depth from the acceptance observed so
 far (:class:`clover.generate.budget.DepthPolicy`; the statistics carry over between calls), depth 0 being a plain
@@ -14,23 +15,26 @@ from typing import Iterator
 import torch
 
 from clover.errors import CloverError
-from clover.generate.draft import runner_for
 from clover.generate.output import GenerationResult, OutputTracker
 from clover.generate.plain import _drain, check_prompt, stream_plain
 from clover.generate.sampling import SamplingParams, select_tokens
 from clover.generate.tree import DraftTree, TreeSpec, build_dynamic_tree
 from clover.generate.verify import verify_tree
 from clover.model.base import BaseModel
+from clover.model.clover2 import Clover2Draft
+from clover.model.draft import DraftModel
+from clover.model.eagle import EagleDraft
 
 
 class SpeculativeModel:
-    draft_type: str | None = None  # set by subclasses to check the loaded checkpoint
+    draft_class: type[DraftModel] = DraftModel  # subclasses accept only checkpoints of their own draft
 
-    def __init__(self, base: BaseModel, draft, tree="mc_sim_7b_63", budget: int | str | None = None,
+    def __init__(self, base: BaseModel, draft: DraftModel, tree="mc_sim_7b_63", budget: int | str | None = None,
                  tokenizer=None, dynamic_width: int = 8, dynamic_expand: int = 8, max_depth: int = 5):
         self.base, self.draft, self.tokenizer = base, draft, tokenizer
-        self.runner = runner_for(draft)
-        heads = draft.config.get("clover", {}).get("num_heads")  # Clover-2's depth limit; EAGLE-1 has none
+        self.runner = draft.runner()
+        self.hidden_attr = "hidden_prenorm" if draft.hidden_kind == "prenorm" else "hidden"
+        heads = draft.max_depth  # the draft's own depth limit, if it has one
         self.num_heads = heads if heads is not None else max_depth
         self.dynamic = tree == "dynamic"
         self.dynamic_width, self.dynamic_expand = dynamic_width, dynamic_expand
@@ -51,12 +55,14 @@ class SpeculativeModel:
 
     @classmethod
     def from_pretrained(cls, base_model_path, draft_model_path, dtype="auto", device="cpu",
-                        max_len: int | None = None, **kwargs) -> "SpeculativeModel":
+                        max_len: int | None = None, expected_type=None, **kwargs) -> "SpeculativeModel":
+        """Load the base model and the draft checkpoint ``draft_model_path`` (of this class's draft, or of
+        ``expected_type``: a draft class or type name) and bundle them (``kwargs``: tree, budget ...)."""
         from clover.model.checkpoint import load_draft
         from clover.model.loading import load_tokenizer
 
         base = BaseModel.from_pretrained(base_model_path, dtype=dtype, device=device, max_len=max_len)
-        draft = load_draft(draft_model_path, base, expected_type=cls.draft_type)
+        draft = load_draft(draft_model_path, base, expected_type=expected_type or cls.draft_class)
         draft.allocate_cache(base.max_len)
         return cls(base, draft, tokenizer=load_tokenizer(base_model_path), **kwargs)
 
@@ -77,8 +83,7 @@ class SpeculativeModel:
         return self.spec.build(root, root_logits, self.runner)
 
     def _draft_input(self, out, index):
-        hidden = out.hidden_prenorm if self.runner.hidden_kind == "prenorm" else out.hidden
-        return hidden[:, index]
+        return getattr(out, self.hidden_attr)[:, index]
 
     def stream(self, input_ids, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                max_new_tokens: int = 256, stop_token_ids=None, stop_sequences=(),
@@ -138,8 +143,8 @@ class SpeculativeModel:
 
 
 class CloverModel(SpeculativeModel):
-    draft_type = "clover2"
+    draft_class = Clover2Draft
 
 
 class EagleModel(SpeculativeModel):
-    draft_type = "eagle"
+    draft_class = EagleDraft

@@ -12,11 +12,15 @@ Heads: head 0 is ``norm(FC0 c0)``; head ``i >= 1`` is one RNN step ``c_i = AD1(c
 ``norm(FC1 [c_i ; E[y_i]])``; logits come from the frozen base LM head. ``E`` is ``W_lm`` itself (default) or the
 base input embedding.
 
-Module names follow the original state dict (``clover_head_mlp_rnn`` = AD0, ``layers.k``, ``clover_norm``,
-``clover_head_mlp`` = FC0, ``clover_head_mlp_rnn2`` = AD1, ``clover_head_mlp2`` = FC1, ``clover_head_norm``); the
-``fuse="fc"`` ablation replaces AD0 by ``fuse_fc`` (Linear 2H -> H on ``[state ; embedding]``).
+Modules: ``token_fuse`` (AD0), ``layers.k``, ``trunk_norm``, ``head0_fc`` (FC0), ``rnn_fuse`` (AD1), ``rnn_fc``
+(FC1), ``head_norm``; checkpoints keep the original key names (``clover_head_mlp_rnn``, ``clover_norm``,
+``clover_head_mlp``, ``clover_head_mlp_rnn2``, ``clover_head_mlp2``, ``clover_head_norm``). The ``fuse="fc"`` ablation
+replaces AD0 by ``fuse_fc`` (Linear 2H -> H on ``[state ; embedding]``).
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,36 +29,53 @@ from torch.utils.checkpoint import checkpoint
 
 from clover.errors import CloverError
 from clover.model.base import BaseModel
-from clover.model.checkpoint import DraftModel, make_config
+from clover.model.draft import DraftConfig, DraftModel, check_choice, check_number, check_positive_int
 from clover.model.layers import DecoderLayer, RMSNorm
-
-DEFAULTS = {"num_heads": 5, "num_layers": 2, "heads_coefficient": 1.0, "decay_coefficient": 0.7,
-            "embedding": "lm_head", "fuse": "attention", "init_from_layer": 0, "init_noise": "symmetric",
-            "regression_weight": 10.0, "distill_weight": 1.0, "draft_vocab_size": 0, "token_scale": "auto"}
-CHOICES = {"embedding": ("lm_head", "input"), "fuse": ("attention", "fc"), "init_noise": ("symmetric", "one_sided")}
+from clover.model.losses import clover_loss
 
 
-def default_config(base: BaseModel, **overrides) -> dict:
-    """Clover-2 draft config for ``base``. ``init_from_layer`` accepts an index (negative counts from the end),
-    ``"last"`` or ``"first"`` and is recorded as a non-negative int. Default: the base's first layer, which trained
-    better drafts than the last one in this project's measurements (scripts/bench/draft_quality.py, README)."""
-    n_layers = base.args.num_hidden_layers
-    layer = overrides.get("init_from_layer", DEFAULTS["init_from_layer"])
-    layer = {"last": n_layers - 1, "first": 0}.get(layer, layer)
-    if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
-        raise CloverError(f"init_from_layer={layer!r} is not a layer of the base model (it has {n_layers} layers); "
-                          f"use an index, 'first' or 'last'")
-    overrides["init_from_layer"] = layer % n_layers
-    scale = overrides.get("token_scale", DEFAULTS["token_scale"])
-    if scale != "auto" and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
-        raise CloverError(f"token_scale={scale!r} must be 'auto' (measured at initialisation) or a positive number "
-                          f"(1.0 = the original unscaled embedding)")
-    return make_config("clover2", "clover", base, DEFAULTS, overrides)
+@dataclasses.dataclass(frozen=True)
+class Clover2Config(DraftConfig):
+    """The ``clover`` block of a Clover-2 ``config.json``. ``init_from_layer`` is a layer index of the base (see
+    :meth:`Clover2Draft.default_config` for ``"first"``/``"last"``); ``token_scale`` is ``"auto"`` until the draft
+    is initialised, then the measured number (absent in checkpoints written before it existed: 1.0)."""
+
+    num_heads: int = 5
+    num_layers: int = 2
+    heads_coefficient: float = 1.0
+    decay_coefficient: float = 0.7
+    embedding: str = "lm_head"  # E = the LM head (tied) or "input", the base input embedding
+    fuse: str = "attention"  # AD0, or the "fc" ablation
+    init_from_layer: int = 0
+    init_noise: str = "symmetric"  # or "one_sided", the original U[0, 0.01)
+    regression_weight: float = 10.0
+    distill_weight: float = 1.0
+    draft_vocab_size: int = 0
+    token_scale: float | str = "auto"
+
+    block: ClassVar[str] = "clover"
+    legacy: ClassVar[dict] = {"token_scale": 1.0}
+
+    def __post_init__(self):
+        super().__post_init__()
+        b = self.block
+        check_choice(b, "embedding", self.embedding, ("lm_head", "input"))
+        check_choice(b, "fuse", self.fuse, ("attention", "fc"))
+        check_choice(b, "init_noise", self.init_noise, ("symmetric", "one_sided"))
+        check_positive_int(b, "num_heads", self.num_heads)
+        check_positive_int(b, "num_layers", self.num_layers)
+        check_positive_int(b, "init_from_layer", self.init_from_layer, minimum=0)
+        for name in ("heads_coefficient", "decay_coefficient", "regression_weight", "distill_weight"):
+            check_number(b, name, getattr(self, name))
+        scale = self.token_scale
+        if scale != "auto" and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+            raise CloverError(f"token_scale={scale!r} must be 'auto' (measured at initialisation) or a positive "
+                              f"number (1.0 = the original unscaled embedding)")
 
 
 class AttentionDecoder(nn.Module):
     """``AD(x, y) = x + concat_j(cos(q_j, k_j) * v_j)`` with ``q = W_q RMSNorm(x) + b``, ``k, v`` from ``y``
-    (spec §2.2): one cosine gate per head of size ``H / n_heads``, position-wise."""
+    (the original's ``AttentionDecoder``): one cosine gate per head of size ``H / n_heads``, position-wise."""
 
     def __init__(self, hidden: int, n_heads: int, eps: float):
         super().__init__()
@@ -92,56 +113,97 @@ def probe_prenorm(base: BaseModel, length: int = 64, seed: int = 0) -> torch.Ten
 
 class Clover2Draft(DraftModel):
     draft_type = "clover2"
+    aliases = ("clover", "clover-2")
+    label = "Clover-2"
+    Config = Clover2Config
     config_block = "clover"
-    default_config = staticmethod(default_config)
+    hidden_kind = "prenorm"
+    train_defaults = {"lr": 1e-3, "warmup_steps": 2000}
+    train_module = "clover.train.main_clover2"
+    checkpoint_names = {"token_fuse": "clover_head_mlp_rnn", "trunk_norm": "clover_norm",
+                        "head0_fc": "clover_head_mlp", "rnn_fuse": "clover_head_mlp_rnn2", "rnn_fc": "clover_head_mlp2",
+                        "head_norm": "clover_head_norm"}
 
     def __init__(self, config: dict, base: BaseModel):
-        cfg = config["clover"]
-        for key, allowed in CHOICES.items():
-            if cfg[key] not in allowed:
-                raise CloverError(f"clover config {key}={cfg[key]!r} is not one of {', '.join(allowed)}")
-        for key in ("num_heads", "num_layers"):
-            if not isinstance(cfg[key], int) or cfg[key] < 1:
-                raise CloverError(f"clover config {key} must be a positive integer, got {cfg[key]!r}")
-        super().__init__(config, base, cfg["embedding"])
-        a = self.args
+        super().__init__(config, base)
+        cfg, a = self.cfg, self.args
         h, eps = a.hidden_size, a.rms_norm_eps
         if h % a.num_attention_heads:
             raise CloverError(f"hidden_size {h} is not divisible by num_attention_heads {a.num_attention_heads}")
-        self.num_heads = cfg["num_heads"]
-        scale = cfg.get("token_scale", 1.0)  # absent in checkpoints written before it existed: unscaled
-        self.token_scale = 1.0 if scale == "auto" else float(scale)  # "auto" is resolved by init_from_base
-        if cfg["fuse"] == "attention":
-            self.clover_head_mlp_rnn = AttentionDecoder(h, a.num_attention_heads, eps)
+        if cfg.init_from_layer >= a.num_hidden_layers:
+            raise CloverError(f"clover config init_from_layer={cfg.init_from_layer} is not a layer of the base model "
+                              f"(it has {a.num_hidden_layers} layers)")
+        self.num_heads = cfg.num_heads
+        self.token_scale = 1.0 if cfg.token_scale == "auto" else float(cfg.token_scale)  # "auto": init_from_base
+        if cfg.fuse == "attention":
+            self.token_fuse = AttentionDecoder(h, a.num_attention_heads, eps)
         else:
             self.fuse_fc = nn.Linear(2 * h, h)
-        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(cfg["num_layers"]))
-        self.clover_norm = RMSNorm(h, eps)
-        self.clover_head_mlp = nn.Linear(h, h)
-        self.clover_head_mlp_rnn2 = AttentionDecoder(h, a.num_attention_heads, eps)
-        self.clover_head_mlp2 = nn.Linear(2 * h, h)
-        self.clover_head_norm = RMSNorm(h, eps)
+        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(cfg.num_layers))
+        self.trunk_norm = RMSNorm(h, eps)
+        self.head0_fc = nn.Linear(h, h)
+        self.rnn_fuse = AttentionDecoder(h, a.num_attention_heads, eps)
+        self.rnn_fc = nn.Linear(2 * h, h)
+        self.head_norm = RMSNorm(h, eps)
 
-    # ---- initialisation (training from scratch only; spec §2.7) -------------------------------------------------
+    @classmethod
+    def default_config(cls, base: BaseModel, **overrides) -> dict:
+        """Clover-2 draft config for ``base``. ``init_from_layer`` accepts an index (negative counts from the end),
+        ``"last"`` or ``"first"`` and is recorded as a non-negative int. Default: the base's first layer, which
+        trained better drafts than the last one in this project's measurements (scripts/bench/draft_quality.py,
+        README)."""
+        n_layers = base.args.num_hidden_layers
+        layer = overrides.get("init_from_layer", Clover2Config.init_from_layer)
+        layer = {"last": n_layers - 1, "first": 0}.get(layer, layer)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+            raise CloverError(f"init_from_layer={layer!r} is not a layer of the base model (it has {n_layers} "
+                              f"layers); use an index, 'first' or 'last'")
+        return super().default_config(base, **{**overrides, "init_from_layer": layer % n_layers})
+
+    @classmethod
+    def ddp_unused_parameters(cls, overrides: dict) -> bool:
+        return overrides.get("num_heads", Clover2Config.num_heads) == 1  # a single head never runs the RNN step
+
+    @property
+    def embedding_source(self) -> str:
+        return self.cfg.embedding
+
+    @property
+    def max_depth(self) -> int:
+        return self.num_heads
+
+    @property
+    def train_heads(self) -> int:
+        return self.num_heads
+
+    def loss(self, preds, target, loss_mask, mask_alignment="predicted"):
+        return clover_loss(preds, target, self.lm_head_weight, loss_mask, self.cfg, mask_alignment,
+                           draft_vocab=self.draft_vocab)
+
+    def runner(self) -> "Clover2Runner":
+        return Clover2Runner(self)
+
+    # ---- initialisation (training from scratch only) ------------------------------------------------------------
     @torch.no_grad()
     def init_from_base(self, base: BaseModel, hidden_sample: torch.Tensor | None = None) -> None:
         """Trunk layers := copies of base layer ``init_from_layer``; both norms := the base final norm; AD blocks and
         FCs := identity paths plus small noise (``init_noise``), biases 0, so that ``AD(x, y) ~ x`` and the heads
         pass the state through. ``token_scale="auto"`` is measured from ``hidden_sample`` (pre-norm states
         ``[..., H]`` of the training data) or, without one, from the base's states on a fixed random probe."""
-        cfg = self.config["clover"]
-        if cfg["token_scale"] == "auto":
+        cfg = self.cfg
+        if cfg.token_scale == "auto":
             if hidden_sample is None:
                 hidden_sample = probe_prenorm(base)
-            cfg["token_scale"] = self.token_scale = measure_token_scale(hidden_sample, self.embed_weight)
-        source = base.model.layers[cfg["init_from_layer"]].state_dict()
+            self.token_scale = measure_token_scale(hidden_sample, self.embed_weight)
+            self.cfg = cfg = dataclasses.replace(cfg, token_scale=self.token_scale)
+        source = base.model.layers[cfg.init_from_layer].state_dict()
         for layer in self.layers:
             layer.load_state_dict(source)
-        for norm in (self.clover_norm, self.clover_head_norm):
+        for norm in (self.trunk_norm, self.head_norm):
             norm.weight.copy_(base.model.norm.weight)
         h = self.args.hidden_size
-        eye = torch.eye(h, device=self.clover_norm.weight.device)
-        low = -0.01 if cfg["init_noise"] == "symmetric" else 0.0  # "one_sided" = the original U[0, 0.01) (Q22)
+        eye = torch.eye(h, device=self.trunk_norm.weight.device)
+        low = -0.01 if cfg.init_noise == "symmetric" else 0.0  # "one_sided" = the original U[0, 0.01)
 
         def noisy(linear: nn.Linear, identity_cols: bool):
             linear.weight.uniform_(low, 0.01)
@@ -149,13 +211,13 @@ class Clover2Draft(DraftModel):
                 linear.weight[:, :h] += eye
             linear.bias.zero_()
 
-        blocks = [self.clover_head_mlp_rnn2] + ([self.clover_head_mlp_rnn] if cfg["fuse"] == "attention" else [])
+        blocks = [self.rnn_fuse] + ([self.token_fuse] if cfg.fuse == "attention" else [])
         for block in blocks:
             block.input_layernorm.weight.fill_(1.0)
             noisy(block.q, True)
             noisy(block.k, True)
             noisy(block.v, False)
-        for fc in [self.clover_head_mlp, self.clover_head_mlp2] + ([self.fuse_fc] if cfg["fuse"] == "fc" else []):
+        for fc in [self.head0_fc, self.rnn_fc] + ([self.fuse_fc] if cfg.fuse == "fc" else []):
             noisy(fc, True)
 
     # ---- shared pieces ------------------------------------------------------------------------------------------
@@ -163,17 +225,17 @@ class Clover2Draft(DraftModel):
         """AD0 (or the ``fc`` ablation) on the pairs ``(h~_t, token_scale * E[x_{t+1}])``."""
         if self.token_scale != 1.0:
             emb = emb * self.token_scale
-        if self.config["clover"]["fuse"] == "fc":
+        if self.cfg.fuse == "fc":
             return self.fuse_fc(torch.cat([hidden_prenorm, emb], dim=-1))
-        return self.clover_head_mlp_rnn(hidden_prenorm, emb)
+        return self.token_fuse(hidden_prenorm, emb)
 
     def rnn_step(self, state: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One head ``i >= 1``: ``c_i = AD1(c_{i-1}, e)``, ``h = norm(FC1 [c_i ; e])``."""
-        state = self.clover_head_mlp_rnn2(state, emb)
-        return state, self.clover_head_norm(self.clover_head_mlp2(torch.cat([state, emb], dim=-1)))
+        state = self.rnn_fuse(state, emb)
+        return state, self.head_norm(self.rnn_fc(torch.cat([state, emb], dim=-1)))
 
     def head0(self, state: torch.Tensor) -> torch.Tensor:
-        return self.clover_head_norm(self.clover_head_mlp(state))
+        return self.head_norm(self.head0_fc(state))
 
     # ---- training -----------------------------------------------------------------------------------------------
     def trunk(self, hidden_prenorm: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
@@ -186,12 +248,12 @@ class Clover2Draft(DraftModel):
             x = checkpoint(self.fuse, hidden_prenorm, emb, use_reentrant=False)
         else:
             x = self.fuse(hidden_prenorm, emb)
-        return self.clover_norm(self.run_layers(x, 0, None))
+        return self.trunk_norm(self.run_layers(x, 0, None))
 
     def forward_train(self, hidden_prenorm: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced predictions ``[N, B, L, H]`` (spec §2.5) from pre-norm states ``[B, L, H]`` and shifted
-        ids ``[B, L]`` (``next_ids[t] = x_{t+1}``): head ``i`` at ``t`` sees ``h~_0..t`` and ``x_{t+1}..x_{t+1+i}``
-        and predicts ``h_{t+1+i}``; positions ``t >= L - i`` are zero."""
+        """Teacher-forced predictions ``[N, B, L, H]`` from pre-norm states ``[B, L, H]`` and shifted ids ``[B, L]``
+        (``next_ids[t] = x_{t+1}``): head ``i`` at ``t`` sees ``h~_0..t`` and ``x_{t+1}..x_{t+1+i}`` and predicts
+        ``h_{t+1+i}``; positions ``t >= L - i`` are zero."""
         emb = self.embed(next_ids)
         c0 = self._trunk(hidden_prenorm, emb)
         if self.gradient_checkpointing and self.training:
@@ -211,6 +273,15 @@ class Clover2Draft(DraftModel):
             outs.append(F.pad(out, (0, 0, 0, length - out.shape[1])))
         return torch.stack(outs)
 
+    @torch.no_grad()
+    def greedy_chain(self, hidden_prenorm: torch.Tensor, next_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        state = self.trunk(hidden_prenorm, next_ids)  # one causal pass gives the trunk state of every prefix
+        tokens = []
+        for depth in range(self.num_heads):
+            state, out = self.head(state, tokens[-1] if tokens else None, depth)
+            tokens.append(self.greedy_tokens(out))
+        return torch.stack(tokens)
+
     # ---- inference (batch 1) ------------------------------------------------------------------------------------
     @torch.no_grad()
     def extend(self, hidden_states: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
@@ -221,7 +292,7 @@ class Clover2Draft(DraftModel):
         x = self.fuse(hidden_states.to(self.dtype), self.embed(next_ids))
         x = self.run_layers(x, start, cache)
         cache.length = start + hidden_states.shape[1]
-        return self.clover_norm(x)
+        return self.trunk_norm(x)
 
     @torch.no_grad()
     def head(self, state: torch.Tensor, tokens: torch.Tensor | None, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,3 +304,27 @@ class Clover2Draft(DraftModel):
         if tokens is None:
             raise ValueError("head(depth >= 1) needs the tokens of the previous depth")
         return self.rnn_step(state, self.embed(tokens))
+
+
+class Clover2Runner:
+    """Drives a Clover-2 draft for the tree builders: the trunk runs once per step on the newly committed positions;
+    the tree grows through the RNN heads only (see :class:`clover.generate.tree.DraftExpander`)."""
+
+    def __init__(self, draft: Clover2Draft):
+        self.draft = draft
+        self.vocab = draft.draft_vocab
+        self.states = None
+
+    def reset(self) -> None:
+        self.draft.reset()
+
+    def start(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """Feed committed pairs ``(h~_p, x_{p+1})`` (the last one pairs with the not-yet-committed root); returns
+        the logits of the root's children."""
+        trunk = self.draft.extend(hidden, next_ids)[0, -1:]
+        self.states, out = self.draft.head(trunk, None, 0)
+        return self.draft.draft_logits(out)[0]
+
+    def expand(self, parent_rows: torch.Tensor, tokens: torch.Tensor, depth: int) -> torch.Tensor:
+        self.states, out = self.draft.head(self.states[parent_rows], tokens, depth)
+        return self.draft.draft_logits(out)

@@ -1,44 +1,77 @@
-"""The EAGLE-1 draft as used for the Clover-2 comparison (spec §6.1, with the RoPE fix B2).
+"""The EAGLE-1 draft as used for the Clover-2 comparison, with the base's own RoPE configuration.
 
 ``f_t = fc([E_in(x_{t+1}) ; h_t])`` (embedding first; ``E_in`` = the frozen base input embedding, ``h_t`` the
 post-norm base state), then ``num_layers`` Llama decoder layers with the base's RoPE/GQA configuration, the first
 without an input norm, and no final norm: the output at ``t`` is the predicted post-norm feature ``h_{t+1}``.
 Trainable weights keep PyTorch's default initialisation. At inference tree nodes run through the decoder layers
-with a tree mask, appending their keys/values to the draft cache (the caller truncates back afterwards).
+with a tree mask, appending their keys/values to the draft cache (the runner truncates back afterwards).
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from clover.errors import CloverError
 from clover.model.base import BaseModel
-from clover.model.checkpoint import DraftModel, make_config
-from clover.model.layers import DecoderLayer
+from clover.model.draft import DraftConfig, DraftModel, check_number, check_positive_int
+from clover.model.layers import DecoderLayer, KVCache
+from clover.model.losses import eagle_loss
 
-DEFAULTS = {"num_layers": 1, "regression_weight": 1.0, "distill_weight": 0.1, "input_noise": 0.2,
-            "draft_vocab_size": 0}
+CHAIN_DEPTH = 5  # EAGLE's chain accuracy is measured to the depth of the verification tree
 
 
-def default_config(base: BaseModel, **overrides) -> dict:
-    """EAGLE-1 draft config for ``base`` (``input_noise`` is the training input-noise scale, applied by the
-    trainer)."""
-    return make_config("eagle", "eagle", base, DEFAULTS, overrides)
+@dataclasses.dataclass(frozen=True)
+class EagleConfig(DraftConfig):
+    """The ``eagle`` block of an EAGLE-1 ``config.json`` (``input_noise``: the scale of the training input noise,
+    applied by the trainer)."""
+
+    num_layers: int = 1
+    regression_weight: float = 1.0
+    distill_weight: float = 0.1
+    input_noise: float = 0.2
+    draft_vocab_size: int = 0
+
+    block: ClassVar[str] = "eagle"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive_int(self.block, "num_layers", self.num_layers)
+        for name in ("regression_weight", "distill_weight", "input_noise"):
+            check_number(self.block, name, getattr(self, name))
 
 
 class EagleDraft(DraftModel):
     draft_type = "eagle"
+    aliases = ("eagle1", "eagle-1")
+    label = "EAGLE-1"
+    Config = EagleConfig
     config_block = "eagle"
-    default_config = staticmethod(default_config)
+    hidden_kind = "postnorm"
+    train_defaults = {"lr": 3e-5, "warmup_steps": 500}
+    train_module = "clover.train.main"
 
     def __init__(self, config: dict, base: BaseModel):
-        n_layers = config["eagle"]["num_layers"]
-        if not isinstance(n_layers, int) or n_layers < 1:
-            raise CloverError(f"eagle config num_layers must be a positive integer, got {n_layers!r}")
-        super().__init__(config, base, "input")
+        super().__init__(config, base)
         h = self.args.hidden_size
         self.fc = nn.Linear(2 * h, h)
-        self.layers = nn.ModuleList(DecoderLayer(self.args, input_layernorm=i > 0) for i in range(n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(self.args, input_layernorm=i > 0) for i in range(self.cfg.num_layers))
+
+    @property
+    def chain_depth(self) -> int:
+        return CHAIN_DEPTH
+
+    @property
+    def training_noise(self) -> float:
+        return self.cfg.input_noise
+
+    def loss(self, preds, target, loss_mask, mask_alignment="predicted"):
+        return eagle_loss(preds, target, self.lm_head_weight, loss_mask, self.cfg, mask_alignment=mask_alignment,
+                          draft_vocab=self.draft_vocab)
+
+    def runner(self) -> "EagleRunner":
+        return EagleRunner(self)
 
     def init_from_base(self, base: BaseModel, hidden_sample: torch.Tensor | None = None) -> None:
         """Nothing to copy: EAGLE-1 keeps PyTorch's default initialisation (the embedding is the frozen base one)."""
@@ -55,6 +88,27 @@ class EagleDraft(DraftModel):
     def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`forward_train` (call the module itself when it is wrapped by DDP)."""
         return self.forward_train(hidden, next_ids)
+
+    @torch.no_grad()
+    def greedy_chain(self, hidden: torch.Tensor, next_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """The inference path (``extend`` + ``tree_step``), one conversation at a time; each depth is fed the
+        draft's own predicted features."""
+        chains = torch.zeros(CHAIN_DEPTH, *next_ids.shape, dtype=torch.long, device=next_ids.device)
+        a, saved = self.args, self.cache
+        for row, n in enumerate(lengths):
+            self.cache = KVCache(len(self.layers), 1, a.num_key_value_heads, n * CHAIN_DEPTH, a.head_dim, self.dtype,
+                                 self.device)
+            feats = self.extend(hidden[row:row + 1, :n], next_ids[row:row + 1, :n])[0]
+            chains[0, row, :n] = tokens = self.greedy_tokens(feats)
+            eye = torch.eye(n, dtype=torch.bool, device=feats.device)
+            mask = torch.ones(n, n, dtype=torch.bool, device=feats.device).tril()  # node t sees the prefix 0..t
+            for depth in range(1, CHAIN_DEPTH):
+                mask = torch.cat([mask, eye], 1)  # ... its own chain so far, and itself
+                positions = (torch.arange(n, device=feats.device) + depth).clamp(max=a.max_position_embeddings - 1)
+                feats = self.tree_step(feats, tokens, positions, mask)
+                chains[depth, row, :n] = tokens = self.greedy_tokens(feats)
+        self.cache = saved
+        return chains
 
     # ---- inference (batch 1) ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -82,3 +136,37 @@ class EagleDraft(DraftModel):
         out = self.run_layers(x, start, cache, position_ids=position_ids, mask=mask.to(torch.bool))
         cache.length = start + r
         return out[0]
+
+
+class EagleRunner:
+    """Drives an EAGLE-1 draft for the tree builders: tree nodes run through the draft's decoder layer, attending
+    to the committed prefix and their own expanded ancestors; their cache entries are dropped before the next
+    step (see :class:`clover.generate.tree.DraftExpander`)."""
+
+    def __init__(self, draft: EagleDraft):
+        self.draft = draft
+        self.vocab = draft.draft_vocab
+        self.committed = 0
+
+    def reset(self) -> None:
+        self.draft.reset()
+        self.committed = 0
+
+    def start(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """Feed committed pairs ``(h_p, x_{p+1})`` (the last one pairs with the not-yet-committed root); returns
+        the logits of the root's children."""
+        self.draft.truncate(self.committed)
+        feats = self.draft.extend(hidden, next_ids)[0, -1:]
+        self.committed = self.draft.cache_length
+        self.feats = feats
+        self.ancestors = torch.zeros(1, 0, dtype=torch.bool, device=feats.device)  # over tree cache entries
+        return self.draft.draft_logits(feats)[0]
+
+    def expand(self, parent_rows: torch.Tensor, tokens: torch.Tensor, depth: int) -> torch.Tensor:
+        r = tokens.numel()
+        device = tokens.device
+        self.ancestors = torch.cat([self.ancestors[parent_rows], torch.eye(r, dtype=torch.bool, device=device)], 1)
+        mask = torch.cat([torch.ones(r, self.committed, dtype=torch.bool, device=device), self.ancestors], 1)
+        positions = torch.full((r,), self.committed + depth - 1, dtype=torch.long, device=device)
+        self.feats = self.draft.tree_step(self.feats[parent_rows], tokens, positions, mask)
+        return self.draft.draft_logits(self.feats)

@@ -31,7 +31,8 @@ from clover.ge_data.dataset import HiddenStateDataset
 from clover.io import write_json
 from clover.model.base import BaseModel
 from clover.model.checkpoint import load_draft
-from clover.train.trainer import evaluate, metric_keys, num_heads, summarize
+from clover.model.registry import draft_class
+from clover.train.evaluate import evaluate
 from machine import cpu_flags, cpu_model  # scripts/bench/machine.py, beside this script
 
 # name -> (draft type, draft config overrides); every other setting is shared by all variants
@@ -44,7 +45,6 @@ VARIANTS = {
     "clover2_input": ("clover2", {"embedding": "input"}),         # README ablation: base input embedding
     "eagle": ("eagle", {}),
 }
-TRAINERS = {"clover2": "clover.train.main_clover2", "eagle": "clover.train.main"}
 
 
 def cpu_description() -> str:
@@ -65,7 +65,7 @@ def train_variant(name: str, args, out: Path) -> Path:
     cpdir.mkdir(parents=True)
     config = cpdir.parent / f".{name}.config.json"
     config.write_text(json.dumps(overrides))
-    cmd = [sys.executable, "-m", TRAINERS[draft_type], "--basepath", args.base_model, "--tmpdir", args.data_dir,
+    cmd = [sys.executable, "-m", draft_class(draft_type).train_module, "--basepath", args.base_model, "--tmpdir", args.data_dir,
            "--cpdir", str(cpdir), "--configpath", str(config), "--bs", str(args.bs), "--max_len", str(args.max_len),
            "--epochs", str(args.epochs), "--max_steps", str(args.max_steps), "--eval_every", str(args.eval_every),
            "--lr", str(args.lr), "--warmup_steps", str(args.warmup_steps), "--test_fraction", str(args.test_fraction),
@@ -100,14 +100,12 @@ def final_accuracy(cpdir: Path, args, base: BaseModel, test_set) -> dict:
     """Held-out top-1 per head of the final draft, with the true and with random next tokens."""
     draft = load_draft(cpdir / "final", base, dtype="fp32")
     vocab = draft.draft_vocab if draft.draft_vocab is not None else torch.arange(base.args.vocab_size)
-    keys, heads = metric_keys(num_heads(draft)), num_heads(draft)
     result = {}
     for label, data in (("true", test_set), ("random", RandomNextTokens(test_set, vocab.cpu()))):
-        s = summarize(evaluate(draft, data, args.bs, "predicted"), keys, "")
-        result[f"top1_{label}"] = [s[f"top1_{i}"] for i in range(heads)]
-    if "clover" in draft.config:
-        result["token_scale"] = draft.config["clover"].get("token_scale", 1.0)
-        result["init_from_layer"] = draft.config["clover"]["init_from_layer"]
+        result[f"top1_{label}"] = evaluate(draft, data, args.bs, "predicted").accuracy(1).tolist()
+    for key in ("token_scale", "init_from_layer"):  # the Clover-2 settings the variants differ in
+        if hasattr(draft.cfg, key):
+            result[key] = getattr(draft.cfg, key)
     return result
 
 

@@ -125,7 +125,6 @@ def draft_costs(base, reps: int, device, dtype) -> dict:
     root's children's logits) and one tree level on 4 and 8 rows (``runner.expand``: ``head`` or ``tree_step`` plus
     the logits), LM head over the whole vocabulary included, and each without its LM-head product (``extend``,
     ``head``, ``tree_step`` alone)."""
-    from clover.generate.draft import Clover2Runner, EagleRunner
     from clover.model.checkpoint import init_draft
 
     h, v = base.args.hidden_size, base.args.vocab_size
@@ -136,7 +135,7 @@ def draft_costs(base, reps: int, device, dtype) -> dict:
     for kind in ("clover2", "eagle"):
         draft = init_draft(kind, base, dtype=dtype).eval()
         draft.allocate_cache(CACHE + 64)
-        runner = (Clover2Runner if kind == "clover2" else EagleRunner)(draft)
+        runner = draft.runner()
         runner.reset()
         draft.extend(hidden[:, :CACHE], ids[:, :CACHE])  # a committed context of CACHE positions
         r = {"trainable_params_M": float(f"{sum(p.numel() for p in draft.parameters()) / 1e6:.4g}")}

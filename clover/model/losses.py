@@ -1,5 +1,4 @@
-"""Draft training losses (spec §4.5, §6.2 with the §9 fixes Q25, Q26, Q31, B13): one function per draft type,
-used by training and evaluation alike.
+"""Draft training losses, one function per draft type, used by training and evaluation alike.
 
 Per head ``i``: ``regression_weight * Lv_i + distill_weight * Lp_i``, where ``Lv_i`` is the masked mean over
 positions of ``mean_H SmoothL1_{beta=1}(prediction - target)`` and ``Lp_i`` the masked mean of the soft cross-entropy
@@ -13,49 +12,100 @@ Either way the mask depends only on the target index ``s = t+i``, so the masked 
 the vocabulary terms run in chunks of rows, with the gradient of the (frozen-``W_lm``) cross-entropy formed inside
 the chunk loop: no ``[B, L, V]`` tensor is materialised, for any head.
 
-With a draft vocabulary (token ids ``draft_vocab``, see :mod:`clover.model.checkpoint`) the heads' logits are over
+With a draft vocabulary (token ids ``draft_vocab``, see :mod:`clover.model.draft`) the heads' logits are over
 those tokens only and the base distribution is restricted to them and renormalised; the top-k metrics still compare
 with the base's argmax over the whole vocabulary, so they count the positions a smaller vocabulary cannot draft as
 misses.
 
-Metrics (detached 0-dim tensors) per head ``i``: ``loss_i``, ``vloss_i``, ``ploss_i``, ``top1_i``/``top2_i``/
-``top3_i`` (fraction of masked positions whose base argmax is in the head's top-k) and ``count_i`` (the mask sum);
-for exact aggregation across batches/processes also ``vloss_sum_i``, ``ploss_sum_i``, ``top{k}_correct_i``
-(fraction = sum / max(count, 1)); and ``loss``, the total.
+Metrics: a :class:`Metrics`, per-head sums (weighted head loss, mask count, regression and distillation loss sums,
+top-k hit counts of the base argmax) that add up exactly across batches and processes.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from clover.model.layers import rms_norm
+
 TOPK = (1, 2, 3)
+FIELDS = ("loss", "count", "vloss_sum", "ploss_sum") + tuple(f"top{k}_correct" for k in TOPK)
+
+
+@dataclass
+class Metrics:
+    """Summable per-head statistics of the loss over one or more batches: ``sums[i, j]`` is field ``FIELDS[j]``
+    of head ``i`` (``loss``: the head's weighted loss, summed over batches; ``count``: masked positions;
+    ``vloss_sum`` / ``ploss_sum``: regression / distillation loss summed over positions; ``top{k}_correct``:
+    positions whose base argmax is in the head's top-k), and ``batches`` the number of batches."""
+
+    sums: torch.Tensor  # [N, len(FIELDS)], detached
+    batches: float = 1.0
+
+    @classmethod
+    def zeros(cls, n_heads: int, device=None) -> "Metrics":
+        return cls(torch.zeros(n_heads, len(FIELDS), device=device), 0.0)
+
+    def __getitem__(self, field: str) -> torch.Tensor:
+        """Field ``field`` of every head, ``[N]``."""
+        return self.sums[:, FIELDS.index(field)]
+
+    def __add__(self, other: "Metrics") -> "Metrics":
+        return Metrics(self.sums + other.sums.to(self.sums.device), self.batches + other.batches)
+
+    def vector(self) -> torch.Tensor:
+        """Everything as one flat vector (to reduce across processes); inverse :meth:`from_vector`."""
+        return torch.cat([self.sums.flatten().float(), self.sums.new_tensor([self.batches]).float()])
+
+    @classmethod
+    def from_vector(cls, vector: torch.Tensor, n_heads: int) -> "Metrics":
+        return cls(vector[:-1].view(n_heads, len(FIELDS)), float(vector[-1]))
+
+    @property
+    def loss(self) -> float:
+        """Mean total loss per batch."""
+        return float(self["loss"].sum()) / max(self.batches, 1)
+
+    def mean(self, name: str) -> torch.Tensor:
+        """Per-head mean over masked positions of ``vloss`` or ``ploss``, ``[N]``."""
+        return self[f"{name}_sum"] / self["count"].clamp(min=1)
+
+    def accuracy(self, k: int) -> torch.Tensor:
+        """Per-head top-``k`` accuracy, ``[N]``."""
+        return self[f"top{k}_correct"] / self["count"].clamp(min=1)
+
+    def summary(self, prefix: str = "") -> dict:
+        """Flat dict for logs: ``{prefix}loss`` and ``{prefix}top{k}_{i}`` per head ``i``."""
+        out = {f"{prefix}loss": self.loss}
+        for k in TOPK:
+            out |= {f"{prefix}top{k}_{i}": a for i, a in enumerate(self.accuracy(k).tolist())}
+        return out
 
 
 def target_from_prenorm(hidden_prenorm: torch.Tensor, final_norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Post-norm states from stored pre-norm ones: the base's final RMSNorm (same formula as ``layers.RMSNorm``)."""
-    h = hidden_prenorm.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return final_norm_weight * h.to(hidden_prenorm.dtype)
+    """Post-norm states from stored pre-norm ones: the base's final RMSNorm."""
+    return rms_norm(hidden_prenorm, final_norm_weight, eps)
 
 
 def clover_loss(preds: torch.Tensor, target_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
-                loss_mask: torch.Tensor, cfg: dict, mask_alignment: str = "predicted",
-                chunk_size: int = 1024, draft_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                loss_mask: torch.Tensor, cfg, mask_alignment: str = "predicted",
+                chunk_size: int = 1024, draft_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """Clover-2 loss for ``preds [N, B, L, H]`` (``forward_train``), ``target_hidden [B, L, H]`` (post-norm
-    ``h_{t+1}`` at index ``t``), ``loss_mask [B, L]`` (data mask of token ``x_t`` at index ``t``) and the ``clover``
-    config block (``regression_weight``, ``distill_weight``, ``decay_coefficient``, ``heads_coefficient``)."""
-    head_weights = [cfg["decay_coefficient"] ** i * cfg["heads_coefficient"] for i in range(preds.shape[0])]
+    ``h_{t+1}`` at index ``t``), ``loss_mask [B, L]`` (data mask of token ``x_t`` at index ``t``) and the Clover-2
+    config (``regression_weight``, ``distill_weight``, ``decay_coefficient``, ``heads_coefficient``)."""
+    head_weights = [cfg.decay_coefficient ** i * cfg.heads_coefficient for i in range(preds.shape[0])]
     return _loss(preds, target_hidden, lm_head_weight, _target_mask(loss_mask, mask_alignment), head_weights,
-                 cfg["regression_weight"], cfg["distill_weight"], chunk_size, draft_vocab)
+                 cfg.regression_weight, cfg.distill_weight, chunk_size, draft_vocab)
 
 
 def eagle_loss(pred: torch.Tensor, target: torch.Tensor, lm_head_weight: torch.Tensor, loss_mask: torch.Tensor,
-               cfg: dict, chunk_size: int = 1024, mask_alignment: str = "predicted",
-               draft_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """EAGLE-1 loss ``regression_weight * Lv + distill_weight * Lp`` for ``pred [B, L, H]`` (one head; metric keys
-    as head 0 of :func:`clover_loss`; ``cfg`` is the ``eagle`` config block)."""
+               cfg, chunk_size: int = 1024, mask_alignment: str = "predicted",
+               draft_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+    """EAGLE-1 loss ``regression_weight * Lv + distill_weight * Lp`` for ``pred [B, L, H]`` (one head, metrics as
+    head 0 of :func:`clover_loss`; ``cfg`` is the EAGLE-1 config)."""
     return _loss(pred[None], target, lm_head_weight, _target_mask(loss_mask, mask_alignment), [1.0],
-                 cfg["regression_weight"], cfg["distill_weight"], chunk_size, draft_vocab)
+                 cfg.regression_weight, cfg.distill_weight, chunk_size, draft_vocab)
 
 
 def _target_mask(loss_mask: torch.Tensor, alignment: str) -> torch.Tensor:
@@ -87,15 +137,8 @@ def _loss(preds, target, weight_lm, target_mask, head_weights, regression_weight
     vloss, ploss = v_sum / denom, p_sum / denom
     head_loss = (regression_weight * vloss + distill_weight * ploss) * torch.tensor(head_weights, device=preds.device)
     loss = head_loss.sum()
-    metrics = {"loss": loss.detach()}
-    for i in range(n):
-        metrics |= {f"loss_{i}": head_loss[i].detach(), f"vloss_{i}": vloss[i].detach(),
-                    f"ploss_{i}": ploss[i].detach(), f"count_{i}": count[i], f"vloss_sum_{i}": v_sum[i].detach(),
-                    f"ploss_sum_{i}": p_sum[i].detach()}
-        for j, k in enumerate(TOPK):
-            metrics[f"top{k}_correct_{i}"] = correct[i, j]
-            metrics[f"top{k}_{i}"] = correct[i, j] / denom[i]
-    return loss, metrics
+    sums = torch.cat([torch.stack([head_loss.detach(), count, v_sum.detach(), p_sum.detach()], 1), correct], 1)
+    return loss, Metrics(sums.float(), 1.0)
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
