@@ -1,4 +1,5 @@
-"""The training command line, shared by every draft: ``python -m clover.train.main_clover2`` (Clover-2) and
+"""The training command line (parsing and checking only; :func:`clover.train.trainer.main` runs it), shared by every
+draft: ``python -m clover.train.main_clover2`` (Clover-2) and
 ``python -m clover.train.main`` (EAGLE-1) differ only in the draft class and its defaults (learning rate, warm-up).
 """
 from __future__ import annotations
@@ -7,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from clover.errors import CloverError, run_cli
+from clover.errors import CloverError
 from clover.model.registry import draft_class
 
 EPILOG = ("Writes CKPT/epoch_{k}/ (config.json, model.safetensors, trainer_state/; the last --keep_last are kept), "
@@ -70,13 +71,6 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
     p.add_argument("--report_to", choices=("none", "tensorboard", "wandb"), default="none",
                    help="accelerate tracker for per-step and per-epoch metrics")
     return p
-
-
-def main(draft_type: str, argv=None) -> None:
-    """CLI entry point: parse ``argv`` and train; bad input ends with one ``error:`` line and exit status 2."""
-    from clover.train.trainer import train
-
-    run_cli(lambda: train(build_parser(draft_type).parse_args(argv), draft_type))
 
 
 def check_args(args) -> None:

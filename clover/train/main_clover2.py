@@ -1,7 +1,7 @@
 """Train a Clover-2 draft: ``accelerate launch -m clover.train.main_clover2 --basepath B --tmpdir DATA --cpdir CKPT``
 (or plain ``python -m clover.train.main_clover2 ...`` for one process); ``--help`` lists every flag. Flags:
 :mod:`clover.train.cli`; the loop: :mod:`clover.train.trainer`."""
-from clover.train.cli import main
+from clover.train.trainer import main
 
 if __name__ == "__main__":
     main("clover2")

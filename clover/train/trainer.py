@@ -30,7 +30,7 @@ from accelerate.utils import (DistributedDataParallelKwargs, ProjectConfiguratio
                               is_wandb_available, set_seed)
 from tqdm import tqdm
 
-from clover.errors import CloverError
+from clover.errors import CloverError, run_cli
 from clover.ge_data.dataset import HiddenStateDataset, collate
 from clover.model.base import BaseModel
 from clover.model.checkpoint import init_draft, top_tokens
@@ -38,7 +38,7 @@ from clover.model.losses import TOPK, Metrics
 from clover.model.registry import draft_class
 from clover.train.checkpoints import (check_resumable, data_order, read_progress, resume_point, save_checkpoint,
                                       save_final)
-from clover.train.cli import check_args, read_overrides
+from clover.train.cli import build_parser, check_args, read_overrides
 from clover.train.evaluate import batch_loss, chain_counts, evaluate, shard
 
 
@@ -311,6 +311,11 @@ def format_summary(s: dict, epochs: int, n_heads: int) -> str:
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
+def main(draft_type: str, argv=None) -> None:
+    """CLI entry point: parse ``argv`` and train; bad input ends with one ``error:`` line and exit status 2."""
+    run_cli(lambda: train(build_parser(draft_type).parse_args(argv), draft_type))
+
+
 def train(args, draft_type: str) -> list[dict]:
     """Train a ``draft_type`` draft as ``args`` (see :func:`clover.train.cli.build_parser`) say; returns the
     per-epoch summaries."""
