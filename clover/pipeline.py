@@ -20,6 +20,7 @@ from pathlib import Path
 
 from clover.args import CloverArgumentParser, add_base_model, add_questions, add_tree
 from clover.errors import CloverError, run_cli
+from clover.model.registry import DRAFTS
 
 # (conversations, max_len, batch size, epochs, max_steps, questions, max_new_token) per size. Both drafts propose
 # from the 8,192 most frequent reply tokens (--draft_vocab_size), with which Clover-2's five vocabulary-sized heads
@@ -54,14 +55,13 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
               "--draft_vocab_size", str(DRAFT_VOCAB_SIZE)]
     if s["max_steps"]:
         common += ["--max_steps", str(s["max_steps"])]
-    drafts = {}
-    for name, module, lr in (("clover2", "clover.train.main_clover2", "1e-3"), ("eagle", "clover.train.main", "1e-3")):
-        ckpt = workdir / "ckpt" / name
+    drafts = []
+    for cls in DRAFTS:  # every registered draft, same data, same budget, same learning rate
+        ckpt = workdir / "ckpt" / cls.draft_type
         if not (ckpt / "final" / "model.safetensors").is_file():
-            run(py + [module, *common, "--cpdir", str(ckpt), "--lr", lr])
-        drafts[name] = ckpt / "final"
-    cmd = py + ["clover.evaluation.compare", "--base-model", model, "--clover-draft", str(drafts["clover2"]),
-                "--eagle-draft", str(drafts["eagle"]), "--outdir", str(workdir / "compare"),
+            run(py + [cls.train_module, *common, "--cpdir", str(ckpt), "--lr", "1e-3"])
+        drafts += ["--draft", str(ckpt / "final")]
+    cmd = py + ["clover.evaluation.compare", "--base-model", model, *drafts, "--outdir", str(workdir / "compare"),
                 "--max-new-tokens", str(s["max_new_token"]), "--tree", tree, "--tree-budget", str(budget)]
     if question_file:
         cmd += ["--question-file", question_file]

@@ -46,12 +46,12 @@ def test_plain_answers_count_exactly_and_resume(tmp_path, questions):
 
 
 def test_speculative_answers_need_a_draft(tmp_path, questions):
-    with pytest.raises(CloverError, match="needs --draft-model-path"):
+    with pytest.raises(CloverError, match="needs --draft"):
         generate_answers("clover", SMOLLM2, tmp_path / "a.jsonl", questions, warmup=0, progress=False)
 
 
 def test_comparison_runs_end_to_end(tmp_path, questions, drafts):
-    results = run_comparison(tmp_path / "cmp", SMOLLM2, drafts["clover2"], drafts["eagle"], questions,
+    results = run_comparison(tmp_path / "cmp", SMOLLM2, [drafts["clover2"], drafts["eagle"]], questions,
                              max_new_token=5, tree="mc_sim_7b_63", figs=tmp_path / "figs", warmup=0, progress=False)
     assert set(results["methods"]) == {"hf", "hf_pld", "baseline", "eagle", "clover"}
     assert results["methods"]["baseline"]["tau"]["overall"]["tau"] == 1.0

@@ -2,7 +2,7 @@
 prompt-lookup decoding, the project's plain decoding, EAGLE-1 and Clover-2. Writes one answer file per method
 (resumable), a markdown table (tokens/s, speedup over the project's plain decoding, τ per group) and plots in figs/.
 
-    python -m clover.evaluation.compare --clover-draft runs/clover2 --eagle-draft runs/eagle \\
+    python -m clover.evaluation.compare --draft runs/clover2 --draft runs/eagle \\
         [--question-file spec_bench_question.jsonl] [--max-new-tokens 128] [--outdir runs/compare]
 """
 from __future__ import annotations
@@ -22,26 +22,51 @@ from clover.evaluation.answers import GROUPS, load_answers
 from clover.evaluation.gen_answer import generate_answers
 from clover.evaluation.speed_spe import speed_report
 from clover.evaluation.tau_spe import tau_report
+from clover.model.checkpoint import read_draft_config
 from clover.model.loading import DEFAULT_MODEL
+from clover.model.registry import draft_class, draft_for_method, draft_methods
 
-LABELS = {"hf": "transformers generate", "hf_pld": "transformers prompt lookup", "baseline": "clover plain",
-          "eagle": "EAGLE-1", "clover": "Clover-2"}
-DEFAULT_METHODS = ("hf", "hf_pld", "baseline", "eagle", "clover")
+PEER_LABELS = {"hf": "transformers generate", "hf_pld": "transformers prompt lookup", "baseline": "clover plain"}
+ALL_METHODS = (*PEER_LABELS, *draft_methods())
 
 
-def run_comparison(outdir, base_model=DEFAULT_MODEL, clover_draft=None, eagle_draft=None, question_file=None,
-                   methods=DEFAULT_METHODS, max_new_token=128, temperature=0.0, tree="mc_sim_7b_63",
-                   total_token="auto", dtype="auto", device="cpu", figs="figs", question_begin=None,
-                   question_end=None, warmup=1, progress=True, per_group=None) -> dict:
+def label(method: str) -> str:
+    drafted = draft_for_method(method)
+    return drafted.label if drafted else PEER_label(method)
+
+
+def draft_checkpoints(drafts) -> dict[str, str]:
+    """``{method: checkpoint folder}`` for draft checkpoint folders, each method named by its draft's type."""
+    by_method = {}
+    for folder in drafts or ():
+        cls = draft_class(read_draft_config(folder)["draft_type"], f"{folder}/config.json")
+        if cls.method in by_method:
+            raise CloverError(f"two {cls.label} drafts given ({by_method[cls.method]} and {folder}); compare one "
+                              f"draft of each type per run")
+        by_method[cls.method] = str(folder)
+    return by_method
+
+
+def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=None, methods=None,
+                   max_new_token=128, temperature=0.0, tree="mc_sim_7b_63", total_token="auto", dtype="auto",
+                   device="cpu", figs="figs", question_begin=None, question_end=None, warmup=1, progress=True,
+                   per_group=None) -> dict:
+    """Answer the questions with every method (``methods``; default: the peers and one method per checkpoint in
+    ``drafts``), then write ``results.json``, ``table.md`` and the plots."""
     outdir = Path(outdir)
-    drafts = {"clover": clover_draft, "eagle": eagle_draft}
-    methods = [m for m in methods if m not in drafts or drafts[m]]
+    checkpoints = draft_checkpoints(drafts)
+    if methods is None:
+        methods = [*PEER_LABELS, *checkpoints]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise CloverError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    methods = [m for m in methods if draft_for_method(m) is None or m in checkpoints]
     if "baseline" not in methods:
         raise CloverError("the comparison needs the 'baseline' method (the project's plain decoding) as reference")
     files = {}
     for method in methods:
         files[method] = generate_answers(method, base_model, outdir / "answers" / f"{method}.jsonl", question_file,
-                                         drafts.get(method), temperature=temperature, max_new_token=max_new_token,
+                                         checkpoints.get(method), temperature=temperature, max_new_token=max_new_token,
                                          tree=tree, total_token=total_token, dtype=dtype, device=device,
                                          question_begin=question_begin, question_end=question_end, warmup=warmup,
                                          progress=progress, per_group=per_group)
@@ -70,7 +95,7 @@ def markdown_table(results: dict) -> str:
              "|---|---:|---:|---:|" + "---:|---:|" * len(groups)]
     for method, r in methods.items():
         s, t = r["speed"], r["tau"]
-        cells = [LABELS[method], f"{s['overall']['tokens_per_s_total']:.1f}", f"{s['overall']['speedup_total']:.2f}x",
+        cells = [label(method), f"{s['overall']['tokens_per_s_total']:.1f}", f"{s['overall']['speedup_total']:.2f}x",
                  f"{t['overall']['tau']:.2f}"]
         for g in groups:
             cells += [f"{t['groups'][g]['tau']:.2f}" if g in t["groups"] else "–",
@@ -100,7 +125,7 @@ def plot(results: dict, figs: Path) -> None:
         for i, (method, r) in enumerate(methods.items()):
             rep = r[key]
             values = [(rep["overall"] if g == "overall" else rep["groups"].get(g, {})).get(metric, 0) for g in groups]
-            ax.bar([x + i * width for x in range(len(groups))], values, width, label=LABELS[method])
+            ax.bar([x + i * width for x in range(len(groups))], values, width, label=label(method))
         ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(groups))], groups, fontsize=8)
         ax.axhline(1.0, color="gray", linewidth=0.6)
         ax.set_ylabel(ylabel)
@@ -115,11 +140,15 @@ def build_parser():
     p = CloverArgumentParser(prog="python -m clover.evaluation.compare", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_base_model(p)
-    p.add_argument("--clover-draft", default=None, help="Clover-2 checkpoint (omit to leave Clover-2 out)")
-    p.add_argument("--eagle-draft", default=None, help="EAGLE-1 checkpoint (omit to leave EAGLE-1 out)")
+    p.add_argument("--draft", action="append", dest="drafts", default=[], metavar="FOLDER",
+                   help="a draft checkpoint folder, its type read from its config.json; repeat for several drafts "
+                        "(one of each type)")
+    for old in ("--clover-draft", "--eagle-draft"):  # the old spellings, one flag per draft
+        p.add_argument(old, action="append", dest="drafts", help=argparse.SUPPRESS)
     add_questions(p)
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated subset of: " + ", ".join(DEFAULT_METHODS))
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of: " + ", ".join(ALL_METHODS) + " (default: the peers and one "
+                        "method per --draft)")
     add_max_new_tokens(p, 128, help="cap per turn, the same for every method")
     add_sampling(p, top=False, seed_help=None)
     add_tree(p, "mc_sim_7b_63")
@@ -131,10 +160,10 @@ def build_parser():
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    results = run_comparison(a.outdir, a.base_model, a.clover_draft, a.eagle_draft, a.question_file,
-                             a.methods.split(","), a.max_new_tokens, a.temperature, a.tree, a.tree_budget, a.dtype,
-                             a.device,
-                             a.figs, a.question_begin, a.question_end, per_group=a.per_group)
+    methods = a.methods.split(",") if a.methods else None
+    results = run_comparison(a.outdir, a.base_model, a.drafts, a.question_file, methods, a.max_new_tokens,
+                             a.temperature, a.tree, a.tree_budget, a.dtype, a.device, a.figs, a.question_begin,
+                             a.question_end, per_group=a.per_group)
     print(markdown_table(results))
 
 

@@ -24,8 +24,10 @@ from clover.errors import CloverError, run_cli
 from clover.evaluation.answers import (answer_record, append_answer, default_question_file, done_question_ids,
                                        error_record, load_questions, make_choice, sort_answer_file)
 from clover.io import device_timer
+from clover.model.registry import draft_for_method, draft_methods
 
-METHODS = ("baseline", "clover", "eagle", "hf", "hf_pld")
+PEERS = ("hf", "hf_pld")  # transformers' own decoders
+METHODS = ("baseline", *draft_methods(), *PEERS)
 
 
 class Decoder:
@@ -37,15 +39,16 @@ class Decoder:
 
         self.method, self.device, self.max_new_tokens, self.stop_ids = method, device, max_new_tokens, list(stop_ids)
         self.params = SamplingParams(temperature, top_p, top_k)
-        if method in ("baseline", "clover", "eagle"):  # the project's own decoding, plain or speculative
-            if method != "baseline" and not draft:
-                raise CloverError(f"--method {method} needs --draft-model-path")
+        drafted = draft_for_method(method)
+        if drafted is not None or method == "baseline":  # the project's own decoding, speculative or plain
+            if drafted is not None and not draft:
+                raise CloverError(f"--method {method} needs --draft (a {drafted.label} checkpoint folder)")
             from clover.generate.loader import load_decoding
 
-            self.decoding = load_decoding(base_model, None if method == "baseline" else draft,
-                                          draft_type={"clover": "clover2", "eagle": "eagle"}.get(method), tree=tree,
-                                          budget=budget, dtype=dtype, device=device, max_len=max_len)
-        elif method in ("hf", "hf_pld"):
+            self.decoding = load_decoding(base_model, draft if drafted else None,
+                                          draft_type=drafted and drafted.draft_type, tree=tree, budget=budget,
+                                          dtype=dtype, device=device, max_len=max_len)
+        elif method in PEERS:
             from transformers import AutoModelForCausalLM
 
             from clover.model.base import parse_dtype
@@ -59,7 +62,7 @@ class Decoder:
 
     def decode(self, ids: list[int], seed: int) -> tuple[list[int], list[int]]:
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        if self.method in ("baseline", "clover", "eagle"):
+        if self.method not in PEERS:
             r = self.decoding.generate(ids, self.params, self.max_new_tokens, self.stop_ids, generator)
             return r.tokens, r.accept_lengths
         return self._decode_hf(ids, seed)

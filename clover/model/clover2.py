@@ -115,6 +115,7 @@ class Clover2Draft(DraftModel):
     draft_type = "clover2"
     aliases = ("clover", "clover-2")
     label = "Clover-2"
+    method = "clover"
     Config = Clover2Config
     config_block = "clover"
     hidden_kind = "prenorm"

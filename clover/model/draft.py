@@ -8,7 +8,7 @@ need. A subclass sets the class attributes below and implements ``init_from_base
 Class attributes of a draft class:
 
 * ``draft_type`` (the name written into ``config.json``), ``aliases`` (other names it answers to), ``label``
-  (for people, e.g. ``"Clover-2"``);
+  (for people, e.g. ``"Clover-2"``) and ``method`` (its method name in answer files and comparisons);
 * ``Config`` (a frozen, validated dataclass: the draft's own block of ``config.json``) and ``config_block`` (the
   block's key);
 * ``hidden_kind``: the base state it reads, ``"prenorm"`` (the last decoder layer's output) or ``"postnorm"``
@@ -134,6 +134,7 @@ class DraftModel(nn.Module):
     draft_type: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     label: ClassVar[str] = ""
+    method: ClassVar[str] = ""
     Config: ClassVar[type[DraftConfig]] = DraftConfig
     config_block: ClassVar[str] = ""
     hidden_kind: ClassVar[str] = "postnorm"

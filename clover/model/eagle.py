@@ -46,6 +46,7 @@ class EagleDraft(DraftModel):
     draft_type = "eagle"
     aliases = ("eagle1", "eagle-1")
     label = "EAGLE-1"
+    method = "eagle"
     Config = EagleConfig
     config_block = "eagle"
     hidden_kind = "postnorm"

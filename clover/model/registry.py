@@ -27,3 +27,13 @@ def draft_class(name: str, where: str = "draft type") -> type[DraftModel]:
             if key == cls.draft_type or key in cls.aliases:
                 return cls
     raise CloverError(f"{where}: unknown draft_type {name!r}; known types: {', '.join(draft_names())}")
+
+
+def draft_methods() -> list[str]:
+    """The method names of the registered drafts in answer files and comparisons (e.g. ``clover``)."""
+    return [cls.method for cls in DRAFTS]
+
+
+def draft_for_method(method: str) -> type[DraftModel] | None:
+    """The draft class whose method is ``method`` (None: not a draft method)."""
+    return next((cls for cls in DRAFTS if cls.method == method), None)
