@@ -23,7 +23,7 @@ from clover.errors import CloverError, run_cli
 from clover.model.registry import DRAFTS
 
 # (conversations, max_len, batch size, epochs, max_steps, questions, max_new_token) per size. Both drafts propose
-# from the 8,192 most frequent reply tokens (--draft_vocab_size), with which Clover-2's five vocabulary-sized heads
+# from the 8,192 most frequent reply tokens (--draft-vocab-size), with which Clover-2's five vocabulary-sized heads
 # train 3.4x faster on SmolLM2 (49,152 tokens, hidden size 576; see the README); the full size trains each draft for
 # one epoch (~90 optimizer steps) on ~190k tokens.
 SIZES = {
@@ -50,16 +50,16 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
     data = workdir / "data"
     run(py + ["clover.ge_data.allocation", "--base-model", model, "--data-dir", str(data), "--start", "0",
               "--end", str(s["conversations"]), "--max-len", str(s["max_len"]), "--shard-size", "32"])
-    common = ["--basepath", model, "--tmpdir", str(data), "--bs", str(s["bs"]), "--max_len", str(s["max_len"]),
-              "--epochs", str(s["epochs"]), "--warmup_steps", "10", "--keep_last", "1",
-              "--draft_vocab_size", str(DRAFT_VOCAB_SIZE)]
+    common = ["--base-model", model, "--data-dir", str(data), "--bs", str(s["bs"]), "--max-len", str(s["max_len"]),
+              "--epochs", str(s["epochs"]), "--warmup-steps", "10", "--keep-last", "1",
+              "--draft-vocab-size", str(DRAFT_VOCAB_SIZE)]
     if s["max_steps"]:
-        common += ["--max_steps", str(s["max_steps"])]
+        common += ["--max-steps", str(s["max_steps"])]
     drafts = []
     for cls in DRAFTS:  # every registered draft, same data, same budget, same learning rate
         ckpt = workdir / "ckpt" / cls.draft_type
         if not (ckpt / "final" / "model.safetensors").is_file():
-            run(py + [cls.train_module, *common, "--cpdir", str(ckpt), "--lr", "1e-3"])
+            run(py + [cls.train_module, *common, "--ckpt-dir", str(ckpt), "--lr", "1e-3"])
         drafts += ["--draft", str(ckpt / "final")]
     cmd = py + ["clover.evaluation.compare", "--base-model", model, *drafts, "--outdir", str(workdir / "compare"),
                 "--max-new-tokens", str(s["max_new_token"]), "--tree", tree, "--tree-budget", str(budget)]

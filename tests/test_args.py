@@ -41,7 +41,18 @@ VALUES = {"--base-model": "some-model", "--draft": "some-draft", "--data-dir": "
           "--question-file": "q.jsonl", "--question-begin": ("1", 1), "--question-end": ("4", 4),
           "--per-group": ("2", 2), "--answer-file": "a.jsonl", "--baseline-file": "b.jsonl", "--top-p": ("0.5", 0.5),
           "--top-k": ("3", 3), "--shard-size": ("3", 3), "--gpus-per-worker": ("2", 2),
-          "--python-name": "ge_data_all_vicuna_nonnorm.py", "--bf16-steps": ("4", 4)}
+          "--python-name": "ge_data_all_vicuna_nonnorm.py", "--bf16-steps": ("4", 4),
+          # the trainer's flags (a value of None: a switch)
+          "--draft-vocab-size": ("8", 8), "--grad-accum": ("2", 2), "--weight-decay": ("0.1", 0.1),
+          "--warmup-steps": ("3", 3), "--grad-clip": ("0.2", 0.2), "--grad-clip-value": (None, True),
+          "--max-steps": ("9", 9), "--mask-alignment": "eagle", "--gradient-checkpointing": (None, True),
+          "--keep-last": ("3", 3), "--test-fraction": ("0.2", 0.2), "--eval-every": ("5", 5),
+          "--chain-eval-batches": ("2", 2), "--num-workers": ("0", 0), "--report-to": "tensorboard"}
+# the trainer's dashed names, each with its underscore spelling as the old one
+TRAIN_FLAGS = ["--draft-vocab-size", "--grad-accum", "--weight-decay", "--warmup-steps", "--grad-clip",
+               "--grad-clip-value", "--max-steps", "--mask-alignment", "--gradient-checkpointing", "--keep-last",
+               "--test-fraction", "--eval-every", "--chain-eval-batches", "--num-workers", "--report-to"]
+TRAIN_REQUIRED = {"--base-model": "some-model", "--data-dir": "data", "--ckpt-dir": "ckpt"}
 
 
 class Parsed(Exception):
@@ -64,6 +75,10 @@ def bench(name: str):
     finally:
         sys.path.remove(folder)
     return module
+
+
+def train_main(draft_type: str):
+    return lambda argv: importlib.import_module("clover.train.trainer").main(draft_type, argv)
 
 
 def module_main(name: str, *prefix: str):
@@ -115,6 +130,10 @@ ENTRY_POINTS = {
                                   ["--answer-file"], {"--answer-file": ["--path"]}),
     "clover.evaluation.answers": (module_main("clover.evaluation.answers"), {"--upgrade": "a.jsonl"}, [], {}),
     "clover.pipeline": (module_main("clover.pipeline"), {}, ["--base-model", "--question-file", "--tree-budget"], {}),
+    **{module: (train_main(draft_type), TRAIN_REQUIRED, ["--base-model", "--data-dir", "--ckpt-dir", "--max-len",
+                                                          *TRAIN_FLAGS],
+                {flag: ["--" + flag[2:].replace("-", "_")] for flag in TRAIN_FLAGS})
+       for module, draft_type in (("clover.train.main_clover2", "clover2"), ("clover.train.main", "eagle"))},
     "scripts/bench/ge_data.py": (bench_main("ge_data", False), {}, ["--base-model", "--max-len"], {}),
     "scripts/bench/speculative.py": (bench_main("speculative", False), {},
                                      ["--base-model", "--question-file", "--question-begin", "--question-end",
@@ -177,11 +196,12 @@ def test_old_spellings_parse_like_the_new_names(entry, parse):
     assert {k: sorted(v) for k, v in registered_aliases(parser, namespace).items()} == expected
     for name, old in old_names(entry).items():
         text, parsed = value(name)
-        _, new_ns = parse(entry, [name, text], drop=name)
+        given = [] if text is None else [text]
+        _, new_ns = parse(entry, [name, *given], drop=name)
         dest = name.lstrip("-").replace("-", "_")
         assert getattr(new_ns, dest) == parsed, (entry, name)
         for alias in old:
-            assert parse(entry, [alias, text], drop=name)[1] == new_ns, (entry, name, alias)
+            assert parse(entry, [alias, *given], drop=name)[1] == new_ns, (entry, name, alias)
 
 
 def help_text(entry: str, capsys) -> str:
@@ -290,8 +310,7 @@ def test_value_checks(check, good, bad):
 
 
 def test_pipeline_stage_commands_parse_with_the_stages_parsers(parse, monkeypatch, tmp_path):
-    """The command lines python -m clover.pipeline runs use names the stages' parsers know (checked on the
-    stages that are entry points above)."""
+    """The command lines python -m clover.pipeline runs parse with the stages' own parsers, in the new names."""
     import clover.pipeline as pipeline
 
     commands = []
@@ -299,10 +318,17 @@ def test_pipeline_stage_commands_parse_with_the_stages_parsers(parse, monkeypatc
     pipeline.pipeline(tmp_path, "some-model", "fast", "q.jsonl", "dynamic", 5)
     modules = [cmd[2] for cmd in commands]
     assert modules[0] == "clover.ge_data.allocation" and modules[-1] == "clover.evaluation.compare"
-    for cmd in (commands[0], commands[-1]):
+    assert {"clover.train.main_clover2", "clover.train.main"} <= set(modules[1:-1])
+    for cmd in commands:
+        assert parse(cmd[2], cmd[3:])[1].base_model == "some-model"
+        assert not any(a.startswith("--") and a[2:].replace("_", "-") != a[2:] for a in cmd), cmd  # no old names
+        for old in ALIASES["--base-model"] + ALIASES["--data-dir"] + ALIASES["--ckpt-dir"] + ALIASES["--tree-budget"]:
+            assert old not in cmd, cmd
+    for cmd in commands[:-1]:
+        assert parse(cmd[2], cmd[3:])[1].data_dir == str(tmp_path / "data")
+    for cmd in commands[1:-1]:
         ns = parse(cmd[2], cmd[3:])[1]
-        assert ns.base_model == "some-model"
-    assert parse("clover.ge_data.allocation", commands[0][3:])[1].data_dir == str(tmp_path / "data")
+        assert ns.ckpt_dir.startswith(str(tmp_path / "ckpt")) and ns.draft_vocab_size == pipeline.DRAFT_VOCAB_SIZE
     ns = parse("clover.evaluation.compare", commands[-1][3:])[1]
     assert (ns.tree, ns.tree_budget, ns.question_file, ns.question_end) == ("dynamic", 5, "q.jsonl", 6)
 

@@ -8,10 +8,12 @@ import argparse
 import json
 from pathlib import Path
 
+from clover.args import (CloverArgumentParser, add_base_model, add_ckpt_dir, add_data_dir, add_option,
+                         non_negative_float, non_negative_int, positive_int)
 from clover.errors import CloverError
 from clover.model.registry import draft_class
 
-EPILOG = ("Writes CKPT/epoch_{k}/ (config.json, model.safetensors, trainer_state/; the last --keep_last are kept), "
+EPILOG = ("Writes CKPT/epoch_{k}/ (config.json, model.safetensors, trainer_state/; the last --keep-last are kept), "
           "CKPT/final/ (what generation loads) and CKPT/metrics.jsonl. Several processes: accelerate launch "
           "--num_processes K (on a machine without GPUs: accelerate launch --multi_gpu --num_processes K, DDP over "
           "gloo).")
@@ -20,78 +22,83 @@ EPILOG = ("Writes CKPT/epoch_{k}/ (config.json, model.safetensors, trainer_state
 def build_parser(draft_type: str) -> argparse.ArgumentParser:
     cls = draft_class(draft_type)
     d = cls.train_defaults
-    p = argparse.ArgumentParser(prog=f"accelerate launch -m {cls.train_module}",
-                                description=f"Train a {cls.label} draft on the hidden states of a base model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EPILOG)
-    p.add_argument("--basepath", dest="base_model", required=True,
-                   help="base model: built-in name, .gguf file or HF folder")
-    p.add_argument("--tmpdir", dest="data_dir", required=True,
-                   help="training data folder (python -m clover.ge_data.allocation)")
-    p.add_argument("--cpdir", dest="ckpt_dir", required=True,
-                   help="checkpoint folder (epoch_{k}/, final/, metrics.jsonl)")
+    p = CloverArgumentParser(prog=f"accelerate launch -m {cls.train_module}",
+                             description=f"Train a {cls.label} draft on the hidden states of a base model.",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EPILOG)
+    add_base_model(p, required=True)
+    add_data_dir(p)
+    add_ckpt_dir(p)
     p.add_argument("--evaldata", default=None, help="monitoring data folder (allocation --eval) for chain accuracy")
     p.add_argument("--configpath", default=None,
                    help=f"JSON of draft config overrides (keys of the '{cls.config_block}' block)")
-    p.add_argument("--draft_vocab_size", type=int, default=None,
-                   help="draft vocabulary: the K most frequent reply tokens of the training split (0 = the whole "
-                        "vocabulary, the default); several times cheaper heads for a base with a large vocabulary, "
-                        "generation stays lossless")
-    p.add_argument("--bs", type=int, default=4, help="batch size per process")
-    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (AdamW, betas 0.9/0.95)")
-    p.add_argument("--weight_decay", type=float, default=0.0,
-                   help="AdamW weight decay, applied to weight matrices only (never to norms or biases)")
-    p.add_argument("--warmup_steps", type=int, default=d["warmup_steps"], help="linear warm-up, in optimizer steps")
+    add_option(p, "--draft-vocab-size", "--draft_vocab_size", type=non_negative_int, default=None, metavar="K",
+               help="draft vocabulary: the K most frequent reply tokens of the training split (0 = the whole "
+                    "vocabulary, the default); several times cheaper heads for a base with a large vocabulary, "
+                    "generation stays lossless")
+    p.add_argument("--bs", type=positive_int, default=4, help="batch size per process")
+    add_option(p, "--grad-accum", "--grad_accum", type=positive_int, default=1, metavar="N",
+               help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=non_negative_float, default=d["lr"], help="peak learning rate (AdamW, betas 0.9/0.95)")
+    add_option(p, "--weight-decay", "--weight_decay", type=non_negative_float, default=0.0, metavar="WD",
+               help="AdamW weight decay, applied to weight matrices only (never to norms or biases)")
+    add_option(p, "--warmup-steps", "--warmup_steps", type=non_negative_int, default=d["warmup_steps"], metavar="N",
+               help="linear warm-up, in optimizer steps")
     p.add_argument("--schedule", choices=("linear", "constant", "cosine"), default="linear",
                    help="LR after warm-up; linear/cosine decay to 0 at the run's last optimizer step (--epochs)")
-    p.add_argument("--grad_clip", type=float, default=0.5, help="clip gradients by global norm (0 = off)")
-    p.add_argument("--grad_clip_value", action="store_true",
-                   help="clip element-wise at +-grad_clip instead of by norm (the original recipe)")
-    p.add_argument("--epochs", type=int, default=21, help="epochs to run (the original ran 21)")
-    p.add_argument("--max_steps", type=int, default=None,
-                   help="stop after this many optimizer steps (smoke runs; the schedule still spans --epochs)")
-    p.add_argument("--max_len", type=int, default=2048,
-                   help="truncate conversations to this many tokens (at most the base's context window)")
-    p.add_argument("--mask_alignment", choices=("predicted", "eagle"), default="predicted",
-                   help="train a position when the predicted token is masked in (predicted) or, as the original, "
-                        "the token two before it (eagle)")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    add_option(p, "--grad-clip", "--grad_clip", type=non_negative_float, default=0.5, metavar="C",
+               help="clip gradients by global norm (0 = off)")
+    add_option(p, "--grad-clip-value", "--grad_clip_value", action="store_true",
+               help="clip element-wise at +-grad_clip instead of by norm (the original recipe)")
+    p.add_argument("--epochs", type=positive_int, default=21, help="epochs to run (the original ran 21)")
+    add_option(p, "--max-steps", "--max_steps", type=positive_int, default=None, metavar="N",
+               help="stop after this many optimizer steps (smoke runs; the schedule still spans --epochs)")
+    add_option(p, "--max-len", "--max_len", type=positive_int, default=2048, metavar="N",
+               help="truncate conversations to this many tokens (at most the base's context window)")
+    add_option(p, "--mask-alignment", "--mask_alignment", choices=("predicted", "eagle"), default="predicted",
+               help="train a position when the predicted token is masked in (predicted) or, as the original, "
+                    "the token two before it (eagle)")
+    add_option(p, "--gradient-checkpointing", "--gradient_checkpointing", action="store_true",
+               help="recompute activations in backward")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="autocast precision (master weights stay fp32); auto = bf16 on GPU and on CPUs with native "
                         "bf16 matmuls, else fp32")
-    p.add_argument("--resume", action="store_true", help="continue after the last completed epoch in --cpdir")
-    p.add_argument("--keep_last", type=int, default=2, help="epoch checkpoints to keep")
-    p.add_argument("--test_fraction", type=float, default=0.05, help="held-out share of the training data")
-    p.add_argument("--eval_every", type=int, default=0,
-                   help="also evaluate the held-out split every this many optimizer steps and append the line to "
-                        "CKPT/evals.jsonl (learning curves; 0 = only at the end of each epoch)")
-    p.add_argument("--chain_eval_batches", type=int, default=8, help="monitoring batches for chain accuracy")
+    p.add_argument("--resume", action="store_true", help="continue after the last completed epoch in --ckpt-dir")
+    add_option(p, "--keep-last", "--keep_last", type=positive_int, default=2, metavar="N",
+               help="epoch checkpoints to keep")
+    add_option(p, "--test-fraction", "--test_fraction", type=float, default=0.05, metavar="F",
+               help="held-out share of the training data")
+    add_option(p, "--eval-every", "--eval_every", type=non_negative_int, default=0, metavar="N",
+               help="also evaluate the held-out split every this many optimizer steps and append the line to "
+                    "CKPT/evals.jsonl (learning curves; 0 = only at the end of each epoch)")
+    add_option(p, "--chain-eval-batches", "--chain_eval_batches", type=non_negative_int, default=8, metavar="N",
+               help="monitoring batches for chain accuracy")
     p.add_argument("--seed", type=int, default=0, help="seeds initialisation, train/test split and data order")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers per process")
-    p.add_argument("--report_to", choices=("none", "tensorboard", "wandb"), default="none",
-                   help="accelerate tracker for per-step and per-epoch metrics")
+    add_option(p, "--num-workers", "--num_workers", type=non_negative_int, default=2, metavar="N",
+               help="DataLoader workers per process")
+    add_option(p, "--report-to", "--report_to", choices=("none", "tensorboard", "wandb"), default="none",
+               help="accelerate tracker for per-step and per-epoch metrics")
     return p
 
 
 def check_args(args) -> None:
     for name in ("bs", "grad_accum", "epochs", "max_len", "keep_last"):
         if getattr(args, name) < 1:
-            raise CloverError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise CloverError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "eval_every", "chain_eval_batches",
                  "num_workers"):
         if getattr(args, name) < 0:
-            raise CloverError(f"--{name} must not be negative, got {getattr(args, name)}")
+            raise CloverError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
-        raise CloverError(f"--max_steps must be at least 1, got {args.max_steps}")
+        raise CloverError(f"--max-steps must be at least 1, got {args.max_steps}")
 
 
 def read_overrides(args) -> dict:
     """Draft-block keys from the ``--configpath`` JSON (a flat object; unknown keys are rejected by ``init_draft``)
-    and ``--draft_vocab_size``."""
+    and ``--draft-vocab-size``."""
     overrides = _read_config_file(args.configpath)
     if args.draft_vocab_size is not None:
         if overrides.get("draft_vocab_size", args.draft_vocab_size) != args.draft_vocab_size:
-            raise CloverError(f"--draft_vocab_size {args.draft_vocab_size} contradicts draft_vocab_size="
+            raise CloverError(f"--draft-vocab-size {args.draft_vocab_size} contradicts draft_vocab_size="
                               f"{overrides['draft_vocab_size']} in --configpath {args.configpath}; give it once")
         overrides["draft_vocab_size"] = args.draft_vocab_size
     return overrides
