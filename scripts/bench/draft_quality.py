@@ -65,12 +65,12 @@ def train_variant(name: str, args, out: Path) -> Path:
     cpdir.mkdir(parents=True)
     config = cpdir.parent / f".{name}.config.json"
     config.write_text(json.dumps(overrides))
-    cmd = [sys.executable, "-m", draft_class(draft_type).train_module, "--basepath", args.base_model, "--tmpdir", args.data_dir,
-           "--cpdir", str(cpdir), "--configpath", str(config), "--bs", str(args.bs), "--max_len", str(args.max_len),
-           "--epochs", str(args.epochs), "--max_steps", str(args.max_steps), "--eval_every", str(args.eval_every),
-           "--lr", str(args.lr), "--warmup_steps", str(args.warmup_steps), "--test_fraction", str(args.test_fraction),
-           "--draft_vocab_size", str(args.draft_vocab_size), "--dtype", args.dtype, "--seed", str(args.seed),
-           "--keep_last", "1", "--num_workers", "0"]
+    cmd = [sys.executable, "-m", draft_class(draft_type).train_module, "--base-model", args.base_model,
+           "--data-dir", args.data_dir, "--ckpt-dir", str(cpdir), "--configpath", str(config), "--bs", str(args.bs),
+           "--max-len", str(args.max_len), "--epochs", str(args.epochs), "--max-steps", str(args.max_steps),
+           "--eval-every", str(args.eval_every), "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps),
+           "--test-fraction", str(args.test_fraction), "--draft-vocab-size", str(args.draft_vocab_size),
+           "--dtype", args.dtype, "--seed", str(args.seed), "--keep-last", "1", "--num-workers", "0"]
     print(f"{name}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
