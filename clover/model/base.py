@@ -3,6 +3,10 @@
 ``forward(ids, positions, tree_mask)`` returns logits and the last layer's hidden state before and after the final
 norm; a tree mask lets one pass verify a whole draft tree, and :meth:`BaseModel.commit` keeps only the accepted nodes
 in the cache. Weights load from an HF folder's safetensors with strict key checks.
+
+Batched decoding: :meth:`BaseModel.forward_batch` runs rows of different lengths over a separate
+:class:`~clover.model.layers.RaggedKVCache` (per-row lengths and positions, a per-row key mask, right padding that no
+real token sees); the batch-1 cache and :meth:`BaseModel.forward` above are untouched by it.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from safetensors import safe_open
 from torch import nn
 
 from clover.errors import CloverError
-from clover.model.layers import DecoderLayer, KVCache, LlamaArgs, PrepackedLinear, RMSNorm, Rotary, attention_mask
+from clover.model.layers import (DecoderLayer, KVCache, LlamaArgs, PrepackedLinear, RaggedKVCache, RMSNorm, Rotary,
+                                 attention_mask)
 from clover.model.loading import check_architecture, read_config, resolve_model_path
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -142,6 +147,48 @@ class BaseModel(nn.Module):
             cache.length = past + t
         hidden = self.model.norm(x)
         if logits_to_keep is None:
+            logits = self.logits_head(hidden, self.lm_head.weight)
+        elif logits_to_keep > 0:
+            logits = self.logits_head(hidden[:, -logits_to_keep:], self.lm_head.weight)
+        else:
+            logits = None
+        return BaseOutput(logits=logits, hidden_prenorm=x, hidden=hidden)
+
+    # ---- batched decoding ---------------------------------------------------------------------------------------
+    def batch_cache(self, batch: int, max_len: int) -> RaggedKVCache:
+        """A cache of ``batch`` rows of up to ``max_len`` tokens each (capped at the context window) for
+        :meth:`forward_batch`; the model's own batch-1 cache is left as it is."""
+        a, p = self.args, self.lm_head.weight
+        return RaggedKVCache(a.num_hidden_layers, batch, a.num_key_value_heads,
+                             min(max_len, a.max_position_embeddings), a.head_dim, p.dtype, p.device)
+
+    @torch.inference_mode()
+    def forward_batch(self, input_ids: torch.Tensor, cache: RaggedKVCache, n_new=None, rows=None,
+                      position_ids: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
+                      logits_to_keep: int | str | None = "last") -> BaseOutput:
+        """Run ``input_ids [R, T]`` for the rows ``rows`` of ``cache`` (None: all of them; an int or a slice), each
+        after its own cached prefix and at its own positions.
+
+        ``n_new`` (see :meth:`RaggedKVCache.begin`): the number of real tokens per row, the rest of the row being
+        right padding that no real token attends to and that leaves the row's length alone (0: an idle row).
+        ``position_ids`` (``[T]`` or ``[R, T]``) and ``tree_mask`` (``[T, T]`` or ``[R, T, T]``) as in
+        :meth:`forward`. ``logits_to_keep``: ``"last"`` = ``[R, 1, V]`` at each row's last real token (default),
+        None = every position, ``n`` = the last ``n`` positions, 0 = none.
+        """
+        r, t = input_ids.shape
+        positions, mask = cache.begin(t, n_new, rows, position_ids, tree_mask)
+        cos, sin = self.rotary(positions, self.dtype)  # [R, 1, T, d]: per-row positions
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i, 0)
+        last = cache.last_new()
+        cache.end()
+        hidden = self.model.norm(x)
+        if logits_to_keep == "last":
+            picked = hidden[:, -1:] if last is None else hidden.gather(1, last.view(r, 1, 1).expand(r, 1,
+                                                                                                  hidden.shape[-1]))
+            logits = self.logits_head(picked, self.lm_head.weight)
+        elif logits_to_keep is None:
             logits = self.logits_head(hidden, self.lm_head.weight)
         elif logits_to_keep > 0:
             logits = self.logits_head(hidden[:, -logits_to_keep:], self.lm_head.weight)
