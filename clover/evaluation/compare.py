@@ -32,7 +32,7 @@ ALL_METHODS = (*PEER_LABELS, *draft_methods())
 
 def label(method: str) -> str:
     drafted = draft_for_method(method)
-    return drafted.label if drafted else PEER_label(method)
+    return drafted.label if drafted else PEER_LABELS[method]
 
 
 def draft_checkpoints(drafts) -> dict[str, str]:
