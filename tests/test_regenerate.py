@@ -4,6 +4,7 @@ resumes with every conversation exactly once, too-long prompts are skipped and c
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -91,8 +92,8 @@ def test_output_is_sharegpt_that_allocation_reads(tiny_chat, tmp_path):
     assert report.kept == 6 and not report.skipped
     selected = [c.id for c in select_conversations(load_conversations(data)[0], 0, None, seed=42)]
     assert [c.id for c in convs] == [cid for cid in selected if cid != "conv_4"]
-    sel, _ = load_selection(type("A", (), {"eval": False, "question_file": None, "dataset": str(out / "regenerated.jsonl"),
-                                           "start": 0, "end": None, "seed": 42})())
+    sel, _ = load_selection(argparse.Namespace(eval=False, question_file=None, dataset=str(out / regenerate.MERGED),
+                                               start=0, end=None, seed=42))
     assert len(sel) == 6
     # human turns and system messages kept, replies regenerated: batch-1 greedy through the same template
     template = get_template(load_tokenizer(tiny_chat))
