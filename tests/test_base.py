@@ -190,4 +190,4 @@ def test_prompt_and_length_errors(smollm2_base):
         generate_plain(smollm2_base, [], max_new_tokens=4)
     with pytest.raises(CloverError, match="max_new_tokens"):
         generate_plain(smollm2_base, [1, 2, 3], max_new_tokens=0)
-    assert_one_error_line(run_cli("generate", "--prompt", "hi", "--max-new-tokens", "0"), "max_new_tokens")
+    assert_one_error_line(run_cli("generate", "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens")

@@ -1,6 +1,6 @@
 """Batched decoding: many prompts through one base model at once, with continuous batching.
 
-A :class:`BatchedDecoder` keeps ``batch_size`` rows of a :class:`~clover.model.layers.RaggedKVCache` busy. A free row
+A :class:`BatchedDecoder` keeps ``batch_size`` rows of a :class:`~clover.model.cache.RaggedKVCache` busy. A free row
 takes the next request and prefills its prompt alone (batch 1, at the row's own positions); then every step feeds
 the last token of every busy row in one ``[B, 1]`` forward, selects the next tokens on the device and reads back one
 small tensor (which rows finished). A row that finishes (a stop token, its ``max_new_tokens``, or the row's capacity)

@@ -12,7 +12,6 @@ from typing import Iterator
 
 import torch
 
-from clover.errors import CloverError
 from clover.generate.output import GenerationResult
 from clover.generate.plain import _drain, stream_plain
 from clover.generate.sampling import SamplingParams

@@ -5,7 +5,7 @@ norm; a tree mask lets one pass verify a whole draft tree, and :meth:`BaseModel.
 in the cache. Weights load from an HF folder's safetensors with strict key checks.
 
 Batched decoding: :meth:`BaseModel.forward_batch` runs rows of different lengths over a separate
-:class:`~clover.model.layers.RaggedKVCache` (per-row lengths and positions, a per-row key mask, right padding that no
+:class:`~clover.model.cache.RaggedKVCache` (per-row lengths and positions, a per-row key mask, right padding that no
 real token sees); the batch-1 cache and :meth:`BaseModel.forward` above are untouched by it.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from clover.errors import CloverError
-from clover.model.layers import (DecoderLayer, KVCache, LlamaArgs, PrepackedLinear, RaggedKVCache, RMSNorm, Rotary,
-                                 attention_mask)
+from clover.io import read_safetensors
+from clover.model.cache import KVCache, RaggedKVCache, attention_mask
+from clover.model.layers import DecoderLayer, LlamaArgs, PrepackedLinear, RMSNorm, Rotary
 from clover.model.loading import check_architecture, read_config, resolve_model_path
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -145,14 +145,25 @@ class BaseModel(nn.Module):
             x = layer(x, cos, sin, mask, cache, i, past)
         if cache is not None:
             cache.length = past + t
-        hidden = self.model.norm(x)
-        if logits_to_keep is None:
+        return self._output(x, logits_to_keep)
+
+    def _output(self, prenorm: torch.Tensor, logits_to_keep, last: torch.Tensor | None = None) -> BaseOutput:
+        """Final norm and the LM head on the positions ``logits_to_keep`` asks for: None = every position, ``n`` =
+        the last ``n`` (0 = none), ``"last"`` = each row's position ``last[r]`` (its last real token; None: the
+        last column)."""
+        hidden = self.model.norm(prenorm)
+        if logits_to_keep == "last":
+            r = hidden.shape[0]
+            picked = hidden[:, -1:] if last is None else hidden.gather(
+                1, last.view(r, 1, 1).expand(r, 1, hidden.shape[-1]))
+            logits = self.logits_head(picked, self.lm_head.weight)
+        elif logits_to_keep is None:
             logits = self.logits_head(hidden, self.lm_head.weight)
         elif logits_to_keep > 0:
             logits = self.logits_head(hidden[:, -logits_to_keep:], self.lm_head.weight)
         else:
             logits = None
-        return BaseOutput(logits=logits, hidden_prenorm=x, hidden=hidden)
+        return BaseOutput(logits=logits, hidden_prenorm=prenorm, hidden=hidden)
 
     # ---- batched decoding ---------------------------------------------------------------------------------------
     def batch_cache(self, batch: int, max_len: int) -> RaggedKVCache:
@@ -183,18 +194,7 @@ class BaseModel(nn.Module):
             x = layer(x, cos, sin, mask, cache, i, 0)
         last = cache.last_new()
         cache.end()
-        hidden = self.model.norm(x)
-        if logits_to_keep == "last":
-            picked = hidden[:, -1:] if last is None else hidden.gather(1, last.view(r, 1, 1).expand(r, 1,
-                                                                                                  hidden.shape[-1]))
-            logits = self.logits_head(picked, self.lm_head.weight)
-        elif logits_to_keep is None:
-            logits = self.logits_head(hidden, self.lm_head.weight)
-        elif logits_to_keep > 0:
-            logits = self.logits_head(hidden[:, -logits_to_keep:], self.lm_head.weight)
-        else:
-            logits = None
-        return BaseOutput(logits=logits, hidden_prenorm=x, hidden=hidden)
+        return self._output(x, logits_to_keep, last)
 
     # ---- cache operations ---------------------------------------------------------------------------------------
     def commit(self, start: int, keep: torch.Tensor) -> None:
@@ -220,11 +220,5 @@ def _read_safetensors(folder: Path, device: torch.device) -> dict[str, torch.Ten
                           f"save_pretrained(safe_serialization=True))")
     state = {}
     for name in files:
-        path = folder / name
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    state[key] = f.get_tensor(key)
-        except Exception as err:  # safetensors raises SafetensorError / OSError for corrupt or truncated files
-            raise CloverError(f"cannot read weights file {path}: {err} (is it truncated or corrupt?)") from None
+        state.update(read_safetensors(folder / name, device, what="weights file"))
     return state

@@ -43,7 +43,8 @@ from torch import nn
 
 from clover.errors import CloverError
 from clover.model.base import BaseModel
-from clover.model.layers import KVCache, LlamaArgs, PrepackedLinear, Rotary, attention_mask
+from clover.model.cache import KVCache, attention_mask
+from clover.model.layers import LlamaArgs, PrepackedLinear, Rotary
 
 BASE_KEYS = ("architecture", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads")
 

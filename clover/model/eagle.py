@@ -16,7 +16,8 @@ from torch import nn
 
 from clover.model.base import BaseModel
 from clover.model.draft import DraftConfig, DraftModel, check_number, check_positive_int
-from clover.model.layers import DecoderLayer, KVCache
+from clover.model.cache import KVCache
+from clover.model.layers import DecoderLayer
 from clover.model.losses import eagle_loss
 
 CHAIN_DEPTH = 5  # EAGLE's chain accuracy is measured to the depth of the verification tree
