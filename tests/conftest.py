@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random Llama-family checkpoints built with transformers, and the embedded SmolLM2."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -52,3 +54,16 @@ def smollm2_tokenizer():
     from clover.model.loading import load_tokenizer
 
     return load_tokenizer(SMOLLM2)
+
+
+SINGLE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # for the tests' subprocesses
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module's tests (they start subprocesses that want the other core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -30,7 +30,7 @@ from clover.ge_data.dataset import HiddenStateDataset, collate, shard_files
 from clover.ge_data.worker import greedy_generate
 from clover.generate.plain import generate_plain
 from clover.model.loading import resolve_model_path
-from tests.conftest import SMOLLM2
+from tests.conftest import SINGLE_THREAD_ENV, SMOLLM2
 
 MAX_LEN = 128
 REPLIES = [
@@ -66,15 +66,7 @@ def dump_args(data: Path, outdir: Path, *extra: str) -> list[str]:
             *extra]
 
 
-SINGLE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from clover.data.conversations import load_conversations, select_conversations
 from clover.data.templates import get_template
@@ -24,18 +23,10 @@ from clover.ge_data.allocation import load_selection
 from clover.generate.plain import generate_plain
 from clover.model.base import BaseModel
 from clover.model.loading import load_tokenizer, resolve_model_path
-from tests.conftest import SMOLLM2, save_tiny
+from tests.conftest import SINGLE_THREAD_ENV, SMOLLM2, save_tiny
 
-SINGLE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 MAX_LEN = 96
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -248,13 +248,15 @@ def prepare_outdir(outdir: Path, manifest: dict, overwrite: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def run_jobs(jobs: list, refresh) -> list[dict]:
+def run_jobs(jobs: list, refresh, worker=None) -> list[dict]:
     """Run one job in this process, several in spawned worker processes; ``refresh()`` after shards finish.
-    Returns each worker's statistics."""
+    ``worker(job, on_shard=None)`` (a module-level function; default: the hidden-state dump's ``run_worker``) does
+    one job. Returns each worker's statistics."""
+    worker = worker or run_worker
     if len(jobs) <= 1:
-        return [run_worker(job, on_shard=refresh) for job in jobs]
+        return [worker(job, on_shard=refresh) for job in jobs]
     with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_worker, job) for job in jobs]
+        futures = [pool.submit(worker, job) for job in jobs]
         while wait(futures, timeout=REFRESH_SECONDS).not_done:
             refresh()
     for job, future in zip(jobs, futures):
@@ -288,11 +290,16 @@ def write_manifest(outdir: Path, manifest: dict) -> dict:
               "conversations": sum(r["conversations"] for r in records), "skipped": skipped, "tokens": tokens,
               "masked_tokens": sum(r["masked_tokens"] for r in records), "bytes": sum(r["bytes"] for r in records),
               "bytes_per_token": sum(r["bytes"] for r in records) / tokens if tokens else None}
+    return save_manifest(outdir, manifest, totals, records)
+
+
+def save_manifest(outdir: Path, manifest: dict, totals: dict, records: list[dict], name: str = MANIFEST) -> dict:
+    """Store ``totals`` and the shard ``records`` in ``manifest`` and write it atomically; returns ``totals``."""
     manifest.update(totals=totals, shards=records)
     try:
-        write_json(outdir / MANIFEST, manifest)
+        write_json(outdir / name, manifest)
     except OSError as err:
-        raise CloverError(f"cannot write {outdir / MANIFEST}: {err.strerror or err}") from None
+        raise CloverError(f"cannot write {outdir / name}: {err.strerror or err}") from None
     return totals
 
 

@@ -26,13 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -41,11 +38,11 @@ from clover.args import (CloverArgumentParser, add_base_model, add_max_new_token
                          non_negative_int, positive_int, runtime_dtype)
 from clover.data.templates import get_template
 from clover.errors import CloverError, run_cli
-from clover.ge_data.allocation import (TEMPLATE_CHOICES, code_version, load_selection, selection_hash,
-                                       worker_devices)
+from clover.ge_data.allocation import (TEMPLATE_CHOICES, code_version, load_selection, run_jobs, save_manifest,
+                                       selection_hash, worker_devices)
 from clover.ge_data.regen_worker import SKIP_LONG_PROMPT, RegenJob, run_worker, shard_path  # noqa: F401
 from clover.generate.sampling import SamplingParams
-from clover.io import atomic_path, temp_files, write_json
+from clover.io import atomic_path, temp_files
 from clover.model.base import parse_dtype
 from clover.model.layers import LlamaArgs
 from clover.model.loading import check_architecture, load_tokenizer, read_config, resolve_model_path
@@ -56,7 +53,6 @@ FORMAT = "clover-regenerated/1"
 # a rerun into an existing folder must match the manifest on these keys
 CONFIG_KEYS = ("base_folder", "template", "dtype", "max_len", "max_new_tokens", "sampling", "seed", "dataset", "start",
                "end", "shard_size", "selection_sha1")
-REFRESH_SECONDS = 15
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +128,7 @@ def main(argv: list[str] | None = None, on_shard=None) -> dict:
             on_shard(index)
 
     try:
-        stats = run_jobs(jobs, refresh)
+        stats = run_jobs(jobs, refresh, worker=run_worker)
     finally:
         totals = write_manifest(outdir, manifest)
     if totals["complete"]:
@@ -199,26 +195,6 @@ def _read_json(path: Path):
         raise CloverError(f"cannot read {path} ({err}); delete it or rerun with --overwrite") from None
 
 
-# ---- workers ----------------------------------------------------------------------------------------------------
-def run_jobs(jobs: list[RegenJob], refresh) -> list[dict]:
-    """Run one job in this process, several in spawned worker processes; ``refresh(index)`` after shards finish."""
-    if len(jobs) <= 1:
-        return [run_worker(job, on_shard=refresh) for job in jobs]
-    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_worker, job) for job in jobs]
-        while wait(futures, timeout=REFRESH_SECONDS).not_done:
-            refresh()
-    for job, future in zip(jobs, futures):
-        err = future.exception()
-        if isinstance(err, BrokenProcessPool):
-            raise CloverError("a worker process died (killed or out of memory?); rerun the same command to resume")
-        if isinstance(err, CloverError):
-            raise CloverError(f"worker {job.worker}: {err}")
-        if err is not None:
-            raise err
-    return [future.result() for future in futures]
-
-
 # ---- manifest and the merged file ---------------------------------------------------------------------------------
 def write_manifest(outdir: Path, manifest: dict) -> dict:
     """Recompute the shard records and totals from the files of the finished shards, store them in ``manifest``
@@ -234,12 +210,7 @@ def write_manifest(outdir: Path, manifest: dict) -> dict:
         totals[key] = sum(r[key] for r in records)
     for key in ("skipped", "cut_short", "finish_reasons"):
         totals[key] = dict(sum((Counter(r[key]) for r in records), Counter()))
-    manifest.update(totals=totals, shards=records)
-    try:
-        write_json(outdir / MANIFEST, manifest)
-    except OSError as err:
-        raise CloverError(f"cannot write {outdir / MANIFEST}: {err.strerror or err}") from None
-    return totals
+    return save_manifest(outdir, manifest, totals, records, MANIFEST)
 
 
 def merge_shards(outdir: Path, num_shards: int) -> Path:
