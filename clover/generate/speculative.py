@@ -2,10 +2,9 @@
 
 ``SpeculativeModel`` (any draft; ``CloverModel`` / ``EagleModel`` accept only their own) bundles a base runtime, a
 draft and a tree policy (a fixed shape such as ``mc_sim_7b_63``, or ``dynamic`` with a node budget that is a number or
-``auto``). ``auto`` measures this device's
-verification cost curve and the draft's own costs once, then picks each step's depth from the acceptance observed so
-far (:class:`clover.generate.budget.DepthPolicy`; the statistics carry over between calls), depth 0 being a plain
-decoding step, and each step's node count from the cost curve.
+``auto``). ``auto`` measures this device's verification cost curve and the draft's own costs once, then picks each
+step's depth from the acceptance observed so far (:class:`clover.generate.budget.DepthPolicy`; the statistics carry
+over between calls), depth 0 being a plain decoding step, and each step's node count from the cost curve.
 """
 from __future__ import annotations
 
