@@ -27,9 +27,10 @@ import math
 import re
 import sys
 
+from clover.model.base import DTYPES
 from clover.model.loading import DEFAULT_MODEL
 
-DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
+DTYPE_NAMES = ("auto", *DTYPES)  # what clover.model.base.parse_dtype accepts
 
 
 class CloverArgumentParser(argparse.ArgumentParser):

@@ -1,5 +1,5 @@
-"""The training command line (parsing and checking only; :func:`clover.train.trainer.main` runs it), shared by every
-draft: ``python -m clover.train.main_clover2`` (Clover-2) and
+"""The training command line, shared by every draft: parsing only, every count and rate checked by the parser
+(:func:`clover.train.trainer.main` runs it). ``python -m clover.train.main_clover2`` (Clover-2) and
 ``python -m clover.train.main`` (EAGLE-1) differ only in the draft class and its defaults (learning rate, warm-up).
 """
 from __future__ import annotations
@@ -78,18 +78,6 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
     add_option(p, "--report-to", "--report_to", choices=("none", "tensorboard", "wandb"), default="none",
                help="accelerate tracker for per-step and per-epoch metrics")
     return p
-
-
-def check_args(args) -> None:
-    for name in ("bs", "grad_accum", "epochs", "max_len", "keep_last"):
-        if getattr(args, name) < 1:
-            raise CloverError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "eval_every", "chain_eval_batches",
-                 "num_workers"):
-        if getattr(args, name) < 0:
-            raise CloverError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise CloverError(f"--max-steps must be at least 1, got {args.max_steps}")
 
 
 def read_overrides(args) -> dict:

@@ -38,7 +38,7 @@ from clover.model.losses import TOPK, Metrics
 from clover.model.registry import draft_class
 from clover.train.checkpoints import (check_resumable, data_order, read_progress, resume_point, save_checkpoint,
                                       save_final)
-from clover.train.cli import build_parser, check_args, read_overrides
+from clover.train.cli import build_parser, read_overrides
 from clover.train.evaluate import batch_loss, chain_counts, evaluate, shard
 
 
@@ -157,7 +157,6 @@ class Run:
 
 def setup(args, draft_type: str) -> Run:
     """Data, draft (new, or restored from the last completed epoch with ``--resume``), optimizer and schedule."""
-    check_args(args)
     cls = draft_class(draft_type)
     overrides = read_overrides(args)
     cpdir = Path(args.ckpt_dir)
