@@ -139,7 +139,8 @@ def test_clover2_init(base):
 
     one = init_draft("clover2", base, init_from_layer=1, init_noise="one_sided", num_layers=1)
     assert one.config["clover"]["init_from_layer"] == 1
-    assert torch.equal(one.layers[0].self_attn.q_proj.weight, base.model.layers[1].self_attn.q_proj.weight)
+    assert torch.equal(one.layers[0].state_dict()["self_attn.q_proj.weight"],
+                       base.model.layers[1].state_dict()["self_attn.q_proj.weight"])
     assert one.token_fuse.v.weight.min() >= 0
     with pytest.raises(CloverError, match="init_from_layer"):
         init_draft("clover2", base, init_from_layer=7)
@@ -176,11 +177,26 @@ def test_clover2_embedding_aliases_lm_head(llama_base):
     assert llama_base.lm_head.weight.dtype == torch.float32  # the base is untouched
 
 
+def checkpoint_keys(model) -> set[str]:
+    """The state-dict keys ``model``'s parameters should give: readable module names mapped to the original ones,
+    the fused q/k/v and gate/up projections split into their Hugging Face names."""
+    unfused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    keys = set()
+    for name, _ in model.named_parameters():
+        head, _, rest = name.partition(".")
+        name = f"{model.checkpoint_names.get(head, head)}.{rest}"
+        fused = next((f for f in unfused if f".{f}." in name), None)
+        keys |= {name.replace(fused, part) for part in unfused[fused]} if fused else {name}
+    return keys
+
+
 # ---- EAGLE-1 --------------------------------------------------------------------------------------------------------
 def test_eagle_structure(llama_base):
     model = init_draft("eagle", llama_base)
     assert isinstance(model.layers[0].input_layernorm, torch.nn.Identity)
-    assert set(model.state_dict()) == {name for name, _ in model.named_parameters()}
+    state = model.state_dict()  # the trainable weights only, under the checkpoints' (unfused) names
+    assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in model.parameters())
+    assert set(state) == checkpoint_keys(model)
     assert model.embed_weight.data_ptr() == llama_base.model.embed_tokens.weight.data_ptr()
     assert model.args.rope_theta == llama_base.args.rope_theta
 
@@ -223,9 +239,7 @@ def test_gradient_reaches_only_trainable_weights(llama_base, draft_type):
     loss, _ = loss_fn(model(hidden, ids), target, lm, mask, model.cfg)
     torch.testing.assert_close(model.loss(model(hidden, ids), target, mask)[0], loss)
     loss.backward()
-    on_disk = {model.checkpoint_names.get(name.split(".")[0], name.split(".")[0]) + name[len(name.split(".")[0]):]
-               for name, _ in model.named_parameters()}
-    assert set(model.state_dict()) == on_disk  # every weight, under its checkpoint name
+    assert set(model.state_dict()) == checkpoint_keys(model)  # every weight, under its checkpoint name
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert all(not t.requires_grad for t in model.frozen.values())

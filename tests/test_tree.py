@@ -180,3 +180,4 @@ def test_greedy_verification_accepts_the_longest_matching_path():
     assert verdict.nodes.tolist() == [0, 2, 4]
     assert verdict.tokens.tolist() == [5, 11, 21]
     assert int(verdict.bonus) == 31
+    assert verdict.committed == [11, 21, 31]  # the accepted draft tokens, then the bonus, on the host

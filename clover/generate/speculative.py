@@ -120,7 +120,7 @@ class SpeculativeModel:
             if self.depth_policy is not None:
                 self.depth_policy.update(depth, verdict.tokens.numel() - 1, tree.size)
             root = verdict.bonus
-            yield tracker.add(verdict.tokens[1:].tolist() + [int(root)])
+            yield tracker.add(verdict.committed)
             pending.append((self._draft_input(out, verdict.nodes),
                             torch.cat([verdict.tokens[1:], root.reshape(1)])[None]))
         # keep exactly the output in the cache (all but its last token, which is never fed back): a stop or cap inside

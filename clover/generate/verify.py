@@ -28,6 +28,7 @@ class Verdict:
     tokens: torch.Tensor  # [a+1] their token ids
     bonus: torch.Tensor   # () the next root, drawn from the base distribution after the last accepted node
     accepted: int         # a = number of accepted draft tokens
+    committed: list[int]  # the step's new tokens on the host: the accepted draft tokens, then the bonus token
 
 
 def verify_tree(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
@@ -37,7 +38,12 @@ def verify_tree(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
     matches = tree.tokens == targets[tree.parents]
     matches[0] = True
     on_path = torch.where(tree.paths >= 0, matches[tree.paths.clamp(min=0)], True).all(-1)
-    best = torch.argmax(on_path * (tree.depths + 1))
-    a = int(tree.depths[best])  # the one host sync of a step: how many tokens to commit
-    nodes = tree.paths[best, :a + 1]
-    return Verdict(nodes=nodes, tokens=tree.tokens[nodes], bonus=targets[best], accepted=a)
+    best = torch.argmax(on_path * (tree.depths + 1)).view(1)  # index_select below: a tensor index would sync
+    path = tree.paths.index_select(0, best)[0]  # [D+1] root first, -1 past the node's depth
+    tokens = tree.tokens[path.clamp(min=0)]
+    bonus = targets.index_select(0, best)
+    # the one host sync of a step: how many tokens to commit, and the tokens themselves
+    host = torch.cat([tree.depths.index_select(0, best), bonus, tokens]).tolist()
+    a = host[0]
+    return Verdict(nodes=path[:a + 1], tokens=tokens[:a + 1], bonus=bonus[0], accepted=a,
+                   committed=host[3:3 + a] + [host[1]])

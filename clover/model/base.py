@@ -19,7 +19,7 @@ from torch import nn
 
 from clover.errors import CloverError
 from clover.io import read_safetensors
-from clover.model.cache import KVCache, RaggedKVCache, attention_mask
+from clover.model.cache import KVCache, RaggedKVCache, additive_mask, attention_mask
 from clover.model.layers import DecoderLayer, LlamaArgs, PrepackedLinear, RMSNorm, Rotary
 from clover.model.loading import check_architecture, read_config, resolve_model_path
 
@@ -139,7 +139,7 @@ class BaseModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device)
         cos, sin = self.rotary(position_ids, self.dtype)
-        mask = attention_mask(past, tree_mask, t, input_ids.device)
+        mask = additive_mask(attention_mask(past, tree_mask, t, input_ids.device), self.dtype)
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i, past)

@@ -185,3 +185,11 @@ def attention_mask(past: int, tree_mask: torch.Tensor | None, n_new: int, device
     if past == 0:
         return local
     return torch.cat([torch.ones(n_new, past, dtype=torch.bool, device=device), local], dim=1)
+
+
+def additive_mask(mask, dtype: torch.dtype):
+    """A boolean mask (True = attend) as the additive one SDPA uses (0 / -inf, in ``dtype``), made once per pass
+    rather than converted by SDPA in every layer; ``None`` and ``"causal"`` pass through."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))

@@ -43,7 +43,7 @@ from torch import nn
 
 from clover.errors import CloverError
 from clover.model.base import BaseModel
-from clover.model.cache import KVCache, attention_mask
+from clover.model.cache import KVCache, additive_mask, attention_mask
 from clover.model.layers import LlamaArgs, PrepackedLinear, Rotary
 
 BASE_KEYS = ("architecture", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads")
@@ -316,6 +316,7 @@ class DraftModel(nn.Module):
             position_ids = torch.arange(start, start + t, device=x.device)
         if mask is None:
             mask = attention_mask(start, None, t, x.device)
+        mask = additive_mask(mask, x.dtype)
         cos, sin = Rotary.lookup(self.frozen["rope_cos"], self.frozen["rope_sin"], position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:

@@ -1,8 +1,8 @@
 """Llama-family building blocks shared by the base runtime and the drafts: config, RMSNorm, RoPE, attention, MLP,
 decoder layer (the KV caches are in :mod:`clover.model.cache`).
 
-Module names mirror Hugging Face's (``self_attn.q_proj``, ``mlp.gate_proj``, ...) so checkpoints load with strict key
-checks and no renaming table.
+State-dict names mirror Hugging Face's (``self_attn.q_proj``, ``mlp.gate_proj``, ...) so checkpoints load with strict
+key checks; the q/k/v and gate/up projections run fused (one matmul each), split and joined by state-dict hooks.
 """
 from __future__ import annotations
 
@@ -95,6 +95,8 @@ class RMSNorm(nn.Module):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """:class:`RMSNorm` as a function (e.g. the base's final norm applied to stored pre-norm states)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one kernel, the same arithmetic as below
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -162,16 +164,19 @@ class PrepackedLinear:
     On a CPU in fp32 the weight is reordered once into oneDNN's blocked layout (again only when it changes): the
     default BLAS path repacks the whole weight on every call, which dominates the few-row products of decoding, so
     verifying a tree of 8 tokens costs ~1.3x one token instead of ~1.7x (SmolLM2, see scripts/bench/vanilla.py).
-    Elsewhere (CUDA, half precision, or when autograd needs the product) it is plain ``F.linear``. The packed copy
-    costs one more copy of the weight in memory.
+    A single row (one token of batch-1 decoding) is a matrix-vector product, which BLAS does without repacking and
+    faster than the blocked kernel (SmolLM2's chain of matmuls for one token: 29 ms with ``F.linear`` vs 34 ms
+    prepacked on a 2-core AVX-512 Xeon), so it takes plain ``F.linear``. Elsewhere (CUDA, half precision, or when
+    autograd needs the product) it is plain ``F.linear`` too. The packed copy costs one more copy of the weight in
+    memory.
     """
 
     def __init__(self):
         self._key, self._packed = None, None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if (weight.device.type != "cpu" or weight.dtype != torch.float32 or x.dtype != torch.float32
-                or not torch.backends.mkldnn.is_available()
+        if (x.numel() == x.shape[-1] or weight.device.type != "cpu" or weight.dtype != torch.float32
+                or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
             return F.linear(x, weight, bias)
         key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version, tuple(weight.shape))
@@ -192,48 +197,77 @@ class Linear(nn.Linear):
         return self.prepacked(x, self.weight, self.bias)
 
 
+def fused_state_dict_names(module: nn.Module, fused: str, parts: dict[str, int]) -> None:
+    """Let ``module``'s fused projection ``fused`` (one ``Linear`` whose output rows are the ``parts``' rows, in
+    order) read and write state dicts under the separate names ``parts`` (name -> output rows), the names a Hugging
+    Face checkpoint, a saved draft and a base layer copied into a draft all use."""
+    names, sizes = list(parts), list(parts.values())
+
+    def split(mod, state, prefix, _metadata):
+        for kind in ("weight", "bias"):
+            whole = state.pop(f"{prefix}{fused}.{kind}", None)
+            if whole is not None:
+                for name, piece in zip(names, whole.split(sizes)):
+                    state[f"{prefix}{name}.{kind}"] = piece.clone()  # its own storage (safetensors refuses views)
+
+    def join(mod, state, prefix, *_):
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{kind}" for name in names]
+            if all(k in state for k in keys):
+                state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys])
+
+    module.register_state_dict_post_hook(split)
+    module.register_load_state_dict_pre_hook(join)
+
+
 class Attention(nn.Module):
+    """Grouped-query attention with one fused q/k/v projection (``qkv_proj``; state dicts keep ``q_proj``,
+    ``k_proj``, ``v_proj``) and RoPE applied to queries and keys in one pass."""
+
     def __init__(self, args: LlamaArgs):
         super().__init__()
         h, d = args.hidden_size, args.head_dim
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, d
-        self.q_proj = Linear(h, self.n_heads * d, bias=args.qkv_bias)
-        self.k_proj = Linear(h, self.n_kv * d, bias=args.qkv_bias)
-        self.v_proj = Linear(h, self.n_kv * d, bias=args.qkv_bias)
+        self.qkv_proj = Linear(h, (self.n_heads + 2 * self.n_kv) * d, bias=args.qkv_bias)
         self.o_proj = Linear(self.n_heads * d, h, bias=args.o_bias)
+        fused_state_dict_names(self, "qkv_proj", {"q_proj": self.n_heads * d, "k_proj": self.n_kv * d,
+                                                  "v_proj": self.n_kv * d})
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nq, nk = self.n_heads, self.n_kv
+        qkv = self.qkv_proj(x).view(b, t, nq + 2 * nk, self.head_dim).transpose(1, 2)  # [B, heads, T, d]
+        q, k = apply_rope(qkv[:, :nq + nk], cos, sin).split([nq, nk], dim=1)
+        v = qkv[:, nq + nk:]
         if cache is not None:
             k, v = cache.write(layer, start, k, v)
-        if t == 1 and self.n_kv != self.n_heads and isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        if t == 1 and nk != nq and isinstance(mask, torch.Tensor) and mask.dim() == 4:
             # one new token per row with a per-row key mask [B, 1, 1, S] (batched decoding): the query heads of a
             # kv head stand in for query positions, so no key/value is repeated per query head
-            q = q.reshape(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+            q = q.reshape(b, nk, nq // nk, self.head_dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return self.o_proj(out.reshape(b, t, -1))
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             mask = mask[None, None]
         causal = mask == "causal"
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                             enable_gqa=self.n_kv != self.n_heads)
+                                             enable_gqa=nk != nq)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
+    """SwiGLU with one fused gate/up projection (``gate_up_proj``; state dicts keep ``gate_proj``, ``up_proj``)."""
+
     def __init__(self, args: LlamaArgs):
         super().__init__()
         h, i = args.hidden_size, args.intermediate_size
-        self.gate_proj = Linear(h, i, bias=args.mlp_bias)
-        self.up_proj = Linear(h, i, bias=args.mlp_bias)
+        self.gate_up_proj = Linear(h, 2 * i, bias=args.mlp_bias)
         self.down_proj = Linear(i, h, bias=args.mlp_bias)
+        fused_state_dict_names(self, "gate_up_proj", {"gate_proj": i, "up_proj": i})
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

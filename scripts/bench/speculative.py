@@ -4,8 +4,13 @@ decoding as peers. Reports tokens/s (median over --runs passes), τ (tokens per 
 over the project's plain decoding and over transformers, and, per dtype, how many outputs are token-identical to plain
 decoding. Writes figs/bench_speculative.json and prints a table.
 
+``--breakdown`` instead profiles the steps of each draft with the dynamic ``auto`` tree in fp32 (``step_profile.py``:
+base forward, draft calls and their matmul share, tree building, verification, commit, the rest, host syncs) on the
+first ``--breakdown-prompts`` shipped questions, and writes figs/bench_step_breakdown.json.
+
     python scripts/bench/speculative.py --clover-draft runs/pipeline/full/ckpt/clover2/final \\
         --eagle-draft runs/pipeline/full/ckpt/eagle/final [--question-file Q --per-group 2] [--runs 3]
+    python scripts/bench/speculative.py --clover-draft C --eagle-draft E --breakdown
 """
 from __future__ import annotations
 
@@ -13,16 +18,20 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clover.args import (CloverArgumentParser, add_base_model, add_max_new_tokens, add_option, add_questions,
                          positive_int)
 from clover.evaluation.answers import load_answers
 from clover.evaluation.gen_answer import generate_answers
 from clover.evaluation.tau_spe import tau_report
+from machine import cpu_flags, cpu_model  # noqa: E402  (scripts/bench/machine.py, beside this script)
 
 
 def configs(args):
@@ -47,9 +56,18 @@ def main():
                help="node budget of the fixed-budget dynamic tree (default 10; 'auto' always runs too)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes to run")
     p.add_argument("--runs", type=positive_int, default=3, help="passes over all methods; tokens/s is their median")
-    p.add_argument("--out", default="figs/bench_speculative.json", help="results JSON")
+    p.add_argument("--out", default=None, help="results JSON (default figs/bench_speculative.json, with "
+                   "--breakdown figs/bench_step_breakdown.json)")
+    p.add_argument("--breakdown", action="store_true", help="profile the speculative steps instead (see above)")
+    p.add_argument("--breakdown-prompts", type=positive_int, default=6, help="questions profiled (default 6)")
     args = p.parse_args()
-    results = {"model": args.base_model, "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, "
+    print(f"CPU: {cpu_model()} ({platform.machine()}), flags {' '.join(cpu_flags()) or '-'}; "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", flush=True)
+    if args.breakdown:
+        return breakdown(args)
+    args.out = args.out or "figs/bench_speculative.json"
+    results = {"model": args.base_model, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+               "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}", "max_new_token": args.max_new_tokens,
                "question_file": args.question_file or "shipped", "question_begin": args.question_begin,
                "question_end": args.question_end,
@@ -94,6 +112,45 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.out} ({results['machine']})")
+
+
+def breakdown(args):
+    """Per draft: where the time of a speculative step goes (dynamic ``auto`` tree, fp32)."""
+    from clover.data.templates import get_template
+    from clover.evaluation.answers import default_question_file, load_questions
+    from clover.generate.speculative import SpeculativeModel
+    from step_profile import PHASES, step_breakdown
+
+    out = Path(args.out or "figs/bench_step_breakdown.json")
+    results = {"model": args.base_model, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32",
+               "tree": "dynamic auto", "max_new_tokens": args.max_new_tokens, "drafts": {}}
+    for label, draft in (("EAGLE-1", args.eagle_draft), ("Clover-2", args.clover_draft)):
+        if not draft:
+            continue
+        model = SpeculativeModel.from_pretrained(args.base_model, draft, dtype="fp32", max_len=2048,
+                                                 tree="dynamic", budget="auto")
+        template = get_template(model.tokenizer)
+        questions = load_questions(args.question_file or default_question_file())[:args.breakdown_prompts]
+        prompts = [template.encode_prompt([{"role": "user", "content": q["turns"][0]}]) for q in questions]
+        results["drafts"][label] = row = step_breakdown(model, prompts, args.max_new_tokens)
+        ms, mm = row["per_step_ms"], row["matmul_ms_per_step"]
+        draft_ms = ms["draft start"] + ms["draft expand"]
+        draft_mm = mm.get("draft start", 0.0) + mm.get("draft expand", 0.0)
+        overhead = row["step_ms"] - ms["base forward"] - draft_mm
+        row["overhead_ms"], row["overhead_share"] = overhead, overhead / row["step_ms"]
+        print(f"\n{label}: {row['steps']} steps, τ {row['tau']:.2f}, {row['step_ms']:.1f} ms per step "
+              f"(prefills excluded)")
+        print("| phase | ms per step | share of the step | of which matmuls (ms, profiled) |")
+        print("|---|---:|---:|---:|")
+        for phase in PHASES + ("other",):
+            print(f"| {phase} | {ms[phase]:.2f} | {ms[phase] / row['step_ms']:.1%} | {mm.get(phase, 0.0):.2f} |")
+        print(f"draft calls {draft_ms:.2f} ms, of which matmuls {draft_mm:.2f} ms; everything but the base forward "
+              f"and the draft's matmuls: {overhead:.2f} ms = {row['overhead_share']:.1%} of the step; host syncs per "
+              f"step {sum(row['host_syncs_per_step'].values()):.2f} {row['host_syncs_per_step']}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

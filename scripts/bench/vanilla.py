@@ -1,7 +1,8 @@
 """Benchmark: the project's plain greedy decoding vs transformers' generate on SmolLM2 (same prompts, same run,
 same dtype), and the verification cost curve (one forward of 1..64 tokens over a 300-token cache) next to a bare
-chain of the model's matmuls (with the runtime's prepacked CPU weights, and with torch's default kernels). Prints a
-table and writes figs/bench_vanilla.json.
+chain of the model's matmuls (with the runtime's kernels, and with torch's default kernels), timed in turn round
+after round; the ratio is the median of the per-round ratios forward / bare. Prints the CPU, a table, and writes
+figs/bench_vanilla.json.
 
     python scripts/bench/vanilla.py [--base-model smollm2-135m-instruct] [--prompts 5] [--new-tokens 64] [--runs 3]
 """
@@ -11,11 +12,14 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clover.args import CloverArgumentParser, add_base_model
 from clover.data.templates import get_template
@@ -24,6 +28,7 @@ from clover.generate.plain import generate_plain
 from clover.model.base import BaseModel
 from clover.model.layers import PrepackedLinear
 from clover.model.loading import load_tokenizer, resolve_model_path
+from machine import cpu_flags, cpu_model  # noqa: E402  (scripts/bench/machine.py, beside this script)
 
 SIZES = (1, 4, 8, 16, 26, 32, 64)
 
@@ -55,40 +60,50 @@ def decode_speed(base, hf, prompts, new_tokens, runs, stop):
     return statistics.median(ours), statistics.median(theirs)
 
 
-def cost_curve(base, runs, prefix=300):
+def forward_vs_bare(base, rounds, prefix=300):
+    """For 1..64 tokens over a ``prefix``-token cache: one tree-masked forward, and the same matmuls with nothing
+    else (all layers + LM head, the fused projections as the runtime runs them) with the runtime's kernels
+    (:class:`PrepackedLinear`, plain ``F.linear`` for one row) and with torch's default ``F.linear`` everywhere.
+    The three are timed in turn, round after round (the machine's drift hits them alike); returns the medians (ms)
+    and the median of the per-round ratios forward / bare."""
     ids = torch.randint(0, base.args.vocab_size, (1, prefix + max(SIZES)))
     base.reset()
     base(ids[:, :prefix], logits_to_keep=0)
-    curve = {}
-    for s in SIZES:
-        mask = torch.ones(s, s, dtype=torch.bool).tril()
-
-        def step():
-            base.truncate(prefix)
-            base(ids[:, prefix:prefix + s], tree_mask=mask)
-        step()
-        curve[s] = median_time(step, runs) * 1000
-    return curve
-
-
-def bare_matmuls(base, runs, prepacked: bool):
-    """The same matmuls as one forward (all layers + LM head), with nothing else, for 1..64 tokens: with the
-    runtime's prepacked weights (``prepacked``) or torch's default ``F.linear``."""
     weights = [p for n, p in base.named_parameters() if p.dim() == 2 and "embed" not in n]
     if base.args.tie_word_embeddings:
         weights.append(base.lm_head.weight)
-    kernels = [PrepackedLinear() if prepacked else F.linear for _ in weights]
-    curve = {}
+    runtime = [PrepackedLinear() for _ in weights]
+    curves = {"forward_ms": {}, "bare_matmul_ms": {}, "bare_matmul_default_kernels_ms": {}, "ratio": {}}
     for s in SIZES:
+        mask = torch.ones(s, s, dtype=torch.bool).tril()
         xs = {w.shape[1]: torch.randn(1, s, w.shape[1], dtype=base.dtype) for w in weights}
 
+        def forward():
+            base.truncate(prefix)
+            base(ids[:, prefix:prefix + s], tree_mask=mask)
+
         @torch.inference_mode()
-        def chain():
-            for w, kernel in zip(weights, kernels):
+        def bare():
+            for w, kernel in zip(weights, runtime):
                 kernel(xs[w.shape[1]], w)
-        chain()
-        curve[s] = median_time(chain, runs) * 1000
-    return curve
+
+        @torch.inference_mode()
+        def default():
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+        times = {forward: [], bare: [], default: []}
+        for fn in times:
+            fn()  # warm-up (and the runtime's weight packing)
+        for _ in range(rounds):
+            for fn, ts in times.items():
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+        curves["forward_ms"][s] = statistics.median(times[forward]) * 1000
+        curves["bare_matmul_ms"][s] = statistics.median(times[bare]) * 1000
+        curves["bare_matmul_default_kernels_ms"][s] = statistics.median(times[default]) * 1000
+        curves["ratio"][s] = statistics.median(f / b for f, b in zip(times[forward], times[bare]))
+    return curves
 
 
 def main():
@@ -107,7 +122,9 @@ def main():
     questions = load_questions(default_question_file())
     prompts = [template.encode_prompt([{"role": "user", "content": q["turns"][0]}])
                for q in questions[:: max(1, len(questions) // args.prompts)][:args.prompts]]
-    results = {"model": args.base_model, "cpu": platform.processor() or platform.machine(),
+    print(f"CPU: {cpu_model()} ({platform.machine()}), flags {' '.join(cpu_flags()) or '-'}; "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", flush=True)
+    results = {"model": args.base_model, "cpu": cpu_model(), "cpu_flags": cpu_flags(), "machine": platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "dtypes": {}}
     for dtype_name in args.dtypes.split(","):
@@ -115,17 +132,17 @@ def main():
         base = BaseModel.from_pretrained(args.base_model, dtype=dtype_name, max_len=1024)
         hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.base_model), dtype=dtype).eval()
         ours, theirs = decode_speed(base, hf, prompts, args.new_tokens, args.runs, template.stop_token_ids[0])
-        curve = cost_curve(base, args.runs * 2)
-        bare, default = bare_matmuls(base, args.runs * 2, True), bare_matmuls(base, args.runs * 2, False)
+        curves = forward_vs_bare(base, args.runs * 5)
+        curve, bare, default = (curves[k] for k in ("forward_ms", "bare_matmul_ms", "bare_matmul_default_kernels_ms"))
         results["dtypes"][dtype_name] = {"clover_tokens_per_s": ours, "transformers_tokens_per_s": theirs,
-                                         "speedup": ours / theirs, "forward_ms": curve, "bare_matmul_ms": bare,
-                                         "bare_matmul_default_kernels_ms": default}
+                                         "speedup": ours / theirs, **curves}
         print(f"\n{dtype_name}: clover plain greedy {ours:.1f} tok/s, transformers generate {theirs:.1f} tok/s "
               f"-> {ours / theirs:.2f}x (median over {len(prompts)} prompts x {args.runs} runs, "
               f"{args.new_tokens} new tokens)")
-        print("tokens  forward over 300-token cache (ms)  bare matmuls (ms)  ratio  bare, torch default kernels (ms)")
+        print("tokens  forward over 300-token cache (ms)  bare matmuls, runtime kernels (ms)  ratio  "
+              "bare, torch default kernels (ms)")
         for s in SIZES:
-            print(f"{s:6d}  {curve[s]:33.1f}  {bare[s]:17.1f}  {curve[s] / bare[s]:5.2f}  {default[s]:32.1f}")
+            print(f"{s:6d}  {curve[s]:33.1f}  {bare[s]:34.1f}  {curves['ratio'][s]:5.2f}  {default[s]:32.1f}")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))  # after each dtype: a partial run keeps its numbers
     print(f"\nwrote {args.out}")
