@@ -146,8 +146,9 @@ def breakdown(args):
         for phase in PHASES + ("other",):
             print(f"| {phase} | {ms[phase]:.2f} | {ms[phase] / row['step_ms']:.1%} | {mm.get(phase, 0.0):.2f} |")
         print(f"draft calls {draft_ms:.2f} ms, of which matmuls {draft_mm:.2f} ms; everything but the base forward "
-              f"and the draft's matmuls: {overhead:.2f} ms = {row['overhead_share']:.1%} of the step; host syncs per "
-              f"step {sum(row['host_syncs_per_step'].values()):.2f} {row['host_syncs_per_step']}")
+              f"and the draft's matmuls: {overhead:.2f} ms = {row['overhead_share']:.1%} of the step; host reads per "
+              f"step: {sum(row['host_syncs_per_step'].values()):.2f} item()/int() {row['host_syncs_per_step']}, plus "
+              f"the verification's one .tolist()")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {out}")

@@ -9,6 +9,7 @@ Used by ``scripts/bench/speculative.py --breakdown``.
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
@@ -105,6 +106,7 @@ def step_breakdown(model, prompts, max_new_tokens: int = 96) -> dict:
     ``other`` = the step's time outside every phase), the matmul milliseconds per step of each phase (profiled
     pass), host syncs per step and τ."""
     model.generate(prompts[0], max_new_tokens=8)  # warm-up (and the auto policy's measurements, if any)
+    policy = copy.deepcopy(model.depth_policy)  # both passes start from the same acceptance statistics
     timers, counts = defaultdict(float), defaultdict(int)
     with _instrument(model, timers, counts, labels=False):
         tokens, seconds = _run(model, prompts, max_new_tokens)
@@ -113,6 +115,7 @@ def step_breakdown(model, prompts, max_new_tokens: int = 96) -> dict:
     per_step = {p: timers[p] / steps * 1000 for p in PHASES}
     per_step["other"] = step_seconds / steps * 1000 - sum(per_step.values())
     profiled_counts = defaultdict(int)
+    model.depth_policy = copy.deepcopy(policy)
     with _instrument(model, defaultdict(float), profiled_counts, labels=True), \
             profile(activities=[ProfilerActivity.CPU]) as prof:
         _run(model, prompts, max_new_tokens)
