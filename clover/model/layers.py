@@ -96,7 +96,7 @@ class RMSNorm(nn.Module):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """:class:`RMSNorm` as a function (e.g. the base's final norm applied to stored pre-norm states)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one kernel, the same arithmetic as below
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one call, the same arithmetic as below
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
