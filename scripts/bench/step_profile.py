@@ -2,9 +2,11 @@
 their matmuls and the rest), tree building, verification, cache commit and everything else (bookkeeping between
 the calls), for any :class:`clover.generate.speculative.SpeculativeModel`.
 
-The split is wall-clock (CPU ops run synchronously, so a phase's wall time is its cost); the matmul share of the draft
-calls comes from a second, profiled pass over the same prompts (``torch.profiler``: the self time of the matmul
-kernels under each phase), applied to the phase's wall time. Prefills are left out: a step starts after the prompt.
+The split is wall-clock (CPU ops run synchronously, so a phase's wall time is its cost); the matmul time of each
+phase comes from a second, profiled pass over the same prompts from the same depth-policy state (``torch.profiler``:
+the self time of the matmul kernels under the phase, per step). Prefills are left out: a step starts after the
+prompt. Host reads are counted as ``aten::_local_scalar_dense`` calls (``.item()``, ``int(tensor)``, indexing with a
+0-dim tensor); ``.tolist()`` dispatches no op and is not counted.
 Used by ``scripts/bench/speculative.py --breakdown``.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import clover.generate.speculative as speculative
 
 MATMUL_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::bmm", "aten::mv", "aten::matmul",
               "aten::linear")
-SYNC_OPS = ("aten::_local_scalar_dense",)  # .item(), int(tensor), .tolist() of a device tensor
+SYNC_OPS = ("aten::_local_scalar_dense",)  # .item(), int(tensor), a 0-dim tensor as an index
 PHASES = ("base forward", "draft start", "draft expand", "tree building", "verify", "commit")
 
 
