@@ -181,3 +181,20 @@ def test_greedy_verification_accepts_the_longest_matching_path():
     assert verdict.tokens.tolist() == [5, 11, 21]
     assert int(verdict.bonus) == 31
     assert verdict.committed == [11, 21, 31]  # the accepted draft tokens, then the bonus, on the host
+
+
+def test_verification_reads_the_device_once():
+    """A step's verification hands its whole result to the host in one transfer: no .item()/int() reads, which
+    would each be a device sync on a GPU (indexing with a 0-dim tensor is one)."""
+    from torch.profiler import profile
+
+    spec = TreeSpec([(0,), (1,), (0, 0), (1, 0), (1, 0, 0)])
+    tokens = torch.tensor([5, 10, 11, 20, 21, 30])
+    tree = DraftTree(tokens, spec.template.parents, spec.template.depths, spec.template.mask, spec.template.paths)
+    logits = torch.zeros(6, 40)
+    for node, target in [(0, 11), (1, 20), (2, 21), (3, 0), (4, 31), (5, 0)]:
+        logits[node, target] = 1.0
+    with profile() as prof:
+        verdict = verify_tree(tree, logits, SamplingParams())
+    assert verdict.committed == [11, 21, 31]
+    assert not [e.name for e in prof.events() if e.name == "aten::_local_scalar_dense"]
