@@ -130,9 +130,7 @@ class RaggedKVCache:
             mask = (rel < 0) | (seen & (rel < t))
         self._pass = {"rows": rs, "slots": slots, "span": span, "bounds": bounds, "new": dev_new, "t": t,
                       "index": torch.arange(r, device=dev)[:, None]}
-        # additive form, made once per pass (SDPA would convert a boolean mask in every layer)
-        additive = torch.zeros(mask.shape, dtype=self.k.dtype, device=dev).masked_fill_(~mask, float("-inf"))
-        return positions, additive[:, None]
+        return positions, additive_mask(mask, self.k.dtype)[:, None]
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a layer's new ``k``, ``v`` ``[R, kv, T, d]`` at the pass's slots (``start`` is unused); return the
