@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from clover.data.conversations import load_conversations, select_conversations
+from clover.data.conversations import Conversation, load_conversations, select_conversations
 from clover.data.templates import get_template
 from clover.ge_data import regenerate
 from clover.ge_data.allocation import load_selection
+from clover.ge_data.regen_worker import longest_first
 from clover.generate.plain import generate_plain
 from clover.model.base import BaseModel
 from clover.model.loading import load_tokenizer, resolve_model_path
@@ -180,3 +181,17 @@ def test_bad_flags_are_one_error_line(tiny_chat, tmp_path, flags, needle):
 def test_missing_dataset_is_one_error_line(tiny_chat, tmp_path):
     proc = run_cli(*regen_args(tiny_chat, tmp_path / "nope.jsonl", tmp_path / "out"))
     assert proc.returncode == 2 and proc.stderr.count("error: ") == 1 and "not found" in proc.stderr, proc.stderr
+
+
+def test_conversations_with_most_turns_start_first():
+    """A worker starts a shard's longest conversations (most user turns) first, ties in shard order, so a long chain
+    of turns does not run alone at the end; the records still go out in shard order (slots unchanged)."""
+    def conv(i, turns):
+        messages = [m for _ in range(turns) for m in ({"role": "user", "content": "q"},
+                                                      {"role": "assistant", "content": "a"})]
+        return Conversation(id=f"c{i}", index=i, messages=messages)
+
+    convs = [conv(0, 1), conv(1, 3), conv(2, 1), conv(3, 2), conv(4, 3)]
+    order = longest_first(7, convs)
+    assert [d.conv.id for d in order] == ["c1", "c4", "c3", "c0", "c2"]
+    assert [d.slot for d in order] == [1, 4, 3, 0, 2] and {d.shard for d in order} == {7}

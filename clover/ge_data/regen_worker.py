@@ -74,6 +74,16 @@ class _Dialogue:
         return {"id": self.conv.id, "conversations": turns}
 
 
+def longest_first(shard: int, convs: list[Conversation]) -> list[_Dialogue]:
+    """A shard's dialogues, those with the most user turns first (ties in shard order).
+
+    A conversation's turns are decoded one after another, so one with many turns is a long chain of steps; started
+    last, it would keep a few rows busy long after the rest of the batch has finished. Started first, it overlaps
+    with the short ones (longest processing time first). Records are still written in shard order."""
+    dialogues = [_Dialogue(shard, slot, conv) for slot, conv in enumerate(convs)]
+    return sorted(dialogues, key=lambda d: -len(d.questions))
+
+
 def run_worker(job: RegenJob, on_shard=None) -> dict:
     """Regenerate every shard of ``job``; ``on_shard(index)`` after each shard is on disk. Returns the reply tokens
     generated and the seconds spent after loading the model."""
@@ -88,7 +98,7 @@ def run_worker(job: RegenJob, on_shard=None) -> dict:
                              template.stop_token_ids, params, generator)
     remaining = {index: len(convs) for index, convs in job.shards}
     finished: dict[int, list[_Dialogue | None]] = {index: [None] * len(convs) for index, convs in job.shards}
-    fresh = iter([_Dialogue(index, slot, conv) for index, convs in job.shards for slot, conv in enumerate(convs)])
+    fresh = iter([d for index, convs in job.shards for d in longest_first(index, convs)])
     follow_ups: deque[Request] = deque()  # next turns go first, into the row their previous turn just left
     start = time.perf_counter()
     bar = tqdm(total=sum(remaining.values()), desc=f"worker {job.worker}", unit="conv", position=job.worker,
