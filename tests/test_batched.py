@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from clover.errors import CloverError
+from clover.model import cache as cache_module
 from clover.generate.batched import BatchedDecoder, Request, generate_batched
 from clover.generate.plain import generate_plain
 from clover.generate.sampling import SamplingParams
@@ -55,6 +56,24 @@ def test_greedy_rows_equal_batch_one(tiny_bases, arch):
     assert [got[i] for i in range(len(prompts))] == expected
     assert decoder.stats["completions"] == 10
     assert decoder.stats["new_tokens"] == sum(len(t) + (r == "eos") for t, r in expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_uneven_rows_split_attention_and_still_equal_batch_one(tiny_bases, arch, monkeypatch):
+    """Rows of very different lengths: decoding attention runs in two parts (every row over the short rows' slots,
+    the long rows alone over the whole span), and every row still decodes as batch 1 does."""
+    monkeypatch.setattr(cache_module, "SPLIT_OVERHEAD", 0)  # split even at these tiny sizes
+    base = tiny_bases[arch]
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (k,), generator=gen).tolist() for k in (2, 120, 4, 3, 5, 1, 90, 6, 2, 3)]
+    expected = [plain_reply(base, p, 16, []) for p in prompts]
+    splits = []
+    real_plan = cache_module._split_plan
+    monkeypatch.setattr(cache_module, "_split_plan", lambda *a: splits.append(real_plan(*a)) or splits[-1])
+    results, _ = generate_batched(base, prompts, batch_size=10, max_new_tokens=16)
+    assert [(c.tokens, c.finish_reason) for c in results] == expected
+    used = [s for s in splits if s is not None]
+    assert used and all(sorted(rows.tolist()) == [1, 6] and short < 90 for short, rows in used)
 
 
 def test_generate_batched_batch_sizes_agree(tiny_bases):

@@ -68,6 +68,7 @@ class RaggedKVCache:
         self.capacity = capacity
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.bounds = np.zeros(batch, dtype=np.int64)
+        self.split_attention = True  # see :meth:`decode_split`
         self._pass: dict | None = None
 
     @property
@@ -128,8 +129,11 @@ class RaggedKVCache:
             local = tree_mask.to(device=dev, dtype=torch.bool).expand(r, t, t)
             seen = local.gather(2, rel.clamp(0, t - 1).expand(r, t, span))
             mask = (rel < 0) | (seen & (rel < t))
+        split = None
+        if t == 1 and tree_mask is None and self.split_attention and host_new is not None:
+            split = _split_plan(bounds, span, dev)
         self._pass = {"rows": rs, "slots": slots, "span": span, "bounds": bounds, "new": dev_new, "t": t,
-                      "index": torch.arange(r, device=dev)[:, None]}
+                      "index": torch.arange(r, device=dev)[:, None], "split": split}
         return positions, additive_mask(mask, self.k.dtype)[:, None]
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +144,13 @@ class RaggedKVCache:
         kb[p["index"], :, p["slots"]] = k.transpose(1, 2)
         vb[p["index"], :, p["slots"]] = v.transpose(1, 2)
         return kb[:, :, :p["span"]], vb[:, :, :p["span"]]
+
+    def decode_split(self) -> tuple[int, torch.Tensor] | None:
+        """During a one-token pass: ``(short, long_rows)`` when the rows' lengths are so uneven that attention is
+        cheaper in two parts, else None. Every row attends over the first ``short`` slots (enough for all rows but
+        ``long_rows``), then the rows ``long_rows`` (a device index) alone over the whole span, and their results
+        replace those of the first part. Without it every row reads keys/values up to the longest row's length."""
+        return self._pass["split"]
 
     def end(self) -> None:
         """Finish the pass: each row's length grows by its real tokens."""
@@ -168,6 +179,29 @@ class RaggedKVCache:
         self.k, self.v = self.k.index_select(1, idx), self.v.index_select(1, idx)
         self.lengths = self.lengths.index_select(0, idx)
         self.bounds = self.bounds[np.asarray(index, dtype=np.int64)]
+
+
+# attention of a one-token pass costs about (rows x slots read); splitting it copies the long rows' keys/values
+# (read + write, then read again: 3 reads each) and costs a few more ops per layer, worth SPLIT_OVERHEAD slots
+SPLIT_OVERHEAD = 512
+
+
+def _split_plan(bounds: np.ndarray, span: int, device) -> tuple[int, torch.Tensor] | None:
+    """The cheapest ``(short, long_rows)`` split of a one-token pass over rows of exact lengths ``bounds`` (None:
+    one part over ``span`` slots is cheapest)."""
+    r = bounds.size
+    if r < 2:
+        return None
+    need = np.sort(bounds)
+    # cutting after the k shortest rows: every row reads need[k-1] slots, the r-k others copy and read the span
+    k = np.arange(1, r)
+    cost = r * np.maximum(need[k - 1], 1) + 3 * (r - k) * span + SPLIT_OVERHEAD
+    best = int(np.argmin(cost))
+    if cost[best] >= r * span:
+        return None
+    short = max(int(need[best]), 1)
+    long_rows = np.flatnonzero(bounds > short)
+    return short, torch.from_numpy(long_rows).to(device)
 
 
 def attention_mask(past: int, tree_mask: torch.Tensor | None, n_new: int, device) -> torch.Tensor | str | None:

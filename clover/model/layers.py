@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clover.errors import CloverError
-from clover.model.cache import KVCache
+from clover.model.cache import KVCache, RaggedKVCache
 
 
 @dataclass
@@ -241,18 +241,30 @@ class Attention(nn.Module):
         v = qkv[:, nq + nk:]
         if cache is not None:
             k, v = cache.write(layer, start, k, v)
-        if t == 1 and nk != nq and isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            # one new token per row with a per-row key mask [B, 1, 1, S] (batched decoding): the query heads of a
+        if t == 1 and isinstance(cache, RaggedKVCache):
+            # batched decoding, one new token per row with a per-row key mask [B, 1, 1, S]: the query heads of a
             # kv head stand in for query positions, so no key/value is repeated per query head
             q = q.reshape(b, nk, nq // nk, self.head_dim)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            return self.o_proj(out.reshape(b, t, -1))
+            return self.o_proj(decode_attention(q, k, v, mask, cache.decode_split()).reshape(b, t, -1))
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             mask = mask[None, None]
         causal = mask == "causal"
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                              enable_gqa=nk != nq)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def decode_attention(q, k, v, mask, split: tuple[int, torch.Tensor] | None) -> torch.Tensor:
+    """SDPA of one-token rows; with ``split = (short, rows)`` (:meth:`RaggedKVCache.decode_split`) every row reads
+    only the first ``short`` slots and the rows ``rows`` alone read the whole span, their results replacing the
+    first ones, so short rows stop paying for the longest row's keys/values."""
+    if split is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    short, rows = split
+    out = F.scaled_dot_product_attention(q, k[:, :, :short], v[:, :, :short], attn_mask=mask[..., :short])
+    return out.index_copy_(0, rows, F.scaled_dot_product_attention(
+        q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows),
+        attn_mask=mask.index_select(0, rows)))
 
 
 class MLP(nn.Module):
