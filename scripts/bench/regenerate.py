@@ -3,12 +3,15 @@ plain decoding (``clover.generate.plain``), on the same conversations, model, dt
 
 The batched runs are the real thing (``clover.ge_data.regenerate``'s worker, into a temporary folder): every
 assistant turn of ``--conversations`` ShareGPT conversations (allocation's selection: seed 42, from ``--start``)
-rewritten turn by turn. The plain run regenerates the same conversations turn by turn with ``generate_plain``. Tokens
+rewritten turn by turn. The plain run regenerates the same conversations (or the first ``--plain-conversations`` of
+them: it is the slow one) turn by turn with ``generate_plain``. Tokens
 are reply tokens (stop tokens included); seconds are wall time after the model is loaded, prefills included. The
 plain run's replies are compared with the batched ones (they should match: greedy fp32). Prints the CPU, its flags
 and a table, and writes figs/bench_regenerate.json.
 
     python scripts/bench/regenerate.py [--conversations 32] [--max-new-tokens 256] [--batch-sizes 1,8,32]
+    python scripts/bench/regenerate.py --conversations 128 --plain-conversations 32 --max-new-tokens 96 \
+        --batch-sizes 8,32   # the README's table
     python scripts/bench/regenerate.py --conversations 3 --max-new-tokens 4 --batch-sizes 1,2   # smoke run
 """
 from __future__ import annotations
@@ -48,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--template", default="auto", help="chat template (default auto)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-plain", action="store_true", help="skip the batch-1 plain decoding baseline")
+    add_option(p, "--plain-conversations", "--plain_conversations", type=positive_int, default=None,
+               help="run the plain baseline on the first N conversations only (default: all; it is the slow one: "
+                    "its tokens/s is a rate, but say so when you quote it)")
     p.add_argument("--out", default=str(ROOT / "figs" / "bench_regenerate.json"), help="JSON results file")
     args = p.parse_args(argv)
     try:
@@ -108,23 +114,29 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, python {platform.python_version()}")
     convs, source = load_selection(argparse.Namespace(eval=False, question_file=None, dataset=args.dataset,
                                                       start=args.start, end=args.start + args.conversations, seed=42))
-    runs = [] if args.no_plain else [plain_run(args, convs)]
+    plain_convs = convs[:args.plain_conversations] if args.plain_conversations else convs
+    runs = [] if args.no_plain else [plain_run(args, plain_convs)]
+    if runs:
+        runs[0]["conversations"] = len(plain_convs)
     runs += [batched_run(args, convs, b) for b in args.batch_sizes]
+    for run in runs[len(runs) - len(args.batch_sizes):]:
+        run["conversations"] = len(convs)
     plain = runs[0] if not args.no_plain else None
     for run in runs:
         run["tokens_per_s"] = run["tokens"] / run["seconds"] if run["seconds"] else 0.0
         run["speedup_vs_plain"] = run["tokens_per_s"] / plain["tokens_per_s"] if plain and plain["tokens"] else None
         if plain and run is not plain:
-            ref = plain["_replies"]
-            run["replies_equal_plain"] = sum(ref.get(cid) == r for cid, r in run["_replies"].items())
-            run["conversations_compared"] = len(run["_replies"])
-    print(f"\n{'mode':<8} {'batch':>5} {'replies':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>7} {'vs plain':>8} "
-          f"{'same as plain':>13}")
+            ref, plain_ids = plain["_replies"], {c.id for c in plain_convs}
+            both = [cid for cid in run["_replies"] if cid in plain_ids]
+            run["replies_equal_plain"] = sum(ref.get(cid) == run["_replies"][cid] for cid in both)
+            run["conversations_compared"] = len(both)
+    print(f"\n{'mode':<8} {'batch':>5} {'convs':>5} {'replies':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>7} "
+          f"{'vs plain':>8} {'same as plain':>13}")
     for run in runs:
         same = f"{run['replies_equal_plain']}/{run['conversations_compared']}" if "replies_equal_plain" in run else "-"
         speed = f"{run['speedup_vs_plain']:.2f}x" if run["speedup_vs_plain"] else "-"
-        print(f"{run['mode']:<8} {run['batch_size']:>5} {run['replies']:>7} {run['tokens']:>7} {run['seconds']:>8.1f} "
-              f"{run['tokens_per_s']:>7.1f} {speed:>8} {same:>13}")
+        print(f"{run['mode']:<8} {run['batch_size']:>5} {run['conversations']:>5} {run['replies']:>7} "
+              f"{run['tokens']:>7} {run['seconds']:>8.1f} {run['tokens_per_s']:>7.1f} {speed:>8} {same:>13}")
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_model(), "cpu_flags": cpu_flags(),
               "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "dtype": "fp32", "dataset": str(source), "args": vars(args), "conversations": len(convs),
