@@ -1,13 +1,17 @@
 """The whole Clover-2 pipeline on one machine, end to end, sized for a CPU by default:
 
-1. training data: the base model's hidden states on a slice of ShareGPT (``clover.ge_data.allocation``);
-2. train Clover-2 and EAGLE-1 on the same data with the same budget (``clover.train.main_clover2`` / ``main``);
-3. answers of every method on the question set and the comparison table + figures (``clover.evaluation.compare``).
+1. training text: the base model writes the replies of a slice of ShareGPT itself, given the human turns
+   (``clover.ge_data.regenerate``: on-policy data, what the draft is asked to predict at inference); ``--data
+   sharegpt`` keeps ShareGPT's own replies (written by other models) and skips this stage;
+2. training data: the base model's hidden states on that text (``clover.ge_data.allocation``);
+3. train Clover-2 and EAGLE-1 on the same data with the same budget (``clover.train.main_clover2`` / ``main``);
+4. answers of every method on the question set and the comparison table + figures (``clover.evaluation.compare``).
 
-Every stage is the documented command line (printed before it runs) and resumes when rerun: finished shards,
-trained drafts and answered questions are kept. ``--fast`` is a few-minute smoke version.
+Every stage is the documented command line (printed before it runs) and resumes when rerun: regenerated shards,
+finished data shards, trained drafts and answered questions are kept. ``--fast`` is a few-minute smoke version.
 
-    python -m clover.pipeline [--fast] [--workdir runs/pipeline] [--base-model smollm2-135m-instruct]
+    python -m clover.pipeline [--fast] [--data regenerated|sharegpt] [--workdir runs/pipeline]
+                              [--base-model smollm2-135m-instruct]
 """
 from __future__ import annotations
 
@@ -22,15 +26,21 @@ from clover.args import CloverArgumentParser, add_base_model, add_questions, add
 from clover.errors import CloverError, run_cli
 from clover.model.registry import DRAFTS
 
-# (conversations, max_len, batch size, epochs, max_steps, questions, max_new_token) per size. Both drafts propose
-# from the 8,192 most frequent reply tokens (--draft-vocab-size), with which Clover-2's five vocabulary-sized heads
-# train 3.4x faster on SmolLM2 (49,152 tokens, hidden size 576; see the README); the full size trains each draft for
-# one epoch (~90 optimizer steps) on ~190k tokens.
+# Per size: conversations, max_len (training sequence length), batch size, epochs, max_steps, questions,
+# max_new_token, and for regenerated data the longest prompt a reply is written for (a conversation ends at its first
+# longer prompt) and the reply cap, which together fill max_len. Both drafts propose from the 8,192 most frequent
+# reply tokens (--draft-vocab-size), with which Clover-2's five vocabulary-sized heads train 3.4x faster on SmolLM2
+# (49,152 tokens, hidden size 576; see the README). The full size regenerates 256 conversations (~13 minutes of the
+# ~25 on 2 CPU cores) and trains each draft for one epoch; with ShareGPT's replies it takes 440 conversations, ~190k
+# tokens, as many as fit the same time without the regeneration.
 SIZES = {
-    "fast": dict(conversations=32, max_len=256, bs=4, epochs=1, max_steps=None, question_end=6, max_new_token=32),
-    "full": dict(conversations=440, max_len=512, bs=4, epochs=1, max_steps=None, question_end=None,
-                 max_new_token=64),
+    "fast": dict(conversations=32, max_len=256, bs=4, epochs=1, max_steps=None, question_end=6, max_new_token=32,
+                 regen_prompt_len=192, regen_new_tokens=64),
+    "full": dict(conversations=256, max_len=512, bs=4, epochs=1, max_steps=None, question_end=None,
+                 max_new_token=64, regen_prompt_len=384, regen_new_tokens=128),
 }
+SHAREGPT_CONVERSATIONS = {"fast": 32, "full": 440}
+DATA_SOURCES = ("regenerated", "sharegpt")
 DRAFT_VOCAB_SIZE = 8192
 
 
@@ -44,12 +54,21 @@ def run(cmd: list[str]) -> None:
     print(f"[{time.perf_counter() - start:.0f} s]", flush=True)
 
 
-def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tree: str, budget: int | str) -> None:
+def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tree: str, budget: int | str,
+             source: str = "regenerated") -> None:
     s = SIZES[size]
     py = [sys.executable, "-m"]
     data = workdir / "data"
-    run(py + ["clover.ge_data.allocation", "--base-model", model, "--data-dir", str(data), "--start", "0",
-              "--end", str(s["conversations"]), "--max-len", str(s["max_len"]), "--shard-size", "32"])
+    if source == "regenerated":
+        regen = workdir / "regenerated"
+        run(py + ["clover.ge_data.regenerate", "--base-model", model, "--outdir", str(regen), "--start", "0",
+                  "--end", str(s["conversations"]), "--max-len", str(s["regen_prompt_len"]),
+                  "--max-new-tokens", str(s["regen_new_tokens"]), "--batch-size", "32", "--shard-size", "32"])
+        text = ["--dataset", str(regen / "regenerated.jsonl")]  # every regenerated conversation
+    else:
+        text = ["--start", "0", "--end", str(SHAREGPT_CONVERSATIONS[size])]
+    run(py + ["clover.ge_data.allocation", "--base-model", model, "--data-dir", str(data), *text,
+              "--max-len", str(s["max_len"]), "--shard-size", "32"])
     common = ["--base-model", model, "--data-dir", str(data), "--bs", str(s["bs"]), "--max-len", str(s["max_len"]),
               "--epochs", str(s["epochs"]), "--warmup-steps", "10", "--keep-last", "1",
               "--draft-vocab-size", str(DRAFT_VOCAB_SIZE)]
@@ -78,10 +97,14 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default="runs/pipeline", help="where data, checkpoints and answers go")
     p.add_argument("--fast", action="store_true", help="a few-minute smoke version (tiny data and budgets)")
     add_questions(p, subset=False, help="Spec-Bench format questions (default: the shipped set)")
+    p.add_argument("--data", choices=DATA_SOURCES, default="regenerated",
+                   help="training text: the base model's own replies to ShareGPT's human turns (default), or "
+                        "ShareGPT's replies as they are")
     add_tree(p, "dynamic")
     a = p.parse_args(argv)
-    workdir = Path(a.workdir) / ("fast" if a.fast else "full")
-    pipeline(workdir, a.base_model, "fast" if a.fast else "full", a.question_file, a.tree, a.tree_budget)
+    size = "fast" if a.fast else "full"
+    workdir = Path(a.workdir) / (size if a.data == "regenerated" else f"{size}_sharegpt")
+    pipeline(workdir, a.base_model, size, a.question_file, a.tree, a.tree_budget, a.data)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ VALUES = {"--base-model": "some-model", "--draft": "some-draft", "--data-dir": "
           "--tree-budget": ("7", 7), "--max-new-tokens": ("5", 5), "--max-len": ("64", 64),
           "--question-file": "q.jsonl", "--question-begin": ("1", 1), "--question-end": ("4", 4),
           "--per-group": ("2", 2), "--answer-file": "a.jsonl", "--baseline-file": "b.jsonl", "--top-p": ("0.5", 0.5),
-          "--top-k": ("3", 3), "--shard-size": ("3", 3), "--gpus-per-worker": ("2", 2),
+          "--top-k": ("3", 3), "--shard-size": ("3", 3), "--batch-size": ("4", 4), "--gpus-per-worker": ("2", 2),
           "--python-name": "ge_data_all_vicuna_nonnorm.py", "--bf16-steps": ("4", 4),
           # the trainer's flags (a value of None: a switch)
           "--draft-vocab-size": ("8", 8), "--grad-accum": ("2", 2), "--weight-decay": ("0.1", 0.1),
@@ -115,6 +115,10 @@ ENTRY_POINTS = {
                                    "--shard-size", "--gpus-per-worker", "--python-name"],
                                   {"--data-dir": ["--outdir"], "--shard-size": ["--shard_size"],
                                    "--gpus-per-worker": ["--gpus_per_worker"], "--python-name": ["--python_name"]}),
+    "clover.ge_data.regenerate": (module_main("clover.ge_data.regenerate"), {"--outdir": "regen"},
+                                  ["--base-model", "--max-len", "--max-new-tokens", "--batch-size", "--shard-size",
+                                   "--top-p", "--top-k"],
+                                  {"--batch-size": ["--batch_size"], "--shard-size": ["--shard_size"]}),
     "clover.evaluation.gen_answer": (module_main("clover.evaluation.gen_answer"),
                                      {"--method": "baseline", "--answer-file": "a.jsonl"},
                                      ["--base-model", "--draft", "--question-file", "--question-begin",
@@ -309,24 +313,35 @@ def test_value_checks(check, good, bad):
             check(text)
 
 
-def test_pipeline_stage_commands_parse_with_the_stages_parsers(parse, monkeypatch, tmp_path):
-    """The command lines python -m clover.pipeline runs parse with the stages' own parsers, in the new names."""
+@pytest.mark.parametrize("source", ["regenerated", "sharegpt"])
+def test_pipeline_stage_commands_parse_with_the_stages_parsers(parse, monkeypatch, tmp_path, source):
+    """The command lines python -m clover.pipeline runs parse with the stages' own parsers, in the new names; with
+    regenerated data (the default) the data dump reads the regeneration's merged file."""
     import clover.pipeline as pipeline
 
     commands = []
     monkeypatch.setattr(pipeline, "run", commands.append)
-    pipeline.pipeline(tmp_path, "some-model", "fast", "q.jsonl", "dynamic", 5)
+    pipeline.pipeline(tmp_path, "some-model", "fast", "q.jsonl", "dynamic", 5, source)
     modules = [cmd[2] for cmd in commands]
-    assert modules[0] == "clover.ge_data.allocation" and modules[-1] == "clover.evaluation.compare"
-    assert {"clover.train.main_clover2", "clover.train.main"} <= set(modules[1:-1])
+    first = ["clover.ge_data.regenerate"] if source == "regenerated" else []
+    assert modules[:len(first) + 1] == first + ["clover.ge_data.allocation"]
+    assert modules[-1] == "clover.evaluation.compare"
+    assert {"clover.train.main_clover2", "clover.train.main"} == set(modules[len(first) + 1:-1])
     for cmd in commands:
         assert parse(cmd[2], cmd[3:])[1].base_model == "some-model"
         assert not any(a.startswith("--") and a[2:].replace("_", "-") != a[2:] for a in cmd), cmd  # no old names
         for old in ALIASES["--base-model"] + ALIASES["--data-dir"] + ALIASES["--ckpt-dir"] + ALIASES["--tree-budget"]:
             assert old not in cmd, cmd
-    for cmd in commands[:-1]:
+    alloc = parse("clover.ge_data.allocation", commands[len(first)][3:])[1]
+    if first:
+        regen = parse("clover.ge_data.regenerate", commands[0][3:])[1]
+        assert alloc.dataset == str(Path(regen.outdir) / "regenerated.jsonl") and alloc.end is None
+        assert regen.max_len + regen.max_new_tokens <= alloc.max_len  # a regenerated conversation fits a sequence
+    else:
+        assert alloc.dataset is None and alloc.end == pipeline.SHAREGPT_CONVERSATIONS["fast"]
+    for cmd in commands[len(first):-1]:
         assert parse(cmd[2], cmd[3:])[1].data_dir == str(tmp_path / "data")
-    for cmd in commands[1:-1]:
+    for cmd in commands[len(first) + 1:-1]:
         ns = parse(cmd[2], cmd[3:])[1]
         assert ns.ckpt_dir.startswith(str(tmp_path / "ckpt")) and ns.draft_vocab_size == pipeline.DRAFT_VOCAB_SIZE
     ns = parse("clover.evaluation.compare", commands[-1][3:])[1]
