@@ -30,9 +30,9 @@ from clover.model.registry import DRAFTS
 # max_new_token, and for regenerated data the longest prompt a reply is written for (a conversation ends at its first
 # longer prompt) and the reply cap, which together fill max_len. Both drafts propose from the 8,192 most frequent
 # reply tokens (--draft-vocab-size), with which Clover-2's five vocabulary-sized heads train 3.4x faster on SmolLM2
-# (49,152 tokens, hidden size 576; see the README). The full size regenerates 256 conversations (~13 minutes of the
-# ~25 on 2 CPU cores) and trains each draft for one epoch; with ShareGPT's replies it takes 440 conversations, ~190k
-# tokens, as many as fit the same time without the regeneration.
+# (49,152 tokens, hidden size 576; see the README). The full size regenerates 256 conversations (5 of the 16 minutes
+# the main job took on 2 CPU cores; ~77k tokens kept) and trains each draft for one epoch; with ShareGPT's replies it
+# takes 440 conversations (~190k tokens), the size it had before regeneration was the default.
 SIZES = {
     "fast": dict(conversations=32, max_len=256, bs=4, epochs=1, max_steps=None, question_end=6, max_new_token=32,
                  regen_prompt_len=192, regen_new_tokens=64),

@@ -187,8 +187,8 @@ SPLIT_OVERHEAD = 512
 
 
 def _split_plan(bounds: np.ndarray, span: int, device) -> tuple[int, torch.Tensor] | None:
-    """The cheapest ``(short, long_rows)`` split of a one-token pass over rows of exact lengths ``bounds`` (None:
-    one part over ``span`` slots is cheapest)."""
+    """The cheapest ``(short, long_rows)`` split of a one-token pass whose rows need at most ``bounds`` slots each
+    (None: one part over ``span`` slots is cheapest)."""
     r = bounds.size
     if r < 2:
         return None
