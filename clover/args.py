@@ -196,13 +196,15 @@ def add_answer_file(p: argparse.ArgumentParser, required: bool = True, help: str
                       help=help or "answer file (JSON lines)")
 
 
-def add_sampling(p: argparse.ArgumentParser, top: bool = True, seed_help: str | None = "sampling seed") -> None:
+def add_sampling(p: argparse.ArgumentParser, top: bool = True, seed_help: str | None = "sampling seed",
+                 temperature: float = 0.0, top_p: float = 1.0) -> None:
     """``--temperature`` (>= 0, 0 = greedy) and, with ``top``, ``--top-p`` (in (0, 1]) and ``--top-k`` (>= 0,
-    0 = off); with a ``seed_help``, ``--seed`` (default 0)."""
-    p.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T", help="0 = greedy (default)")
+    0 = off); with a ``seed_help``, ``--seed`` (default 0). ``temperature`` and ``top_p``: the defaults."""
+    p.add_argument("--temperature", type=non_negative_float, default=temperature, metavar="T",
+                   help="0 = greedy" + (" (default)" if temperature == 0 else f" (default {temperature:g})"))
     if top:
-        add_option(p, "--top-p", "--top_p", type=probability, default=1.0, metavar="P",
-                   help="nucleus sampling threshold, in (0, 1] (default 1: off)")
+        add_option(p, "--top-p", "--top_p", type=probability, default=top_p, metavar="P",
+                   help="nucleus sampling threshold, in (0, 1] (default " + ("1: off)" if top_p == 1 else f"{top_p:g})"))
         add_option(p, "--top-k", "--top_k", type=non_negative_int, default=0, metavar="K",
                    help="sample from the k most likely tokens (default 0: off)")
     if seed_help:

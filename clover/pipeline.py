@@ -1,7 +1,8 @@
 """The whole Clover-2 pipeline on one machine, end to end, sized for a CPU by default:
 
 1. training text: the base model writes the replies of a slice of ShareGPT itself, given the human turns
-   (``clover.ge_data.regenerate``: on-policy data, what the draft is asked to predict at inference); ``--data
+   (``clover.ge_data.regenerate``, sampled at its default T = 0.7, top-p 0.95: on-policy data, what the draft is
+   asked to predict at inference); ``--data
    sharegpt`` keeps ShareGPT's own replies (written by other models) and skips this stage;
 2. training data: the base model's hidden states on that text (``clover.ge_data.allocation``);
 3. train Clover-2 and EAGLE-1 on the same data with the same budget (``clover.train.main_clover2`` / ``main``);

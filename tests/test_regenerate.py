@@ -58,7 +58,7 @@ def write_sharegpt(path: Path, n: int, long_ids=()) -> Path:
 
 def regen_args(model: Path, data: Path, outdir: Path, *extra: str) -> list[str]:
     return ["--model_path", str(model), "--dataset", str(data), "--outdir", str(outdir), "--max_len", str(MAX_LEN),
-            "--max_new_tokens", "6", "--batch_size", "3", "--shard_size", "2", *extra]
+            "--max_new_tokens", "6", "--batch_size", "3", "--shard_size", "2", "--temperature", "0", "--top_p", "1", *extra]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -195,3 +195,10 @@ def test_conversations_with_most_turns_start_first():
     order = longest_first(7, convs)
     assert [d.conv.id for d in order] == ["c1", "c4", "c3", "c0", "c2"]
     assert [d.slot for d in order] == [1, 4, 3, 0, 2] and {d.shard for d in order} == {7}
+
+
+def test_replies_are_sampled_by_default():
+    """Sampled replies (T = 0.7, top-p 0.95) are the default, greedy ones a flag."""
+    args = regenerate.build_parser().parse_args(["--outdir", "o"])
+    assert (args.temperature, args.top_p, args.top_k) == (0.7, 0.95, 0)
+    assert regenerate.build_parser().parse_args(["--outdir", "o", "--temperature", "0"]).temperature == 0

@@ -7,7 +7,8 @@
 Each selected conversation keeps its system message and its user turns; every assistant turn is written anew by the
 base model, given the conversation so far (with the model's own earlier replies) through the chat template that the
 data dump and serving use. Decoding is batched (--batch-size rows, refilled as replies finish; a follow-up turn reuses
-its row's keys/values) and greedy unless --temperature > 0.
+its row's keys/values) and sampled by default (--temperature 0.7 --top-p 0.95, seeded by --seed: reproducible);
+--temperature 0 writes greedy replies.
 
 The conversations are selected exactly as by ``clover.ge_data.allocation`` (the same loader, shuffle seed and
 [start, end) range); selected conversation i goes to shard i // shard_size. Each shard is written atomically as
@@ -48,6 +49,9 @@ from clover.model.layers import LlamaArgs
 from clover.model.loading import check_architecture, load_tokenizer, read_config, resolve_model_path
 
 MANIFEST = "manifest.json"
+# sampled replies by default: drafts trained on them matched or beat drafts trained on greedy replies for greedy and
+# T = 0.7 decoding (README, on-policy data), and they do not loop the way greedy ones do; --temperature 0 is greedy
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.95
 MERGED = "regenerated.jsonl"
 FORMAT = "clover-regenerated/1"
 # a rerun into an existing folder must match the manifest on these keys
@@ -79,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                help="longest prompt in tokens: longer first prompts skip the conversation, longer later ones end it "
                     "(default %(default)s)")
     add_max_new_tokens(p, 256, help="cap on tokens per regenerated reply")
-    add_sampling(p, seed_help=None)
+    add_sampling(p, seed_help=None, temperature=DEFAULT_TEMPERATURE, top_p=DEFAULT_TOP_P)
     p.add_argument("--dtype", type=runtime_dtype, default="auto", metavar="DTYPE",
                    help="compute dtype: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (default auto)")
     add_option(p, "--shard-size", "--shard_size", type=positive_int, default=64, metavar="N",
