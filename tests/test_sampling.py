@@ -51,3 +51,13 @@ def test_greedy_is_argmax_and_shapes_are_kept():
     logits = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(3))
     assert torch.equal(select_tokens(logits, SamplingParams()), logits.argmax(-1))
     assert select_tokens(logits, SamplingParams(0.7, 0.95), torch.Generator().manual_seed(0)).shape == (3, 4)
+
+
+def test_zero_probability_tokens_are_never_drawn():
+    """Tokens outside top-k (probability 0) before, between and after the kept ones are never drawn: the inverse-CDF
+    draw gives them empty intervals."""
+    logits = torch.full((1, 12), -5.0)
+    logits[0, [3, 7]] = 2.0  # the only tokens top-k = 2 keeps
+    params = SamplingParams(1.0, 1.0, 2)
+    draws = select_tokens(logits.expand(5000, -1), params, torch.Generator().manual_seed(4))
+    assert set(draws.tolist()) == {3, 7}

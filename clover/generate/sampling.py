@@ -35,10 +35,11 @@ NUCLEUS_CANDIDATES = 1024
 
 
 def _candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The processed distribution as ``(probs, index)``: ``probs [..., K]`` over the vocabulary entries ``index``
-    (K < V when top-p keeps fewer than K tokens; ``index`` None means the whole vocabulary in order), renormalised.
-    softmax(logits / T), restricted to top-k and then to the top-p nucleus (the token that crosses ``top_p`` is
-    kept)."""
+    """The processed distribution as ``(probs, index)``: softmax(logits / T), restricted to top-k and then to the
+    top-p nucleus (the token that crosses ``top_p`` is kept), renormalised. ``probs [..., K]`` gives the probability
+    of the vocabulary entries ``index [..., K]``, ranked: the ``NUCLEUS_CANDIDATES`` most likely when every row's
+    nucleus is among them, else the whole vocabulary sorted; without top-p, ``index`` is None and ``probs`` covers
+    the vocabulary in order."""
     logits = logits.float() / params.temperature
     if params.top_k:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -80,11 +81,11 @@ def select_tokens(logits: torch.Tensor, params: SamplingParams,
         return logits.argmax(-1)
     probs, index = _candidates(logits, params)
     flat = probs.reshape(-1, probs.shape[-1])
-    # inverse-CDF draw: one uniform per row, located in the row's cumulative distribution (torch.multinomial costs
-    # ~0.25 ms per row on a CPU); a token of probability 0 is never drawn (its interval is empty)
+    # inverse-CDF draw (torch.multinomial costs ~0.25 ms per row on a CPU): u in (0, total], token i drawn when
+    # cdf[i-1] < u <= cdf[i], so a token of probability 0 (an empty interval) is never drawn
     cdf = flat.cumsum(-1)
-    u = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=cdf.dtype) * cdf[:, -1:]
-    draw = torch.searchsorted(cdf, u, right=True).clamp_(max=flat.shape[-1] - 1)
+    u = (1 - torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=cdf.dtype)) * cdf[:, -1:]
+    draw = torch.searchsorted(cdf, u).clamp_(max=flat.shape[-1] - 1)
     if index is not None:
         draw = index.reshape(flat.shape).gather(1, draw)
     return draw.view(probs.shape[:-1])
