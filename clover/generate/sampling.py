@@ -81,11 +81,13 @@ def select_tokens(logits: torch.Tensor, params: SamplingParams,
         return logits.argmax(-1)
     probs, index = _candidates(logits, params)
     flat = probs.reshape(-1, probs.shape[-1])
-    # inverse-CDF draw (torch.multinomial costs ~0.25 ms per row on a CPU): u in (0, total], token i drawn when
-    # cdf[i-1] < u <= cdf[i], so a token of probability 0 (an empty interval) is never drawn
+    # inverse-CDF draw (torch.multinomial costs ~0.25 ms per row on a CPU): u in [0, total), token i drawn when
+    # cdf[i-1] <= u < cdf[i], so a token of probability 0 (an empty interval) is never drawn
     cdf = flat.cumsum(-1)
-    u = (1 - torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=cdf.dtype)) * cdf[:, -1:]
-    draw = torch.searchsorted(cdf, u).clamp_(max=flat.shape[-1] - 1)
+    total = cdf[:, -1:]
+    u = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=cdf.dtype) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # rounding could give u == total
+    draw = torch.searchsorted(cdf, u, right=True)
     if index is not None:
         draw = index.reshape(flat.shape).gather(1, draw)
     return draw.view(probs.shape[:-1])
