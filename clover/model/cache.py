@@ -68,7 +68,6 @@ class RaggedKVCache:
         self.capacity = capacity
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.bounds = np.zeros(batch, dtype=np.int64)
-        self.split_attention = True  # see :meth:`decode_split`
         self._pass: dict | None = None
 
     @property
@@ -130,7 +129,7 @@ class RaggedKVCache:
             seen = local.gather(2, rel.clamp(0, t - 1).expand(r, t, span))
             mask = (rel < 0) | (seen & (rel < t))
         split = None
-        if t == 1 and tree_mask is None and self.split_attention and host_new is not None:
+        if t == 1 and tree_mask is None and host_new is not None:
             split = _split_plan(bounds, span, dev)
         self._pass = {"rows": rs, "slots": slots, "span": span, "bounds": bounds, "new": dev_new, "t": t,
                       "index": torch.arange(r, device=dev)[:, None], "split": split}
