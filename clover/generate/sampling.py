@@ -49,13 +49,12 @@ def _candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Ten
         return probs, None
     vocab = probs.shape[-1]
     k = min(NUCLEUS_CANDIDATES, vocab)
-    if k < vocab and probs.device.type == "cpu":  # on a GPU sorting is cheap and this check would be a device sync
+    sort_all = k == vocab or probs.device.type != "cpu"  # on a GPU sorting is cheap and the check a device sync
+    if not sort_all:
         ranked, index = probs.topk(k, dim=-1)  # descending
         total = ranked.cumsum(-1)
-        if not bool((total[..., -1] >= params.top_p).all()):  # some nucleus is wider than the candidates
-            ranked, index = probs.sort(dim=-1, descending=True)
-            total = ranked.cumsum(-1)
-    else:
+        sort_all = not bool((total[..., -1] >= params.top_p).all())  # some nucleus is wider than the candidates
+    if sort_all:
         ranked, index = probs.sort(dim=-1, descending=True)
         total = ranked.cumsum(-1)
     before = total - ranked  # mass of strictly higher-ranked tokens
