@@ -27,20 +27,20 @@ from clover.args import CloverArgumentParser, add_base_model, add_questions, add
 from clover.errors import CloverError, run_cli
 from clover.model.registry import DRAFTS
 
-# Per size: conversations, max_len (training sequence length), batch size, epochs, max_steps, questions,
-# max_new_token, and for regenerated data the longest prompt a reply is written for (a conversation ends at its first
-# longer prompt) and the reply cap, which together fill max_len. Both drafts propose from the 8,192 most frequent
+# Per size: conversations (regenerated), max_len (training sequence length), batch size, epochs, max_steps,
+# questions, max_new_token; for regenerated data the longest prompt a reply is written for (a conversation ends at its
+# first longer prompt) and the reply cap, which together fill max_len; the conversations taken with ShareGPT's own
+# replies instead (--data sharegpt). Both drafts propose from the 8,192 most frequent
 # reply tokens (--draft-vocab-size), with which Clover-2's five vocabulary-sized heads train 3.4x faster on SmolLM2
 # (49,152 tokens, hidden size 576; see the README). The full size regenerates 256 conversations (5 of the 16 minutes
 # the main job took on 2 CPU cores; ~77k tokens kept) and trains each draft for one epoch; with ShareGPT's replies it
 # takes 440 conversations (~190k tokens), the size it had before regeneration was the default.
 SIZES = {
     "fast": dict(conversations=32, max_len=256, bs=4, epochs=1, max_steps=None, question_end=6, max_new_token=32,
-                 regen_prompt_len=192, regen_new_tokens=64),
+                 regen_prompt_len=192, regen_new_tokens=64, sharegpt_conversations=32),
     "full": dict(conversations=256, max_len=512, bs=4, epochs=1, max_steps=None, question_end=None,
-                 max_new_token=64, regen_prompt_len=384, regen_new_tokens=128),
+                 max_new_token=64, regen_prompt_len=384, regen_new_tokens=128, sharegpt_conversations=440),
 }
-SHAREGPT_CONVERSATIONS = {"fast": 32, "full": 440}
 DATA_SOURCES = ("regenerated", "sharegpt")
 DRAFT_VOCAB_SIZE = 8192
 
@@ -67,7 +67,7 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
                   "--max-new-tokens", str(s["regen_new_tokens"]), "--batch-size", "32", "--shard-size", "32"])
         text = ["--dataset", str(regen / "regenerated.jsonl")]  # every regenerated conversation
     else:
-        text = ["--start", "0", "--end", str(SHAREGPT_CONVERSATIONS[size])]
+        text = ["--start", "0", "--end", str(s["sharegpt_conversations"])]
     run(py + ["clover.ge_data.allocation", "--base-model", model, "--data-dir", str(data), *text,
               "--max-len", str(s["max_len"]), "--shard-size", "32"])
     common = ["--base-model", model, "--data-dir", str(data), "--bs", str(s["bs"]), "--max-len", str(s["max_len"]),

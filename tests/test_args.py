@@ -338,7 +338,7 @@ def test_pipeline_stage_commands_parse_with_the_stages_parsers(parse, monkeypatc
         assert alloc.dataset == str(Path(regen.outdir) / "regenerated.jsonl") and alloc.end is None
         assert regen.max_len + regen.max_new_tokens <= alloc.max_len  # a regenerated conversation fits a sequence
     else:
-        assert alloc.dataset is None and alloc.end == pipeline.SHAREGPT_CONVERSATIONS["fast"]
+        assert alloc.dataset is None and alloc.end == pipeline.SIZES["fast"]["sharegpt_conversations"]
     for cmd in commands[len(first):-1]:
         assert parse(cmd[2], cmd[3:])[1].data_dir == str(tmp_path / "data")
     for cmd in commands[len(first) + 1:-1]:
