@@ -74,7 +74,8 @@ def batched_run(args, convs, batch_size: int) -> dict:
         stats = regenerate.run_worker(job)
         records = [json.loads(line) for line in regenerate.shard_path(tmp, 0).read_text().splitlines()]
     replies = {r["id"]: [t["value"] for t in r["conversations"] if t["from"] == "gpt"] for r in records}
-    return {"mode": "batched", "batch_size": batch_size, "tokens": stats["tokens"], "seconds": stats["seconds"],
+    return {"mode": "batched", "batch_size": batch_size, "conversations": len(convs), "tokens": stats["tokens"],
+            "seconds": stats["seconds"],
             "steps": stats["steps"], "prefill_tokens": stats["prefill_tokens"],
             "reused_tokens": stats["reused_tokens"], "replies": sum(map(len, replies.values())), "_replies": replies}
 
@@ -102,7 +103,8 @@ def plain_run(args, convs) -> dict:
             out.append(reply)
         if out:
             replies[conv.id] = out
-    return {"mode": "plain", "batch_size": 1, "tokens": tokens, "seconds": time.perf_counter() - start,
+    return {"mode": "plain", "batch_size": 1, "conversations": len(convs), "tokens": tokens,
+            "seconds": time.perf_counter() - start,
             "replies": sum(map(len, replies.values())), "_replies": replies}
 
 
@@ -116,11 +118,7 @@ def main(argv=None) -> None:
                                                       start=args.start, end=args.start + args.conversations, seed=42))
     plain_convs = convs[:args.plain_conversations] if args.plain_conversations else convs
     runs = [] if args.no_plain else [plain_run(args, plain_convs)]
-    if runs:
-        runs[0]["conversations"] = len(plain_convs)
     runs += [batched_run(args, convs, b) for b in args.batch_sizes]
-    for run in runs[len(runs) - len(args.batch_sizes):]:
-        run["conversations"] = len(convs)
     plain = runs[0] if not args.no_plain else None
     for run in runs:
         run["tokens_per_s"] = run["tokens"] / run["seconds"] if run["seconds"] else 0.0
