@@ -10,7 +10,7 @@ plain run's replies are compared with the batched ones (they should match: greed
 and a table, and writes figs/bench_regenerate.json.
 
     python scripts/bench/regenerate.py [--conversations 32] [--max-new-tokens 256] [--batch-sizes 1,8,32]
-    python scripts/bench/regenerate.py --conversations 128 --plain-conversations 32 --max-new-tokens 96 \
+    python scripts/bench/regenerate.py --conversations 128 --plain-conversations 32 --max-new-tokens 96 \\
         --batch-sizes 8,32   # the README's table
     python scripts/bench/regenerate.py --conversations 3 --max-new-tokens 4 --batch-sizes 1,2   # smoke run
 """
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--template", default="auto", help="chat template (default auto)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-plain", action="store_true", help="skip the batch-1 plain decoding baseline")
-    add_option(p, "--plain-conversations", "--plain_conversations", type=positive_int, default=None,
+    add_option(p, "--plain-conversations", "--plain_conversations", type=positive_int, default=None, metavar="N",
                help="run the plain baseline on the first N conversations only (default: all; it is the slow one: "
                     "its tokens/s is a rate, but say so when you quote it)")
     p.add_argument("--out", default=str(ROOT / "figs" / "bench_regenerate.json"), help="JSON results file")
