@@ -232,14 +232,17 @@ def add_tree(p: argparse.ArgumentParser, default_tree: str = "mc_sim_7b_63", def
 
 
 def add_runtime(p: argparse.ArgumentParser, dtype: str = "auto", max_len: int | None = 4096) -> None:
-    """``--dtype`` (auto, fp32, bf16, fp16), ``--device`` (default cuda when available, else cpu) and, unless
-    ``max_len`` is None, ``--max-len`` (dest ``max_len``, > 0: the KV-cache capacity)."""
+    """``--dtype`` (auto, fp32, bf16, fp16), ``--device`` (default cuda when available, else cpu), ``--compile``
+    and, unless ``max_len`` is None, ``--max-len`` (dest ``max_len``, > 0: the KV-cache capacity)."""
     import torch
 
     p.add_argument("--dtype", type=runtime_dtype, default=dtype, metavar="DTYPE",
                    help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (default %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:i] (default %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding forwards (one token, a tree's verification) with torch.compile: "
+                        "faster steps on a CPU after a few minutes of compiling at load; needs a C++ compiler")
     if max_len is not None:
         add_option(p, "--max-len", "--max_len", type=positive_int, default=max_len, metavar="N",
                    help="KV-cache capacity in tokens: the context window, prompt + answer (default %(default)s)")

@@ -43,7 +43,8 @@ def load_generator(args):
     template = get_template(tokenizer, args.template, system_prompt=args.system)
     tree = _parse_tree(args.tree) if args.draft and args.tree.lstrip().startswith("[") else args.tree
     decoding = load_decoding(args.base_model, args.draft, tree=tree, budget=args.tree_budget, dtype=args.dtype,
-                             device=args.device, max_len=args.max_len)  # tree_budget: checked by the parser
+                             device=args.device, max_len=args.max_len,
+                             compile=args.compile)  # tree_budget: checked by the parser
     params = SamplingParams(args.temperature, args.top_p, args.top_k)
 
     def stream(ids, generator):

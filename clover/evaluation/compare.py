@@ -50,7 +50,7 @@ def draft_checkpoints(drafts) -> dict[str, str]:
 def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=None, methods=None,
                    max_new_token=128, temperature=0.0, tree="mc_sim_7b_63", total_token="auto", dtype="auto",
                    device="cpu", figs="figs", question_begin=None, question_end=None, warmup=1, progress=True,
-                   per_group=None) -> dict:
+                   per_group=None, compile=False) -> dict:
     """Answer the questions with every method (``methods``; default: the peers and one method per checkpoint in
     ``drafts``), then write ``results.json``, ``table.md`` and the plots."""
     outdir = Path(outdir)
@@ -69,13 +69,13 @@ def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=No
                                          checkpoints.get(method), temperature=temperature, max_new_token=max_new_token,
                                          tree=tree, total_token=total_token, dtype=dtype, device=device,
                                          question_begin=question_begin, question_end=question_end, warmup=warmup,
-                                         progress=progress, per_group=per_group)
+                                         progress=progress, per_group=per_group, compile=compile)
     base = load_answers(files["baseline"])
     questions = {"file": str(question_file or "shipped"), "begin": question_begin, "end": question_end,
                  "per_group": per_group, "answered": len(base)}
     results = {"date": datetime.date.today().isoformat(), "base_model": str(base_model), "device": device,
                "dtype": dtype, "tree": tree, "total_token": total_token, "max_new_token": max_new_token,
-               "temperature": temperature, "questions": questions,
+               "temperature": temperature, "questions": questions, "compiled_plain_step": compile,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "methods": {}}
     for method in methods:
@@ -105,7 +105,8 @@ def markdown_table(results: dict) -> str:
     lines.append(f"speedup = total tokens / total time relative to clover plain decoding on the same questions; "
                  f"τ = tokens per decoding step, bonus token included. {results['date']}, {results['base_model']}, "
                  f"{results['device']} ({results['machine']}), dtype {results['dtype']}, tree {results['tree']}, "
-                 f"max {results['max_new_token']} new tokens, temperature {results['temperature']}.")
+                 f"max {results['max_new_token']} new tokens, temperature {results['temperature']}"
+                 f"{', plain decoding step compiled' if results.get('compiled_plain_step') else ''}.")
     return "\n".join(lines)
 
 
@@ -163,7 +164,7 @@ def main(argv=None):
     methods = a.methods.split(",") if a.methods else None
     results = run_comparison(a.outdir, a.base_model, a.drafts, a.question_file, methods, a.max_new_tokens,
                              a.temperature, a.tree, a.tree_budget, a.dtype, a.device, a.figs, a.question_begin,
-                             a.question_end, per_group=a.per_group)
+                             a.question_end, per_group=a.per_group, compile=a.compile)
     print(markdown_table(results))
 
 

@@ -34,7 +34,8 @@ class Decoder:
     """``decode(ids, seed) -> (tokens, accept_lengths)`` for one method, all methods on the same footing."""
 
     def __init__(self, method: str, base_model: str, draft: str | None, dtype: str, device: str, max_len: int,
-                 tree, budget, temperature: float, top_p: float, top_k: int, max_new_tokens: int, stop_ids):
+                 tree, budget, temperature: float, top_p: float, top_k: int, max_new_tokens: int, stop_ids,
+                 compile: bool = False):
         from clover.generate.sampling import SamplingParams
 
         self.method, self.device, self.max_new_tokens, self.stop_ids = method, device, max_new_tokens, list(stop_ids)
@@ -47,7 +48,7 @@ class Decoder:
 
             self.decoding = load_decoding(base_model, draft if drafted else None,
                                           draft_type=drafted and drafted.draft_type, tree=tree, budget=budget,
-                                          dtype=dtype, device=device, max_len=max_len)
+                                          dtype=dtype, device=device, max_len=max_len, compile=compile)
         elif method in PEERS:
             from transformers import AutoModelForCausalLM
 
@@ -130,7 +131,7 @@ def generate_answers(method: str, base_model_path: str, answer_file, question_fi
                      max_new_token: int = 256, num_choices: int = 1, tree="mc_sim_7b_63", total_token="auto",
                      question_begin=None, question_end=None, dtype="auto", device="cpu", max_len: int = 4096,
                      template_name: str = "auto", seed: int = 0, warmup: int = 1, progress: bool = True,
-                     per_group: int | None = None) -> Path:
+                     per_group: int | None = None, compile: bool = False) -> Path:
     from clover.data.templates import get_template
     from clover.model.loading import load_tokenizer
 
@@ -147,7 +148,7 @@ def generate_answers(method: str, base_model_path: str, answer_file, question_fi
         print(f"{answer_file}: all {len(questions)} questions already answered")
         return answer_file
     decoder = Decoder(method, base_model_path, draft_model_path, dtype, device, max_len, tree, total_token,
-                      temperature, top_p, top_k, max_new_token, template.stop_token_ids)
+                      temperature, top_p, top_k, max_new_token, template.stop_token_ids, compile)
     for _ in range(warmup):  # warm-up: first question, untimed, discarded
         answer_question(decoder, template, tokenizer, questions[0], 0, seed)
     header = dict(model_id=model_id, base_model=str(base_model_path), method=method)
@@ -191,7 +192,7 @@ def main(argv=None) -> None:
     path = generate_answers(a.method, a.base_model, a.answer_file, a.question_file, a.draft,
                             a.model_id, a.temperature, a.top_p, a.top_k, a.max_new_tokens, a.num_choices, a.tree,
                             a.tree_budget, a.question_begin, a.question_end, a.dtype, a.device, a.max_len, a.template,
-                            a.seed, a.warmup, per_group=a.per_group)
+                            a.seed, a.warmup, per_group=a.per_group, compile=a.compile)
     print(f"wrote {path}")
 
 

@@ -43,7 +43,7 @@ def verification_cost(base: BaseModel, max_size: int = 64) -> torch.Tensor:
     """``cost[s]`` = seconds to verify ``s`` tokens, for s = 0..max_size (index 0 unused), linearly interpolated
     from the measured curve; the curve is cached under ``$CLOVER_CACHE/cost_curves``."""
     key = (f"{getattr(base, 'folder', base.name_or_path)}|{base.dtype}|{base.device}|{torch.get_num_threads()}|"
-           f"v{RUNTIME_VERSION}")
+           f"v{RUNTIME_VERSION}{'|compiled' if base.compiled_decode is not None else ''}")
     path = cache_dir() / "cost_curves" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     curve = None
     if path.is_file():

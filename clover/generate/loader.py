@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -54,17 +55,25 @@ class Decoding:
 
 def load_decoding(base_model, draft=None, *, draft_type: str | None = None, tree="mc_sim_7b_63",
                   budget: int | str | None = "auto", dtype="auto", device="cpu",
-                  max_len: int | None = None) -> Decoding:
+                  max_len: int | None = None, compile: bool = False) -> Decoding:
     """Plain decoding of ``base_model`` (a built-in name, .gguf file or HF folder) when ``draft`` is empty, else
     speculative decoding with the draft checkpoint folder ``draft`` and ``tree`` (a fixed tree name, ``"dynamic"`` or
     a list of node paths) with node ``budget`` (a number or ``"auto"``; dynamic tree only). ``draft_type`` (a
-    registered draft type name, e.g. ``"clover2"``) makes a checkpoint of another type an error."""
+    registered draft type name, e.g. ``"clover2"``) makes a checkpoint of another type an error. ``compile``
+    compiles the base model's decoding forwards now (:meth:`BaseModel.compile_decode`: one token, and a tree's
+    verification)."""
     if draft_type is not None:
         draft_class(draft_type)  # an unknown name is an error even for plain decoding
+    if compile:
+        print("compiling the decoding forwards (torch.compile; a few minutes on 2 CPU cores) ...", file=sys.stderr,
+              flush=True)
     if not draft:
-        return Decoding(BaseModel.from_pretrained(base_model, dtype=dtype, device=device, max_len=max_len))
+        base = BaseModel.from_pretrained(base_model, dtype=dtype, device=device, max_len=max_len)
+        if compile:
+            base.compile_decode()
+        return Decoding(base)
     from clover.generate.speculative import SpeculativeModel
 
     model = SpeculativeModel.from_pretrained(base_model, draft, dtype=dtype, device=device, max_len=max_len,
-                                             tree=tree, budget=budget, expected_type=draft_type)
+                                             tree=tree, budget=budget, expected_type=draft_type, compile=compile)
     return Decoding(model.base, model)

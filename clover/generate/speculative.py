@@ -54,13 +54,18 @@ class SpeculativeModel:
 
     @classmethod
     def from_pretrained(cls, base_model_path, draft_model_path, dtype="auto", device="cpu",
-                        max_len: int | None = None, expected_type=None, **kwargs) -> "SpeculativeModel":
+                        max_len: int | None = None, expected_type=None, compile: bool = False,
+                        **kwargs) -> "SpeculativeModel":
         """Load the base model and the draft checkpoint ``draft_model_path`` (of this class's draft, or of
-        ``expected_type``: a draft class or type name) and bundle them (``kwargs``: tree, budget ...)."""
+        ``expected_type``: a draft class or type name) and bundle them (``kwargs``: tree, budget ...). ``compile``
+        compiles the base's decoding forwards first (:meth:`BaseModel.compile_decode`), so that the ``auto``
+        budget is measured on the compiled forwards."""
         from clover.model.checkpoint import load_draft
         from clover.model.loading import load_tokenizer
 
         base = BaseModel.from_pretrained(base_model_path, dtype=dtype, device=device, max_len=max_len)
+        if compile:
+            base.compile_decode()
         draft = load_draft(draft_model_path, base, expected_type=expected_type or cls.draft_class)
         draft.allocate_cache(base.max_len)
         return cls(base, draft, tokenizer=load_tokenizer(base_model_path), **kwargs)

@@ -67,6 +67,7 @@ class BaseModel(nn.Module):
         self.logits_head = PrepackedLinear()  # the LM head product at inference (forward runs without autograd)
         self.cache: KVCache | None = None
         self.name_or_path = ""
+        self.compiled_decode = None  # see compile_decode
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -136,6 +137,16 @@ class BaseModel(nn.Module):
         past = cache.length if cache is not None else 0
         if cache is not None and past + t > cache.capacity:
             raise CloverError(f"sequence of {past + t} tokens exceeds the context window of {cache.capacity}")
+        if (self.compiled_decode is not None and b == 1 and past > 0 and cache is not None
+                and (t >= 2 and tree_mask is not None or t == 1 and tree_mask is None and position_ids is None)):
+            mask = None if tree_mask is None else additive_mask(attention_mask(past, tree_mask, t, input_ids.device),
+                                                                self.dtype)
+            positions = None if position_ids is None else position_ids.reshape(t)
+            prenorm, hidden, logits = self.compiled_decode(input_ids, past, positions, mask)
+            cache.length = past + t
+            if logits_to_keep is not None:
+                logits = logits[:, -logits_to_keep:] if logits_to_keep > 0 else None
+            return BaseOutput(logits=logits, hidden_prenorm=prenorm, hidden=hidden)
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device)
         cos, sin = self.rotary(position_ids, self.dtype)
@@ -164,6 +175,23 @@ class BaseModel(nn.Module):
         else:
             logits = None
         return BaseOutput(logits=logits, hidden_prenorm=prenorm, hidden=hidden)
+
+    def compile_decode(self) -> None:
+        """Compile the decoding forwards after a non-empty cache with ``torch.compile`` (see
+        :mod:`clover.model.compiled`), now: one token without a tree mask (plain decoding's step) and a tree of two
+        or more tokens with its mask (speculative verification), 1-2 minutes each for SmolLM2 on 2 CPU cores (a C++
+        compiler is needed), after one eager forward that prepacks every weight the graphs use. The cache is left
+        empty. For inference only: the graphs assume the weights no longer change."""
+        from clover.model.compiled import CompiledDecode
+
+        self.compiled_decode = CompiledDecode(self)
+        zeros = torch.zeros(1, 3, dtype=torch.long, device=self.device)
+        self.reset()
+        self(zeros[:, :2])  # eager, every position's logits: packs the weights, the LM head's too
+        self(zeros[:, :1], logits_to_keep=0)
+        self(zeros[:, :2], position_ids=torch.tensor([3, 4], device=self.device),
+             tree_mask=torch.ones(2, 2, dtype=torch.bool, device=self.device).tril())
+        self.reset()
 
     # ---- batched decoding ---------------------------------------------------------------------------------------
     def batch_cache(self, batch: int, max_len: int) -> RaggedKVCache:

@@ -175,6 +175,11 @@ class PrepackedLinear:
         self._key, self._packed = None, None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self._packed is not None and x.numel() != x.shape[-1]:
+            # inside a compiled graph (clover.model.compiled): the weight packed by an earlier eager call, which
+            # the graph assumes unchanged (the version check below cannot be traced)
+            out = torch.ops.clover.packed_linear(x, self._packed)
+            return out if bias is None else out + bias
         if (x.numel() == x.shape[-1] or weight.device.type != "cpu" or weight.dtype != torch.float32
                 or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
@@ -184,6 +189,17 @@ class PrepackedLinear:
             self._key, self._packed = key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
         out = torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
         return out if bias is None else out + bias
+
+
+@torch.library.custom_op("clover::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` with ``W`` prepacked by :class:`PrepackedLinear`: an opaque op to a compiled graph."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, packed):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 class Linear(nn.Linear):

@@ -47,7 +47,8 @@ def main(argv=None) -> None:
     log = logging.getLogger("clover.serve")
     log.info("loading %s%s", args.base_model, f" with draft {args.draft}" if args.draft else "")
     engine = Engine.load(args.base_model, args.draft, tree=args.tree, tree_budget=args.tree_budget, dtype=args.dtype,
-                         device=args.device, max_len=args.max_len, template=args.template, system=args.system)
+                         device=args.device, max_len=args.max_len, template=args.template, system=args.system,
+                         compile=args.compile)
     name = args.served_model_name or args.base_model
     log.info("serving %r (%s) on http://%s:%d/v1%s", name, engine.description, args.host, args.port,
              ", API key required" if args.api_key else "")

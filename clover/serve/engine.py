@@ -104,7 +104,7 @@ class Engine:
     @classmethod
     def load(cls, base_model: str, draft: str | None = None, tree: str = "dynamic", tree_budget: str = "auto",
              dtype: str = "auto", device: str = "cpu", max_len: int = 4096, template: str = "auto",
-             system: str | None = None) -> "Engine":
+             system: str | None = None, compile: bool = False) -> "Engine":
         """Load the base model (and draft) the way ``python -m clover.cli`` does."""
         from clover.cli import _parse_tree
         from clover.data.templates import get_template
@@ -117,7 +117,7 @@ class Engine:
         tree_arg = _parse_tree(tree) if draft and tree.lstrip().startswith("[") else tree
         budget = tree_budget if not draft or tree_budget == "auto" else _budget(tree_budget)
         decoding = load_decoding(base_model, draft, tree=tree_arg, budget=budget, dtype=dtype, device=device,
-                                 max_len=max_len)
+                                 max_len=max_len, compile=compile)
         base = decoding.base
 
         def stream(job: Job, generator):

@@ -6,7 +6,8 @@ decoding. Writes figs/bench_speculative.json and prints a table.
 
 ``--breakdown`` instead profiles the steps of each draft with the dynamic ``auto`` tree in fp32 (``step_profile.py``:
 base forward, draft calls and their matmul share, tree building, verification, commit, the rest, host syncs) on the
-first ``--breakdown-prompts`` shipped questions, and writes figs/bench_step_breakdown.json.
+first ``--breakdown-prompts`` shipped questions, and writes figs/bench_step_breakdown.json. ``--compile`` runs
+every method of the project on the compiled decoding forwards (``BaseModel.compile_decode``; compiled per method).
 
     python scripts/bench/speculative.py --clover-draft runs/pipeline/full/ckpt/clover2/final \\
         --eagle-draft runs/pipeline/full/ckpt/eagle/final [--question-file Q --per-group 2] [--runs 3]
@@ -60,6 +61,8 @@ def main():
                    "--breakdown figs/bench_step_breakdown.json)")
     p.add_argument("--breakdown", action="store_true", help="profile the speculative steps instead (see above)")
     p.add_argument("--breakdown-prompts", type=positive_int, default=6, help="questions profiled (default 6)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the base model's decoding forwards first (BaseModel.compile_decode), every method")
     args = p.parse_args()
     print(f"CPU: {cpu_model()} ({platform.machine()}), flags {' '.join(cpu_flags()) or '-'}; "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", flush=True)
@@ -71,7 +74,7 @@ def main():
                f"{torch.get_num_threads()} threads, torch {torch.__version__}", "max_new_token": args.max_new_tokens,
                "question_file": args.question_file or "shipped", "question_begin": args.question_begin,
                "question_end": args.question_end,
-               "per_group": args.per_group, "runs": args.runs,
+               "per_group": args.per_group, "runs": args.runs, "compiled": args.compile,
                "dtypes": {}}
     work = Path(tempfile.mkdtemp(prefix="clover-bench-"))
     for dtype in args.dtypes.split(","):
@@ -82,7 +85,7 @@ def main():
                 generate_answers(method, args.base_model, f, args.question_file, draft,
                                  max_new_token=args.max_new_tokens, tree=tree, total_token=budget, dtype=dtype,
                                  question_begin=args.question_begin, question_end=args.question_end,
-                                 per_group=args.per_group, progress=False)
+                                 per_group=args.per_group, progress=False, compile=args.compile)
                 answers = load_answers(f)
                 tokens = sum(sum(c["new_tokens"]) for a in answers for c in a["choices"])
                 seconds = sum(sum(c["wall_time"]) for a in answers for c in a["choices"])
@@ -124,12 +127,12 @@ def breakdown(args):
     out = Path(args.out or "figs/bench_step_breakdown.json")
     results = {"model": args.base_model, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32",
-               "tree": "dynamic auto", "max_new_tokens": args.max_new_tokens, "drafts": {}}
+               "tree": "dynamic auto", "max_new_tokens": args.max_new_tokens, "compiled": args.compile, "drafts": {}}
     for label, draft in (("EAGLE-1", args.eagle_draft), ("Clover-2", args.clover_draft)):
         if not draft:
             continue
         model = SpeculativeModel.from_pretrained(args.base_model, draft, dtype="fp32", max_len=2048,
-                                                 tree="dynamic", budget="auto")
+                                                 tree="dynamic", budget="auto", compile=args.compile)
         template = get_template(model.tokenizer)
         questions = load_questions(args.question_file or default_question_file())[:args.breakdown_prompts]
         prompts = [template.encode_prompt([{"role": "user", "content": q["turns"][0]}]) for q in questions]

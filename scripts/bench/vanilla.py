@@ -1,10 +1,12 @@
 """Benchmark: the project's plain greedy decoding vs transformers' generate on SmolLM2 (same prompts, same run,
 same dtype), and the verification cost curve (one forward of 1..64 tokens over a 300-token cache) next to a bare
 chain of the model's matmuls (with the runtime's kernels, and with torch's default kernels), timed in turn round
-after round; the ratio is the median of the per-round ratios forward / bare. Prints the CPU, a table, and writes
-figs/bench_vanilla.json.
+after round; the ratio is the median of the per-round ratios forward / bare. With --compile (fp32) the same for
+the compiled decoding forwards (BaseModel.compile_decode): their compile time, plain decoding with them, and the
+forwards next to the bare chain. Prints the CPU, a table, and writes figs/bench_vanilla.json.
 
     python scripts/bench/vanilla.py [--base-model smollm2-135m-instruct] [--prompts 5] [--new-tokens 64] [--runs 3]
+        [--compile]
 """
 from __future__ import annotations
 
@@ -42,13 +44,22 @@ def median_time(fn, runs):
     return statistics.median(times)
 
 
-def decode_speed(base, hf, prompts, new_tokens, runs, stop):
-    ours, theirs = [], []
+def decode_speed(base, hf, prompts, new_tokens, runs, stop, compiled=None):
+    """Median tokens/s over ``prompts``: the project's plain decoding (eager), with the ``compiled`` step (when
+    given: a :class:`CompiledDecode` of ``base``; else None) and transformers' generate, prompt after prompt."""
+    ours, ours_compiled, theirs = [], [], []
     for ids in prompts:
+        base.compiled_decode = None
         result = generate_plain(base, ids, max_new_tokens=new_tokens, stop_token_ids=())
         n = result.new_tokens
         ours.append(n / median_time(lambda: generate_plain(base, ids, max_new_tokens=new_tokens,
                                                            stop_token_ids=()), runs))
+        if compiled is not None:
+            base.compiled_decode = compiled
+            assert generate_plain(base, ids, max_new_tokens=new_tokens, stop_token_ids=()).tokens == result.tokens
+            ours_compiled.append(n / median_time(lambda: generate_plain(base, ids, max_new_tokens=new_tokens,
+                                                                        stop_token_ids=()), runs))
+            base.compiled_decode = None
         inp = torch.tensor([ids])
 
         def hf_run():
@@ -57,15 +68,17 @@ def decode_speed(base, hf, prompts, new_tokens, runs, stop):
                                   pad_token_id=stop)
             assert out.shape[1] - inp.shape[1] == n
         theirs.append(n / median_time(hf_run, runs))
-    return statistics.median(ours), statistics.median(theirs)
+    return (statistics.median(ours), statistics.median(ours_compiled) if ours_compiled else None,
+            statistics.median(theirs))
 
 
-def forward_vs_bare(base, rounds, prefix=300):
+def forward_vs_bare(base, rounds, prefix=300, compiled=None):
     """For 1..64 tokens over a ``prefix``-token cache: one tree-masked forward, and the same matmuls with nothing
     else (all layers + LM head, the fused projections as the runtime runs them) with the runtime's kernels
     (:class:`PrepackedLinear`, plain ``F.linear`` for one row) and with torch's default ``F.linear`` everywhere.
     The three are timed in turn, round after round (the machine's drift hits them alike); returns the medians (ms)
-    and the median of the per-round ratios forward / bare."""
+    and the median of the per-round ratios forward / bare. With ``compiled`` (a :class:`CompiledDecode` of
+    ``base``), its forwards (one token without a tree mask, more with one) are timed in the same rounds."""
     ids = torch.randint(0, base.args.vocab_size, (1, prefix + max(SIZES)))
     base.reset()
     base(ids[:, :prefix], logits_to_keep=0)
@@ -74,13 +87,21 @@ def forward_vs_bare(base, rounds, prefix=300):
         weights.append(base.lm_head.weight)
     runtime = [PrepackedLinear() for _ in weights]
     curves = {"forward_ms": {}, "bare_matmul_ms": {}, "bare_matmul_default_kernels_ms": {}, "ratio": {}}
+    if compiled is not None:
+        curves.update(forward_compiled_ms={}, ratio_compiled={})
     for s in SIZES:
         mask = torch.ones(s, s, dtype=torch.bool).tril()
         xs = {w.shape[1]: torch.randn(1, s, w.shape[1], dtype=base.dtype) for w in weights}
 
         def forward():
             base.truncate(prefix)
-            base(ids[:, prefix:prefix + s], tree_mask=mask)
+            base(ids[:, prefix:prefix + s], tree_mask=mask)  # with a tree mask: never the compiled step
+
+        def forward_compiled():  # one token: plain decoding's step; more: a tree's verification
+            base.compiled_decode = compiled
+            base.truncate(prefix)
+            base(ids[:, prefix:prefix + s], tree_mask=mask if s > 1 else None)
+            base.compiled_decode = None
 
         @torch.inference_mode()
         def bare():
@@ -92,6 +113,8 @@ def forward_vs_bare(base, rounds, prefix=300):
             for w in weights:
                 F.linear(xs[w.shape[1]], w)
         times = {forward: [], bare: [], default: []}
+        if compiled is not None:
+            times[forward_compiled] = []
         for fn in times:
             fn()  # warm-up (and the runtime's weight packing)
         for _ in range(rounds):
@@ -103,6 +126,10 @@ def forward_vs_bare(base, rounds, prefix=300):
         curves["bare_matmul_ms"][s] = statistics.median(times[bare]) * 1000
         curves["bare_matmul_default_kernels_ms"][s] = statistics.median(times[default]) * 1000
         curves["ratio"][s] = statistics.median(f / b for f, b in zip(times[forward], times[bare]))
+        if forward_compiled in times:
+            curves["forward_compiled_ms"][s] = statistics.median(times[forward_compiled]) * 1000
+            curves["ratio_compiled"][s] = statistics.median(f / b for f, b in zip(times[forward_compiled],
+                                                                                  times[bare]))
     return curves
 
 
@@ -113,6 +140,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     parser.add_argument("--runs", type=int, default=3, help="repetitions (median)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure the compiled decoding forwards (fp32 only)")
     parser.add_argument("--out", default="figs/bench_vanilla.json", help="results JSON")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
@@ -131,18 +160,32 @@ def main():
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
         base = BaseModel.from_pretrained(args.base_model, dtype=dtype_name, max_len=1024)
         hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.base_model), dtype=dtype).eval()
-        ours, theirs = decode_speed(base, hf, prompts, args.new_tokens, args.runs, template.stop_token_ids[0])
-        curves = forward_vs_bare(base, args.runs * 5)
+        compiled, compile_s = None, None
+        if args.compile and dtype == torch.float32:
+            t = time.perf_counter()
+            base.compile_decode()
+            compile_s, compiled, base.compiled_decode = time.perf_counter() - t, base.compiled_decode, None
+        ours, ours_compiled, theirs = decode_speed(base, hf, prompts, args.new_tokens, args.runs,
+                                                   template.stop_token_ids[0], compiled)
+        curves = forward_vs_bare(base, args.runs * 5, compiled=compiled)
         curve, bare, default = (curves[k] for k in ("forward_ms", "bare_matmul_ms", "bare_matmul_default_kernels_ms"))
         results["dtypes"][dtype_name] = {"clover_tokens_per_s": ours, "transformers_tokens_per_s": theirs,
                                          "speedup": ours / theirs, **curves}
         print(f"\n{dtype_name}: clover plain greedy {ours:.1f} tok/s, transformers generate {theirs:.1f} tok/s "
               f"-> {ours / theirs:.2f}x (median over {len(prompts)} prompts x {args.runs} runs, "
               f"{args.new_tokens} new tokens)")
+        if compiled is not None:
+            results["dtypes"][dtype_name].update(compile_s=compile_s, clover_compiled_tokens_per_s=ours_compiled,
+                                                 speedup_compiled=ours_compiled / theirs)
+            print(f"compiled forwards (compiled in {compile_s:.0f} s): clover plain greedy {ours_compiled:.1f} tok/s "
+                  f"-> {ours_compiled / theirs:.2f}x transformers generate")
         print("tokens  forward over 300-token cache (ms)  bare matmuls, runtime kernels (ms)  ratio  "
-              "bare, torch default kernels (ms)")
+              "bare, torch default kernels (ms)" + ("  compiled forward (ms)  ratio" if compiled else ""))
         for s in SIZES:
-            print(f"{s:6d}  {curve[s]:33.1f}  {bare[s]:34.1f}  {curves['ratio'][s]:5.2f}  {default[s]:32.1f}")
+            extra = (f"  {curves['forward_compiled_ms'][s]:21.1f}  {curves['ratio_compiled'][s]:5.2f}"
+                     if compiled else "")
+            print(f"{s:6d}  {curve[s]:33.1f}  {bare[s]:34.1f}  {curves['ratio'][s]:5.2f}  {default[s]:32.1f}"
+                  + extra)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))  # after each dtype: a partial run keeps its numbers
     print(f"\nwrote {args.out}")

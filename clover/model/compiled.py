@@ -1,0 +1,89 @@
+"""Optional compiled decoding forwards for :class:`clover.model.base.BaseModel` (``torch.compile``, inductor).
+
+Decoding runs one forward per step over few tokens, and in eager mode a third of that forward is not the weights'
+arithmetic but ~25 small ops per layer, each a Python call and a dispatch, with the weights streaming through the
+caches in between. Compiled, a forward becomes one graph: the norms, RoPE, SiLU and residual adds fuse into a few
+C++ loops around the matmuls, and the graph runs from C++ (inductor's ``cpp_wrapper``), with no Python between ops.
+
+Two graphs, each compiled once: the forward of one token without a tree mask (plain decoding's step), and the
+forward of a tree of two or more tokens with its mask (speculative verification). Both run after a non-empty batch-1
+cache; the cache's keys/values of each layer are graph inputs (views up to the last new slot, dynamic in that
+length, as is the number of tokens), and the new keys/values are written in place at their slots, so one graph
+serves every length with no recompilation and no copy of the cache. Every other forward (prompts, batches, autograd)
+stays eager. The matmuls use the runtime's kernels (:class:`~clover.model.layers.PrepackedLinear`: the weights
+prepacked for several rows, plain ``F.linear`` for one); the graphs assume the weights no longer change.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _LayerViews:
+    """Stands in for the cache inside a compiled graph: layer ``i``'s keys/values are the views ``ks[i]``,
+    ``vs[i]`` (slots ``0..slots[-1]``), and the new tokens' keys/values go to the slots ``slots``."""
+
+    def __init__(self, ks, vs, slots):
+        self.ks, self.vs, self.slots = ks, vs, slots
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        k_all, v_all = self.ks[layer], self.vs[layer]
+        k_all.index_copy_(2, self.slots, k)
+        v_all.index_copy_(2, self.slots, v)
+        return k_all, v_all
+
+
+def _forward(model: nn.Module, input_ids, cos, sin, mask, slots, ks, vs):
+    cache = _LayerViews(ks, vs, slots)
+    x = model.model.embed_tokens(input_ids)
+    for i, layer in enumerate(model.model.layers):
+        x = layer(x, cos, sin, mask, cache, i, 0)
+    hidden = model.model.norm(x)
+    return x, hidden, model.logits_head(hidden, model.lm_head.weight)
+
+
+def _token_forward(*args):  # two functions: torch.compile keeps its graphs per code object
+    return _forward(*args)
+
+
+def _tree_forward(*args):
+    return _forward(*args)
+
+
+class CompiledDecode:
+    """``model``'s decoding forwards compiled (each at its first call), reading and writing ``model.cache`` in
+    place. ``calls`` counts the forwards that ran compiled."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        options = {"cpp_wrapper": True}
+        self.token_step = torch.compile(_token_forward, fullgraph=True, dynamic=False, options=options)
+        self.tree_step = torch.compile(_tree_forward, fullgraph=True, dynamic=False, options=options)
+        self.compiled = set()
+        self.calls = 0
+
+    def __call__(self, input_ids: torch.Tensor, past: int, positions: torch.Tensor | None,
+                 mask: torch.Tensor | None):
+        """The forward of ``input_ids [1, T]`` after ``past`` cached tokens, at ``positions [T]`` (None: the slots)
+        with the additive mask ``mask [T, past + T]`` (None: one token that sees everything)."""
+        model, cache = self.model, self.model.cache
+        t = input_ids.shape[1]
+        input_ids = input_ids.reshape(t)[None]  # the same strides whatever view came in (the graphs guard on them)
+        end = past + t
+        slots = torch.arange(past, end, device=input_ids.device)
+        ks = [cache.k[i, :, :, :end] for i in range(cache.k.shape[0])]
+        vs = [cache.v[i, :, :, :end] for i in range(cache.v.shape[0])]
+        cos, sin = model.rotary(slots if positions is None else positions, model.dtype)
+        kind = "token" if mask is None else "tree"
+        if kind not in self.compiled:  # marking costs ~0.5 ms a tensor: only for the compilation
+            for view in ks + vs:
+                torch._dynamo.mark_dynamic(view, 2, min=2, max=cache.capacity)
+            if mask is not None:
+                for tensor, dims in ((input_ids, (1,)), (slots, (0,)), (cos, (1,)), (sin, (1,)), (mask, (0, 1))):
+                    for dim in dims:
+                        torch._dynamo.mark_dynamic(tensor, dim, min=2, max=cache.capacity)
+        step = self.token_step if mask is None else self.tree_step
+        out = step(model, input_ids, cos, sin, mask, slots, ks, vs)
+        self.compiled.add(kind)
+        self.calls += 1
+        return out
