@@ -75,13 +75,14 @@ class CompiledDecode:
         vs = [cache.v[i, :, :, :end] for i in range(cache.v.shape[0])]
         cos, sin = model.rotary(slots if positions is None else positions, model.dtype)
         kind = "token" if mask is None else "tree"
-        if kind not in self.compiled:  # marking costs ~0.5 ms a tensor: only for the compilation
+        if kind not in self.compiled:  # marking costs ~0.5 ms a tensor: only for the compilation. "maybe": a
+            # graph may still specialize a range (a recompile then, never an error)
             for view in ks + vs:
-                torch._dynamo.mark_dynamic(view, 2, min=2, max=cache.capacity)
+                torch._dynamo.maybe_mark_dynamic(view, 2)
             if mask is not None:
                 for tensor, dims in ((input_ids, (1,)), (slots, (0,)), (cos, (1,)), (sin, (1,)), (mask, (0, 1))):
                     for dim in dims:
-                        torch._dynamo.mark_dynamic(tensor, dim, min=2, max=cache.capacity)
+                        torch._dynamo.maybe_mark_dynamic(tensor, dim)
         step = self.token_step if mask is None else self.tree_step
         out = step(model, input_ids, cos, sin, mask, slots, ks, vs)
         self.compiled.add(kind)
