@@ -75,7 +75,7 @@ def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=No
                  "per_group": per_group, "answered": len(base)}
     results = {"date": datetime.date.today().isoformat(), "base_model": str(base_model), "device": device,
                "dtype": dtype, "tree": tree, "total_token": total_token, "max_new_token": max_new_token,
-               "temperature": temperature, "questions": questions, "compiled_plain_step": compile,
+               "temperature": temperature, "questions": questions, "compiled_forwards": compile,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "methods": {}}
     for method in methods:
@@ -106,7 +106,7 @@ def markdown_table(results: dict) -> str:
                  f"τ = tokens per decoding step, bonus token included. {results['date']}, {results['base_model']}, "
                  f"{results['device']} ({results['machine']}), dtype {results['dtype']}, tree {results['tree']}, "
                  f"max {results['max_new_token']} new tokens, temperature {results['temperature']}"
-                 f"{', plain decoding step compiled' if results.get('compiled_plain_step') else ''}.")
+                 f"{', compiled forwards' if results.get('compiled_forwards') else ''}.")
     return "\n".join(lines)
 
 
