@@ -137,10 +137,9 @@ class BaseModel(nn.Module):
         past = cache.length if cache is not None else 0
         if cache is not None and past + t > cache.capacity:
             raise CloverError(f"sequence of {past + t} tokens exceeds the context window of {cache.capacity}")
+        mask = additive_mask(attention_mask(past, tree_mask, t, input_ids.device), self.dtype)  # None: 1 token, no tree
         if (self.compiled_decode is not None and b == 1 and past > 0 and cache is not None
                 and (t >= 2 and tree_mask is not None or t == 1 and tree_mask is None and position_ids is None)):
-            mask = None if tree_mask is None else additive_mask(attention_mask(past, tree_mask, t, input_ids.device),
-                                                                self.dtype)
             positions = None if position_ids is None else position_ids.reshape(t)
             prenorm, hidden, logits = self.compiled_decode(input_ids, past, positions, mask)
             cache.length = past + t
@@ -150,7 +149,6 @@ class BaseModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device)
         cos, sin = self.rotary(position_ids, self.dtype)
-        mask = additive_mask(attention_mask(past, tree_mask, t, input_ids.device), self.dtype)
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i, past)
