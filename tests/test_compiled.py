@@ -15,12 +15,21 @@ pytestmark = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++"))
                                 reason="torch.compile on the CPU needs a C++ compiler")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
-def test_compiled_step_equals_eager(tmp_path, arch):
+@pytest.mark.parametrize("arch,routed", [("llama", True), ("qwen2", True),  # qwen2: q/k/v biases
+                                         ("llama", False)])  # the opaque Python op, where inductor can't be taught
+def test_compiled_step_equals_eager(tmp_path, monkeypatch, arch, routed):
+    from clover.model import compiled as compiled_module
+    from clover.model.layers import PrepackedLinear
+
+    monkeypatch.setattr(PrepackedLinear, "kernel_in_graph", PrepackedLinear.kernel_in_graph)  # restored after
+    if not routed:
+        monkeypatch.setattr(compiled_module, "_kernels_routed", False)
     folder = save_tiny(tmp_path / arch, arch, num_hidden_layers=2)
     eager = BaseModel.from_pretrained(folder, dtype="fp32", max_len=64)
     compiled = BaseModel.from_pretrained(folder, dtype="fp32", max_len=64)
     compiled.compile_decode()  # compiles both graphs now, on a 2-token cache
+    # on the torch this project tests with, the graphs call oneDNN's kernel from C++, no Python op per matmul
+    assert PrepackedLinear.kernel_in_graph is routed
     prompt = torch.tensor([[1, 5, 9, 33, 7]])
     for model in (eager, compiled):
         model.reset()

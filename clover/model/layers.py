@@ -171,6 +171,10 @@ class PrepackedLinear:
     memory.
     """
 
+    # Inside a compiled graph: call oneDNN's kernel as a graph op (True; clover.model.compiled sets it once it has
+    # taught inductor to call that op on a packed weight straight from C++) or through the opaque Python op below
+    kernel_in_graph = False
+
     def __init__(self):
         self._key, self._packed = None, None
 
@@ -178,7 +182,10 @@ class PrepackedLinear:
         if torch.compiler.is_compiling() and self._packed is not None and x.numel() != x.shape[-1]:
             # inside a compiled graph (clover.model.compiled): the weight packed by an earlier eager call, which
             # the graph assumes unchanged (the version check below cannot be traced)
-            out = torch.ops.clover.packed_linear(x, self._packed)
+            if PrepackedLinear.kernel_in_graph:
+                out = torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+            else:
+                out = torch.ops.clover.packed_linear(x, self._packed)
             return out if bias is None else out + bias
         if (x.numel() == x.shape[-1] or weight.device.type != "cpu" or weight.dtype != torch.float32
                 or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
@@ -193,7 +200,8 @@ class PrepackedLinear:
 
 @torch.library.custom_op("clover::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` with ``W`` prepacked by :class:`PrepackedLinear`: an opaque op to a compiled graph."""
+    """``x @ W.T`` with ``W`` prepacked by :class:`PrepackedLinear`: an opaque op to a compiled graph (each call
+    goes back to Python: the fallback when inductor cannot be taught to call the kernel itself)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
