@@ -182,27 +182,30 @@ class PrepackedLinear:
         if torch.compiler.is_compiling() and self._packed is not None and x.numel() != x.shape[-1]:
             # inside a compiled graph (clover.model.compiled): the weight packed by an earlier eager call, which
             # the graph assumes unchanged (the version check below cannot be traced)
-            if PrepackedLinear.kernel_in_graph:
-                out = torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
-            else:
-                out = torch.ops.clover.packed_linear(x, self._packed)
-            return out if bias is None else out + bias
-        if (x.numel() == x.shape[-1] or weight.device.type != "cpu" or weight.dtype != torch.float32
+            kernel = packed_matmul if PrepackedLinear.kernel_in_graph else torch.ops.clover.packed_linear
+            out = kernel(x, self._packed)
+        elif (x.numel() == x.shape[-1] or weight.device.type != "cpu" or weight.dtype != torch.float32
                 or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
             return F.linear(x, weight, bias)
-        key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version, tuple(weight.shape))
-        if key != self._key:
-            self._key, self._packed = key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
-        out = torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+        else:
+            key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version, tuple(weight.shape))
+            if key != self._key:
+                self._key, self._packed = key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
+            out = packed_matmul(x, self._packed)
         return out if bias is None else out + bias
+
+
+def packed_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` with oneDNN's kernel, ``W`` prepacked by :class:`PrepackedLinear`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 @torch.library.custom_op("clover::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` with ``W`` prepacked by :class:`PrepackedLinear`: an opaque op to a compiled graph (each call
-    goes back to Python: the fallback when inductor cannot be taught to call the kernel itself)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    """:func:`packed_matmul` as an opaque op to a compiled graph (each call goes back to Python: the fallback when
+    inductor cannot be taught to call the kernel itself)."""
+    return packed_matmul(x, packed)
 
 
 @packed_linear.register_fake
