@@ -10,10 +10,11 @@ import torch
 
 from clover.io import device_timer, write_json
 from clover.model.base import BaseModel
+from clover.model.kernels import one_row_kernel
 from clover.model.loading import cache_dir
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-RUNTIME_VERSION = 3  # bump when the runtime's kernels change, so that cached curves are measured again
+RUNTIME_VERSION = 4  # bump when the runtime's kernels change, so that cached curves are measured again
 
 
 def measure_cost_curve(base: BaseModel, sizes=SIZES, prefix: int = 256, repeats: int = 5) -> dict[int, float]:
@@ -42,8 +43,9 @@ def measure_cost_curve(base: BaseModel, sizes=SIZES, prefix: int = 256, repeats:
 def verification_cost(base: BaseModel, max_size: int = 64) -> torch.Tensor:
     """``cost[s]`` = seconds to verify ``s`` tokens, for s = 0..max_size (index 0 unused), linearly interpolated
     from the measured curve; the curve is cached under ``$CLOVER_CACHE/cost_curves``."""
+    one_row = f"|one-row {one_row_kernel()}" if base.device.type == "cpu" else ""  # the machine's measured choice
     key = (f"{getattr(base, 'folder', base.name_or_path)}|{base.dtype}|{base.device}|{torch.get_num_threads()}|"
-           f"v{RUNTIME_VERSION}{'|compiled' if base.compiled_decode is not None else ''}")
+           f"v{RUNTIME_VERSION}{'|compiled' if base.compiled_decode is not None else ''}{one_row}")
     path = cache_dir() / "cost_curves" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     curve = None
     if path.is_file():

@@ -20,7 +20,8 @@ from torch import nn
 from clover.errors import CloverError
 from clover.io import read_safetensors
 from clover.model.cache import KVCache, RaggedKVCache, additive_mask, attention_mask
-from clover.model.layers import DecoderLayer, LlamaArgs, PrepackedLinear, RMSNorm, Rotary
+from clover.model.kernels import PrepackedLinear
+from clover.model.layers import DecoderLayer, LlamaArgs, RMSNorm, Rotary
 from clover.model.loading import check_architecture, read_config, resolve_model_path
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

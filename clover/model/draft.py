@@ -44,7 +44,8 @@ from torch import nn
 from clover.errors import CloverError
 from clover.model.base import BaseModel
 from clover.model.cache import KVCache, additive_mask, attention_mask
-from clover.model.layers import LlamaArgs, PrepackedLinear, Rotary
+from clover.model.kernels import PrepackedLinear
+from clover.model.layers import LlamaArgs, Rotary
 
 BASE_KEYS = ("architecture", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads")
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from clover.errors import CloverError
 from clover.model.cache import KVCache, RaggedKVCache
+from clover.model.kernels import PrepackedLinear
 
 
 @dataclass
@@ -156,61 +157,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + _rotate_half(x) * sin
-
-
-class PrepackedLinear:
-    """``F.linear(x, weight, bias)`` at inference, with the weight prepacked for the CPU.
-
-    On a CPU in fp32 the weight is reordered once into oneDNN's blocked layout (again only when it changes): the
-    default BLAS path repacks the whole weight on every call, which dominates the few-row products of decoding, so
-    verifying a tree of 8 tokens costs ~1.3x one token instead of ~1.7x (SmolLM2, see scripts/bench/vanilla.py).
-    A single row (one token of batch-1 decoding) is a matrix-vector product, which BLAS does without repacking and
-    faster than the blocked kernel (SmolLM2's chain of matmuls for one token: 29 ms with ``F.linear`` vs 34 ms
-    prepacked on a 2-core AVX-512 Xeon), so it takes plain ``F.linear``. Elsewhere (CUDA, half precision, or when
-    autograd needs the product) it is plain ``F.linear`` too. The packed copy costs one more copy of the weight in
-    memory.
-    """
-
-    # Inside a compiled graph: call oneDNN's kernel as a graph op (True; clover.model.compiled sets it once it has
-    # taught inductor to call that op on a packed weight straight from C++) or through the opaque Python op below
-    kernel_in_graph = False
-
-    def __init__(self):
-        self._key, self._packed = None, None
-
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if torch.compiler.is_compiling() and self._packed is not None and x.numel() != x.shape[-1]:
-            # inside a compiled graph (clover.model.compiled): the weight packed by an earlier eager call, which
-            # the graph assumes unchanged (the version check below cannot be traced)
-            kernel = packed_matmul if PrepackedLinear.kernel_in_graph else torch.ops.clover.packed_linear
-            out = kernel(x, self._packed)
-        elif (x.numel() == x.shape[-1] or weight.device.type != "cpu" or weight.dtype != torch.float32
-                or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
-                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-            return F.linear(x, weight, bias)
-        else:
-            key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version, tuple(weight.shape))
-            if key != self._key:
-                self._key, self._packed = key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
-            out = packed_matmul(x, self._packed)
-        return out if bias is None else out + bias
-
-
-def packed_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` with oneDNN's kernel, ``W`` prepacked by :class:`PrepackedLinear`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-
-
-@torch.library.custom_op("clover::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """:func:`packed_matmul` as an opaque op to a compiled graph (each call goes back to Python: the fallback when
-    inductor cannot be taught to call the kernel itself)."""
-    return packed_matmul(x, packed)
-
-
-@packed_linear.register_fake
-def _(x, packed):
-    return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 class Linear(nn.Linear):

@@ -28,7 +28,7 @@ from clover.data.templates import get_template
 from clover.evaluation.answers import default_question_file, load_questions
 from clover.generate.plain import generate_plain
 from clover.model.base import BaseModel
-from clover.model.layers import PrepackedLinear
+from clover.model.kernels import PrepackedLinear, measure_one_row, one_row_kernel
 from clover.model.loading import load_tokenizer, resolve_model_path
 from machine import cpu_flags, cpu_model  # noqa: E402  (scripts/bench/machine.py, beside this script)
 

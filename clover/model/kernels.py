@@ -1,0 +1,123 @@
+"""The runtime's CPU matmul kernels: :class:`PrepackedLinear` (oneDNN on a weight packed once) and the choice of
+kernel for a one-row product, which is measured on the machine (:func:`one_row_kernel`).
+
+Decoding streams every weight once per forward, so its speed is set by how fast a kernel reads weights from memory.
+For several rows (tree verification, prefill) oneDNN on a prepacked weight wins everywhere: the default BLAS path
+repacks the whole weight on every call. For one row (a token of plain decoding) it depends on the machine: BLAS's
+matrix-vector product was the faster on a 2-core Intel Xeon (SmolLM2's chain of matmuls: 29 vs 34 ms), while on a
+2-core AMD EPYC (Zen 4) the same product ran at half the memory bandwidth (MKL: 49 ms vs 28 ms for oneDNN).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from clover.errors import CloverError
+
+ONE_ROW_ENV = "CLOVER_ONE_ROW_KERNEL"
+ONE_ROW_KERNELS = ("gemv", "packed")
+_one_row: str | None = None  # resolved once per process by one_row_kernel()
+
+
+def one_row_kernel() -> str:
+    """The kernel of a one-row fp32 product on this CPU: ``"gemv"`` (BLAS, plain ``F.linear``) or ``"packed"``
+    (oneDNN on the prepacked weight). ``$CLOVER_ONE_ROW_KERNEL`` (``gemv``, ``packed`` or ``auto``, the default)
+    decides; ``auto`` measures both once per process (~0.3 s) and keeps oneDNN only where it is clearly faster."""
+    global _one_row
+    if _one_row is None:
+        choice = os.environ.get(ONE_ROW_ENV, "auto").strip().lower() or "auto"
+        if choice not in (*ONE_ROW_KERNELS, "auto"):
+            raise CloverError(f"${ONE_ROW_ENV}={choice!r}: use gemv, packed or auto")
+        if choice == "auto":
+            choice = "packed" if measure_one_row()["packed_over_gemv"] < 0.95 else "gemv"
+        _one_row = choice
+    return _one_row
+
+
+@torch.inference_mode()
+def measure_one_row(megabytes: int = 96, rounds: int = 5) -> dict:
+    """Time one row through a chain of fp32 weights larger than the CPU's caches (``megabytes`` in all, streamed as
+    a forward streams a model's), with BLAS's matrix-vector product and with oneDNN on the prepacked weights, in
+    turn. Returns the medians (ms) and the median of the per-round ratios packed / gemv."""
+    if not torch.backends.mkldnn.is_available():
+        return {"gemv_ms": None, "packed_ms": None, "packed_over_gemv": float("inf")}
+    rows, cols = 1536, 1024  # 6 MiB a weight, the size of a 1-3B model's projections' slices
+    weights = [torch.rand(rows, cols) - 0.5 for _ in range(max(1, megabytes * 2**20 // (rows * cols * 4)))]
+    packed = [_pack(w) for w in weights]
+    x = torch.rand(1, cols)
+    gemv_s, packed_s = [], []
+    for r in range(rounds + 1):  # the first round warms up both
+        t0 = time.perf_counter()
+        for w in weights:
+            F.linear(x, w)
+        t1 = time.perf_counter()
+        for p in packed:
+            packed_matmul(x, p)
+        t2 = time.perf_counter()
+        if r:
+            gemv_s.append(t1 - t0)
+            packed_s.append(t2 - t1)
+    return {"gemv_ms": statistics.median(gemv_s) * 1e3, "packed_ms": statistics.median(packed_s) * 1e3,
+            "packed_over_gemv": statistics.median(p / g for p, g in zip(packed_s, gemv_s))}
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
+
+
+def packed_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` with oneDNN's kernel, ``W`` prepacked by :class:`PrepackedLinear`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+class PrepackedLinear:
+    """``F.linear(x, weight, bias)`` at inference, with the weight prepacked for the CPU.
+
+    On a CPU in fp32 the weight is reordered once into oneDNN's blocked layout (again only when it changes), so
+    verifying a tree of 8 tokens costs ~1.3x one token instead of ~1.7x with the default BLAS path, which repacks
+    the whole weight on every call. A single row (one token of batch-1 decoding) takes the kernel
+    :func:`one_row_kernel` measured on this machine. Elsewhere (CUDA, half precision, or when autograd needs the
+    product) it is plain ``F.linear``. The packed copy costs one more copy of the weight in memory.
+    """
+
+    # Inside a compiled graph: call oneDNN's kernel as a graph op (True; clover.model.compiled sets it once it has
+    # taught inductor to call that op on a packed weight straight from C++) or through the opaque Python op below
+    kernel_in_graph = False
+
+    def __init__(self):
+        self._key, self._packed = None, None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        one_row = x.numel() == x.shape[-1]
+        if torch.compiler.is_compiling() and self._packed is not None and (not one_row or _one_row == "packed"):
+            # inside a compiled graph (clover.model.compiled): the weight packed by an earlier eager call, which
+            # the graph assumes unchanged (the version check below cannot be traced)
+            kernel = packed_matmul if PrepackedLinear.kernel_in_graph else torch.ops.clover.packed_linear
+            out = kernel(x, self._packed)
+        elif (weight.device.type != "cpu" or weight.dtype != torch.float32 or x.dtype != torch.float32
+                or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+                or (one_row and one_row_kernel() == "gemv")
+                or not torch.backends.mkldnn.is_available()):  # last: a compiled graph cannot trace it
+            return F.linear(x, weight, bias)
+        else:
+            key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version, tuple(weight.shape))
+            if key != self._key:
+                self._key, self._packed = key, _pack(weight)
+            out = packed_matmul(x, self._packed)
+        return out if bias is None else out + bias
+
+
+@torch.library.custom_op("clover::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """:func:`packed_matmul` as an opaque op to a compiled graph (each call goes back to Python: the fallback when
+    inductor cannot be taught to call the kernel itself)."""
+    return packed_matmul(x, packed)
+
+
+@packed_linear.register_fake
+def _(x, packed):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))

@@ -1,0 +1,72 @@
+"""The runtime's CPU matmul kernels: prepacked products equal F.linear, and the one-row kernel is chosen by
+measurement unless $CLOVER_ONE_ROW_KERNEL says which."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clover.errors import CloverError
+from clover.model import kernels
+from clover.model.kernels import PrepackedLinear, measure_one_row, one_row_kernel
+
+
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    """An unresolved choice (restored after the test)."""
+    monkeypatch.setattr(kernels, "_one_row", None)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("value", ["gemv", "packed", " Packed "])
+def test_environment_decides(fresh_choice, value):
+    fresh_choice.setenv("CLOVER_ONE_ROW_KERNEL", value)
+    assert one_row_kernel() == value.strip().lower()
+    fresh_choice.setenv("CLOVER_ONE_ROW_KERNEL", "gemv" if value.strip().lower() == "packed" else "packed")
+    assert one_row_kernel() == value.strip().lower()  # resolved once per process
+
+
+def test_bad_environment_value_is_one_clear_error(fresh_choice):
+    fresh_choice.setenv("CLOVER_ONE_ROW_KERNEL", "fastest")
+    with pytest.raises(CloverError, match=r"CLOVER_ONE_ROW_KERNEL='fastest': use gemv, packed or auto"):
+        one_row_kernel()
+
+
+def test_auto_keeps_the_measured_faster_kernel(fresh_choice):
+    fresh_choice.delenv("CLOVER_ONE_ROW_KERNEL", raising=False)
+    for ratio, choice in ((0.6, "packed"), (0.97, "gemv"), (1.4, "gemv")):
+        fresh_choice.setattr(kernels, "_one_row", None)
+        fresh_choice.setattr(kernels, "measure_one_row", lambda ratio=ratio: {"packed_over_gemv": ratio})
+        assert one_row_kernel() == choice
+
+
+def test_measurement_times_both_kernels():
+    m = measure_one_row(megabytes=8, rounds=2)
+    assert m["gemv_ms"] > 0 and m["packed_ms"] > 0
+    assert m["packed_over_gemv"] > 0
+
+
+@pytest.mark.parametrize("choice", ["gemv", "packed"])
+@pytest.mark.parametrize("shape", [(1, 1, 48), (48,), (1, 5, 48), (3, 2, 48)])
+def test_prepacked_equals_linear(monkeypatch, choice, shape):
+    monkeypatch.setattr(kernels, "_one_row", choice)
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(40, 48, generator=gen), torch.randn(40, generator=gen)
+    x = torch.randn(shape, generator=gen)
+    kernel = PrepackedLinear()
+    with torch.inference_mode():
+        for b in (None, bias):
+            torch.testing.assert_close(kernel(x, weight, b), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    one_row = x.numel() == x.shape[-1]
+    assert (kernel._packed is not None) == (choice == "packed" or not one_row)  # which kernel ran
+
+
+def test_prepacked_repacks_a_changed_weight(monkeypatch):
+    monkeypatch.setattr(kernels, "_one_row", "packed")
+    weight = torch.randn(8, 16)
+    x = torch.randn(1, 16)
+    kernel = PrepackedLinear()
+    with torch.no_grad():
+        kernel(x, weight)
+        weight.mul_(2)  # in place: a new version of the same storage
+        torch.testing.assert_close(kernel(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
