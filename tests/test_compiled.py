@@ -15,13 +15,17 @@ pytestmark = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++"))
                                 reason="torch.compile on the CPU needs a C++ compiler")
 
 
-@pytest.mark.parametrize("arch,routed", [("llama", True), ("qwen2", True),  # qwen2: q/k/v biases
-                                         ("llama", False)])  # the opaque Python op, where inductor can't be taught
-def test_compiled_step_equals_eager(tmp_path, monkeypatch, arch, routed):
+@pytest.mark.parametrize("arch,routed,one_row", [
+    ("llama", True, "gemv"), ("qwen2", True, "gemv"),  # qwen2: q/k/v biases
+    ("llama", True, "packed"),  # a one-token step on the prepacked weights (the machine's measured choice)
+    ("llama", False, "packed")])  # the opaque Python op, where inductor can't be taught
+def test_compiled_step_equals_eager(tmp_path, monkeypatch, arch, routed, one_row):
     from clover.model import compiled as compiled_module
-    from clover.model.layers import PrepackedLinear
+    from clover.model import kernels
+    from clover.model.kernels import PrepackedLinear
 
     monkeypatch.setattr(PrepackedLinear, "kernel_in_graph", PrepackedLinear.kernel_in_graph)  # restored after
+    monkeypatch.setattr(kernels, "_one_row", one_row)
     if not routed:
         monkeypatch.setattr(compiled_module, "_kernels_routed", False)
     folder = save_tiny(tmp_path / arch, arch, num_hidden_layers=2)
@@ -108,3 +112,27 @@ def test_speculative_decoding_on_compiled_forwards_equals_plain(tiny_llama_dir, 
         assert verified > 0  # (a one-node tree, the root alone, runs eager)
     else:
         assert verified == steps - 4  # every step but the prompt's (eager) verifies the whole fixed tree
+
+
+def test_two_compiled_models_keep_their_own_graphs(tmp_path):
+    """The graphs skip the guards on a model's weights and structure, so no model may run another's graphs: two
+    models with the same cache shapes but weights of other shapes (and biases in one), compiled in one process and
+    called in turn, each equal their eager twins."""
+    pairs = []
+    for arch, inter in (("llama", 128), ("qwen2", 96)):
+        folder = save_tiny(tmp_path / arch, arch, num_hidden_layers=2, intermediate_size=inter)
+        eager, compiled = (BaseModel.from_pretrained(folder, dtype="fp32", max_len=64) for _ in range(2))
+        compiled.compile_decode()
+        pairs.append((eager, compiled))
+    ids = [1, 5, 9, 33, 7, 12]
+    for eager, compiled in pairs + pairs:
+        calls = compiled.compiled_decode.calls
+        assert generate_plain(compiled, ids, max_new_tokens=12).tokens == generate_plain(eager, ids,
+                                                                                        max_new_tokens=12).tokens
+        assert compiled.compiled_decode.calls - calls == 11
+    for eager, compiled in pairs:  # and the logits themselves
+        for model in (eager, compiled):
+            model.reset()
+            model(torch.tensor([ids]))
+        torch.testing.assert_close(compiled(torch.tensor([[4]])).logits, eager(torch.tensor([[4]])).logits,
+                                   rtol=1e-5, atol=1e-5)

@@ -75,7 +75,8 @@ def decode_speed(base, hf, prompts, new_tokens, runs, stop, compiled=None):
 def forward_vs_bare(base, rounds, prefix=300, compiled=None):
     """For 1..64 tokens over a ``prefix``-token cache: one tree-masked forward, and the same matmuls with nothing
     else (all layers + LM head, the fused projections as the runtime runs them) with the runtime's kernels
-    (:class:`PrepackedLinear`, plain ``F.linear`` for one row) and with torch's default ``F.linear`` everywhere.
+    (:class:`PrepackedLinear`; for one row the kernel measured as the faster) and with torch's default ``F.linear``
+    everywhere.
     The three are timed in turn, round after round (the machine's drift hits them alike); returns the medians (ms)
     and the median of the per-round ratios forward / bare. With ``compiled`` (a :class:`CompiledDecode` of
     ``base``), its forwards (one token without a tree mask, more with one) are timed in the same rounds."""
@@ -153,9 +154,13 @@ def main():
                for q in questions[:: max(1, len(questions) // args.prompts)][:args.prompts]]
     print(f"CPU: {cpu_model()} ({platform.machine()}), flags {' '.join(cpu_flags()) or '-'}; "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", flush=True)
+    one_row = measure_one_row()
+    print(f"one-row kernel: {one_row_kernel()} (a chain of one-row products: BLAS gemv {one_row['gemv_ms']:.1f} ms, "
+          f"oneDNN prepacked {one_row['packed_ms']:.1f} ms)", flush=True)
     results = {"model": args.base_model, "cpu": cpu_model(), "cpu_flags": cpu_flags(), "machine": platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "dtypes": {}}
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "one_row_kernel": one_row_kernel(),
+               "one_row_measurement": one_row, "dtypes": {}}
     for dtype_name in args.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
         base = BaseModel.from_pretrained(args.base_model, dtype=dtype_name, max_len=1024)
