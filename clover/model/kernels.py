@@ -26,7 +26,7 @@ _one_row: str | None = None  # resolved once per process by one_row_kernel()
 def one_row_kernel() -> str:
     """The kernel of a one-row fp32 product on this CPU: ``"gemv"`` (BLAS, plain ``F.linear``) or ``"packed"``
     (oneDNN on the prepacked weight). ``$CLOVER_ONE_ROW_KERNEL`` (``gemv``, ``packed`` or ``auto``, the default)
-    decides; ``auto`` measures both once per process (~0.3 s) and keeps oneDNN only where it is clearly faster."""
+    decides; ``auto`` measures both once per process (~0.4 s) and keeps oneDNN only where it is clearly faster."""
     global _one_row
     if _one_row is None:
         choice = os.environ.get(ONE_ROW_ENV, "auto").strip().lower() or "auto"
@@ -45,7 +45,7 @@ def measure_one_row(megabytes: int = 96, rounds: int = 5) -> dict:
     turn. Returns the medians (ms) and the median of the per-round ratios packed / gemv."""
     if not torch.backends.mkldnn.is_available():
         return {"gemv_ms": None, "packed_ms": None, "packed_over_gemv": float("inf")}
-    rows, cols = 1536, 1024  # 6 MiB a weight, the size of a 1-3B model's projections' slices
+    rows, cols = 1536, 1024  # 6 MiB a weight, 16 of them by default: far more than a few cores' share of cache
     weights = [torch.rand(rows, cols) - 0.5 for _ in range(max(1, megabytes * 2**20 // (rows * cols * 4)))]
     packed = [_pack(w) for w in weights]
     x = torch.rand(1, cols)
