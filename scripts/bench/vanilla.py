@@ -72,25 +72,28 @@ def decode_speed(base, hf, prompts, new_tokens, runs, stop, compiled=None):
             statistics.median(theirs))
 
 
-def forward_vs_bare(base, rounds, prefix=300, compiled=None):
+def forward_vs_bare(base, rounds, prefix=300, compiled=None, sizes=SIZES):
     """For 1..64 tokens over a ``prefix``-token cache: one tree-masked forward, and the same matmuls with nothing
     else (all layers + LM head, the fused projections as the runtime runs them) with the runtime's kernels
     (:class:`PrepackedLinear`; for one row the kernel measured as the faster) and with torch's default ``F.linear``
-    everywhere.
-    The three are timed in turn, round after round (the machine's drift hits them alike); returns the medians (ms)
-    and the median of the per-round ratios forward / bare. With ``compiled`` (a :class:`CompiledDecode` of
+    everywhere, and the runtime's chain plus each layer's attention of the new tokens over the cache (SDPA on random
+    queries/keys/values of the same shapes: arithmetic a forward has and the bare chain has not). All are timed in
+    turn, round after round (the machine's drift hits them alike); returns the medians (ms) and the median of the
+    per-round ratios forward / bare. With ``compiled`` (a :class:`CompiledDecode` of
     ``base``), its forwards (one token without a tree mask, more with one) are timed in the same rounds."""
-    ids = torch.randint(0, base.args.vocab_size, (1, prefix + max(SIZES)))
+    ids = torch.randint(0, base.args.vocab_size, (1, prefix + max(sizes)))
     base.reset()
     base(ids[:, :prefix], logits_to_keep=0)
     weights = [p for n, p in base.named_parameters() if p.dim() == 2 and "embed" not in n]
     if base.args.tie_word_embeddings:
         weights.append(base.lm_head.weight)
     runtime = [PrepackedLinear() for _ in weights]
-    curves = {"forward_ms": {}, "bare_matmul_ms": {}, "bare_matmul_default_kernels_ms": {}, "ratio": {}}
+    curves = {"forward_ms": {}, "bare_matmul_ms": {}, "bare_matmul_default_kernels_ms": {}, "ratio": {},
+              "bare_matmul_attention_ms": {}}
+    a = base.args
     if compiled is not None:
-        curves.update(forward_compiled_ms={}, ratio_compiled={})
-    for s in SIZES:
+        curves.update(forward_compiled_ms={}, ratio_compiled={}, ratio_compiled_to_bare_attention={})
+    for s in sizes:
         mask = torch.ones(s, s, dtype=torch.bool).tril()
         xs = {w.shape[1]: torch.randn(1, s, w.shape[1], dtype=base.dtype) for w in weights}
 
@@ -109,11 +112,23 @@ def forward_vs_bare(base, rounds, prefix=300, compiled=None):
             for w, kernel in zip(weights, runtime):
                 kernel(xs[w.shape[1]], w)
 
+        q = torch.randn(1, a.num_attention_heads, s, a.head_dim, dtype=base.dtype)
+        kv = torch.randn(2, 1, a.num_key_value_heads, prefix + s, a.head_dim, dtype=base.dtype)
+        attn_mask = torch.zeros(s, prefix + s, dtype=base.dtype)
+        attn_mask[:, prefix:].masked_fill_(~mask, float("-inf"))
+
+        @torch.inference_mode()
+        def bare_attention():  # the same matmuls plus each layer's attention over the cache (its own arithmetic)
+            bare()
+            for _ in range(a.num_hidden_layers):
+                F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask if s > 1 else None,
+                                               enable_gqa=a.num_key_value_heads != a.num_attention_heads)
+
         @torch.inference_mode()
         def default():
             for w in weights:
                 F.linear(xs[w.shape[1]], w)
-        times = {forward: [], bare: [], default: []}
+        times = {forward: [], bare: [], default: [], bare_attention: []}
         if compiled is not None:
             times[forward_compiled] = []
         for fn in times:
@@ -126,11 +141,14 @@ def forward_vs_bare(base, rounds, prefix=300, compiled=None):
         curves["forward_ms"][s] = statistics.median(times[forward]) * 1000
         curves["bare_matmul_ms"][s] = statistics.median(times[bare]) * 1000
         curves["bare_matmul_default_kernels_ms"][s] = statistics.median(times[default]) * 1000
+        curves["bare_matmul_attention_ms"][s] = statistics.median(times[bare_attention]) * 1000
         curves["ratio"][s] = statistics.median(f / b for f, b in zip(times[forward], times[bare]))
         if forward_compiled in times:
             curves["forward_compiled_ms"][s] = statistics.median(times[forward_compiled]) * 1000
             curves["ratio_compiled"][s] = statistics.median(f / b for f, b in zip(times[forward_compiled],
                                                                                   times[bare]))
+            curves["ratio_compiled_to_bare_attention"][s] = statistics.median(
+                f / b for f, b in zip(times[forward_compiled], times[bare_attention]))
     return curves
 
 
@@ -143,6 +161,10 @@ def main():
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes")
     parser.add_argument("--compile", action="store_true",
                         help="also measure the compiled decoding forwards (fp32 only)")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)),
+                        help="comma-separated token counts of the forward-vs-bare curve")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of the curve (default: 5 x --runs)")
+    parser.add_argument("--curve-only", action="store_true", help="skip the decoding comparison")
     parser.add_argument("--out", default="figs/bench_vanilla.json", help="results JSON")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
@@ -161,36 +183,39 @@ def main():
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "one_row_kernel": one_row_kernel(),
                "one_row_measurement": one_row, "dtypes": {}}
+    sizes = [int(x) for x in args.sizes.split(",")]
     for dtype_name in args.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
         base = BaseModel.from_pretrained(args.base_model, dtype=dtype_name, max_len=1024)
-        hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.base_model), dtype=dtype).eval()
         compiled, compile_s = None, None
         if args.compile and dtype == torch.float32:
             t = time.perf_counter()
             base.compile_decode()
             compile_s, compiled, base.compiled_decode = time.perf_counter() - t, base.compiled_decode, None
-        ours, ours_compiled, theirs = decode_speed(base, hf, prompts, args.new_tokens, args.runs,
-                                                   template.stop_token_ids[0], compiled)
-        curves = forward_vs_bare(base, args.runs * 5, compiled=compiled)
+        result = results["dtypes"][dtype_name] = {"compile_s": compile_s}
+        if not args.curve_only:
+            hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.base_model), dtype=dtype).eval()
+            ours, ours_compiled, theirs = decode_speed(base, hf, prompts, args.new_tokens, args.runs,
+                                                       template.stop_token_ids[0], compiled)
+            result.update(clover_tokens_per_s=ours, transformers_tokens_per_s=theirs, speedup=ours / theirs)
+            print(f"\n{dtype_name}: clover plain greedy {ours:.1f} tok/s, transformers generate {theirs:.1f} tok/s "
+                  f"-> {ours / theirs:.2f}x (median over {len(prompts)} prompts x {args.runs} runs, "
+                  f"{args.new_tokens} new tokens)")
+            if compiled is not None:
+                result.update(clover_compiled_tokens_per_s=ours_compiled, speedup_compiled=ours_compiled / theirs)
+                print(f"compiled forwards (compiled in {compile_s:.0f} s): clover plain greedy "
+                      f"{ours_compiled:.1f} tok/s -> {ours_compiled / theirs:.2f}x transformers generate")
+        curves = forward_vs_bare(base, args.rounds or args.runs * 5, compiled=compiled, sizes=sizes)
         curve, bare, default = (curves[k] for k in ("forward_ms", "bare_matmul_ms", "bare_matmul_default_kernels_ms"))
-        results["dtypes"][dtype_name] = {"clover_tokens_per_s": ours, "transformers_tokens_per_s": theirs,
-                                         "speedup": ours / theirs, **curves}
-        print(f"\n{dtype_name}: clover plain greedy {ours:.1f} tok/s, transformers generate {theirs:.1f} tok/s "
-              f"-> {ours / theirs:.2f}x (median over {len(prompts)} prompts x {args.runs} runs, "
-              f"{args.new_tokens} new tokens)")
-        if compiled is not None:
-            results["dtypes"][dtype_name].update(compile_s=compile_s, clover_compiled_tokens_per_s=ours_compiled,
-                                                 speedup_compiled=ours_compiled / theirs)
-            print(f"compiled forwards (compiled in {compile_s:.0f} s): clover plain greedy {ours_compiled:.1f} tok/s "
-                  f"-> {ours_compiled / theirs:.2f}x transformers generate")
+        result.update(curves)
         print("tokens  forward over 300-token cache (ms)  bare matmuls, runtime kernels (ms)  ratio  "
-              "bare, torch default kernels (ms)" + ("  compiled forward (ms)  ratio" if compiled else ""))
-        for s in SIZES:
-            extra = (f"  {curves['forward_compiled_ms'][s]:21.1f}  {curves['ratio_compiled'][s]:5.2f}"
-                     if compiled else "")
-            print(f"{s:6d}  {curve[s]:33.1f}  {bare[s]:34.1f}  {curves['ratio'][s]:5.2f}  {default[s]:32.1f}"
-                  + extra)
+              "bare, torch default kernels (ms)  bare + attention (ms)"
+              + ("  compiled forward (ms)  ratio  ratio to bare + attention" if compiled else ""))
+        for s in sizes:
+            extra = (f"  {curves['forward_compiled_ms'][s]:21.1f}  {curves['ratio_compiled'][s]:5.2f}  "
+                     f"{curves['ratio_compiled_to_bare_attention'][s]:25.2f}" if compiled else "")
+            print(f"{s:6d}  {curve[s]:33.1f}  {bare[s]:34.1f}  {curves['ratio'][s]:5.2f}  {default[s]:32.1f}  "
+                  f"{curves['bare_matmul_attention_ms'][s]:21.1f}" + extra)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))  # after each dtype: a partial run keeps its numbers
     print(f"\nwrote {args.out}")
