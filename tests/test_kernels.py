@@ -15,6 +15,7 @@ from clover.model.kernels import PrepackedLinear, measure_one_row, one_row_kerne
 def fresh_choice(monkeypatch):
     """An unresolved choice (restored after the test)."""
     monkeypatch.setattr(kernels, "_one_row", None)
+    monkeypatch.setattr(kernels, "one_row_measured", None)
     return monkeypatch
 
 
@@ -22,6 +23,7 @@ def fresh_choice(monkeypatch):
 def test_environment_decides(fresh_choice, value):
     fresh_choice.setenv("CLOVER_ONE_ROW_KERNEL", value)
     assert one_row_kernel() == value.strip().lower()
+    assert kernels.one_row_measured is None  # nothing measured
     fresh_choice.setenv("CLOVER_ONE_ROW_KERNEL", "gemv" if value.strip().lower() == "packed" else "packed")
     assert one_row_kernel() == value.strip().lower()  # resolved once per process
 
@@ -38,6 +40,7 @@ def test_auto_keeps_the_measured_faster_kernel(fresh_choice):
         fresh_choice.setattr(kernels, "_one_row", None)
         fresh_choice.setattr(kernels, "measure_one_row", lambda ratio=ratio: {"packed_over_gemv": ratio})
         assert one_row_kernel() == choice
+        assert kernels.one_row_measured == {"packed_over_gemv": ratio}  # the measurement that decided, kept
 
 
 def test_measurement_times_both_kernels():

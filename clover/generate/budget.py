@@ -43,7 +43,8 @@ def measure_cost_curve(base: BaseModel, sizes=SIZES, prefix: int = 256, repeats:
 def verification_cost(base: BaseModel, max_size: int = 64) -> torch.Tensor:
     """``cost[s]`` = seconds to verify ``s`` tokens, for s = 0..max_size (index 0 unused), linearly interpolated
     from the measured curve; the curve is cached under ``$CLOVER_CACHE/cost_curves``."""
-    one_row = f"|one-row {one_row_kernel()}" if base.device.type == "cpu" else ""  # the machine's measured choice
+    one_row = (f"|one-row {one_row_kernel()}"  # the machine's measured choice (it only serves fp32 CPU products)
+               if base.device.type == "cpu" and base.dtype == torch.float32 else "")
     key = (f"{getattr(base, 'folder', base.name_or_path)}|{base.dtype}|{base.device}|{torch.get_num_threads()}|"
            f"v{RUNTIME_VERSION}{'|compiled' if base.compiled_decode is not None else ''}{one_row}")
     path = cache_dir() / "cost_curves" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")

@@ -21,19 +21,21 @@ from clover.errors import CloverError
 ONE_ROW_ENV = "CLOVER_ONE_ROW_KERNEL"
 ONE_ROW_KERNELS = ("gemv", "packed")
 _one_row: str | None = None  # resolved once per process by one_row_kernel()
+one_row_measured: dict | None = None  # what measure_one_row() found when it made that choice (None: set by the env)
 
 
 def one_row_kernel() -> str:
     """The kernel of a one-row fp32 product on this CPU: ``"gemv"`` (BLAS, plain ``F.linear``) or ``"packed"``
     (oneDNN on the prepacked weight). ``$CLOVER_ONE_ROW_KERNEL`` (``gemv``, ``packed`` or ``auto``, the default)
     decides; ``auto`` measures both once per process (~0.4 s) and keeps oneDNN only where it is clearly faster."""
-    global _one_row
+    global _one_row, one_row_measured
     if _one_row is None:
         choice = os.environ.get(ONE_ROW_ENV, "auto").strip().lower() or "auto"
         if choice not in (*ONE_ROW_KERNELS, "auto"):
             raise CloverError(f"${ONE_ROW_ENV}={choice!r}: use gemv, packed or auto")
         if choice == "auto":
-            choice = "packed" if measure_one_row()["packed_over_gemv"] < 0.95 else "gemv"
+            one_row_measured = measure_one_row()
+            choice = "packed" if one_row_measured["packed_over_gemv"] < 0.95 else "gemv"
         _one_row = choice
     return _one_row
 

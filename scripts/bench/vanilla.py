@@ -1,12 +1,13 @@
 """Benchmark: the project's plain greedy decoding vs transformers' generate on SmolLM2 (same prompts, same run,
 same dtype), and the verification cost curve (one forward of 1..64 tokens over a 300-token cache) next to a bare
-chain of the model's matmuls (with the runtime's kernels, and with torch's default kernels), timed in turn round
-after round; the ratio is the median of the per-round ratios forward / bare. With --compile (fp32) the same for
-the compiled decoding forwards (BaseModel.compile_decode): their compile time, plain decoding with them, and the
-forwards next to the bare chain. Prints the CPU, a table, and writes figs/bench_vanilla.json.
+chain of the model's matmuls (with the runtime's kernels, with torch's default kernels, and with the runtime's plus
+each layer's attention over the cache), timed in turn round after round; the ratio is the median of the per-round
+ratios forward / bare. With --compile (fp32) the same for the compiled decoding forwards
+(BaseModel.compile_decode): their compile time, plain decoding with them, and the forwards next to the bare chain.
+Prints the CPU and the one-row kernel the runtime chose, a table, and writes figs/bench_vanilla.json.
 
     python scripts/bench/vanilla.py [--base-model smollm2-135m-instruct] [--prompts 5] [--new-tokens 64] [--runs 3]
-        [--compile]
+        [--compile] [--sizes 1,4,8,16,26,32,64] [--rounds N] [--curve-only]
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from clover.data.templates import get_template
 from clover.evaluation.answers import default_question_file, load_questions
 from clover.generate.plain import generate_plain
 from clover.model.base import BaseModel
-from clover.model.kernels import PrepackedLinear, measure_one_row, one_row_kernel
+from clover.model import kernels
+from clover.model.kernels import PrepackedLinear, one_row_kernel
 from clover.model.loading import load_tokenizer, resolve_model_path
 from machine import cpu_flags, cpu_model  # noqa: E402  (scripts/bench/machine.py, beside this script)
 
@@ -176,13 +178,15 @@ def main():
                for q in questions[:: max(1, len(questions) // args.prompts)][:args.prompts]]
     print(f"CPU: {cpu_model()} ({platform.machine()}), flags {' '.join(cpu_flags()) or '-'}; "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", flush=True)
-    one_row = measure_one_row()
-    print(f"one-row kernel: {one_row_kernel()} (a chain of one-row products: BLAS gemv {one_row['gemv_ms']:.1f} ms, "
-          f"oneDNN prepacked {one_row['packed_ms']:.1f} ms)", flush=True)
+    one_row = one_row_kernel()  # the runtime's own choice, measured once (or set by $CLOVER_ONE_ROW_KERNEL)
+    measured = kernels.one_row_measured
+    print(f"one-row kernel: {one_row} " + (f"(a chain of one-row products: BLAS gemv {measured['gemv_ms']:.1f} ms, "
+                                           f"oneDNN prepacked {measured['packed_ms']:.1f} ms)" if measured else
+                                           f"(set by ${kernels.ONE_ROW_ENV})"), flush=True)
     results = {"model": args.base_model, "cpu": cpu_model(), "cpu_flags": cpu_flags(), "machine": platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "one_row_kernel": one_row_kernel(),
-               "one_row_measurement": one_row, "dtypes": {}}
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "one_row_kernel": one_row,
+               "one_row_measurement": measured, "dtypes": {}}
     sizes = [int(x) for x in args.sizes.split(",")]
     for dtype_name in args.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
