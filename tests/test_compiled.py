@@ -124,6 +124,11 @@ def test_two_compiled_models_keep_their_own_graphs(tmp_path):
         eager, compiled = (BaseModel.from_pretrained(folder, dtype="fp32", max_len=64) for _ in range(2))
         compiled.compile_decode()
         pairs.append((eager, compiled))
+    for _, compiled in pairs:  # both graphs check the call's own tensors, nothing of the model's
+        for step, inputs in ((compiled.compiled_decode.token_step, 5), (compiled.compiled_decode.tree_step, 6)):
+            tensor_guards = _tensor_guards(step)
+            assert len(tensor_guards) == inputs + 2 * 2  # ids, cos, sin, (mask,) slots, span + each layer's k, v
+            assert not any("['args'][0]" in guard for guard in tensor_guards)
     ids = [1, 5, 9, 33, 7, 12]
     for eager, compiled in pairs + pairs:
         calls = compiled.compiled_decode.calls
@@ -136,3 +141,11 @@ def test_two_compiled_models_keep_their_own_graphs(tmp_path):
             model(torch.tensor([ids]))
         torch.testing.assert_close(compiled(torch.tensor([[4]])).logits, eager(torch.tensor([[4]])).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def _tensor_guards(step) -> list[str]:
+    """The tensor guards a compiled forward checks at every call (read through dynamo's debugging hook)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    (entry,) = _debug_get_cache_entry_list(step._torchdynamo_orig_callable.__code__)
+    return [line for line in str(entry.guard_manager).splitlines() if "TENSOR_MATCH" in line]

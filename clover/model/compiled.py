@@ -7,9 +7,10 @@ C++ loops around the matmuls, and the graph runs from C++ (inductor's ``cpp_wrap
 
 Two graphs, each compiled once: the forward of one token without a tree mask (plain decoding's step), and the
 forward of a tree of two or more tokens with its mask (speculative verification). Both run after a non-empty batch-1
-cache; the cache's keys/values of each layer are graph inputs (views up to the last new slot, dynamic in that
-length, as is the number of tokens), and the new keys/values are written in place at their slots, so one graph
-serves every length with no recompilation and no copy of the cache. Every other forward (prompts, batches, autograd)
+cache; each layer's whole keys/values are graph inputs of fixed shapes (the graph reads them up to the last new
+slot), the new keys/values are written in place at their slots, and the cache's length comes in as the size of a
+zero-element tensor: the number of tokens and that length are the graphs' only dynamic sizes, so one graph serves
+every length with no recompilation and no copy of the cache. Every other forward (prompts, batches, autograd)
 stays eager. The matmuls use the runtime's kernels (:class:`~clover.model.kernels.PrepackedLinear`: the weights
 prepacked for several rows, and for one the kernel measured as the faster on this CPU); the graphs assume the weights
 no longer change.
@@ -66,21 +67,21 @@ def _route_packed_matmuls() -> bool:
 
 
 class _LayerViews:
-    """Stands in for the cache inside a compiled graph: layer ``i``'s keys/values are the views ``ks[i]``,
-    ``vs[i]`` (slots ``0..slots[-1]``), and the new tokens' keys/values go to the slots ``slots``."""
+    """Stands in for the cache inside a compiled graph: layer ``i``'s keys/values are ``ks[i]``, ``vs[i]`` (the
+    whole capacity), the new tokens' keys/values go to the slots ``slots``, and attention reads slots ``0..end-1``."""
 
-    def __init__(self, ks, vs, slots):
-        self.ks, self.vs, self.slots = ks, vs, slots
+    def __init__(self, ks, vs, slots, end):
+        self.ks, self.vs, self.slots, self.end = ks, vs, slots, end
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         k_all, v_all = self.ks[layer], self.vs[layer]
         k_all.index_copy_(2, self.slots, k)
         v_all.index_copy_(2, self.slots, v)
-        return k_all, v_all
+        return k_all[:, :, :self.end], v_all[:, :, :self.end]
 
 
-def _forward(model: nn.Module, input_ids, cos, sin, mask, slots, ks, vs):
-    cache = _LayerViews(ks, vs, slots)
+def _forward(model: nn.Module, input_ids, cos, sin, mask, slots, span, ks, vs):
+    cache = _LayerViews(ks, vs, slots, span.shape[0])
     x = model.model.embed_tokens(input_ids)
     for i, layer in enumerate(model.model.layers):
         x = layer(x, cos, sin, mask, cache, i, 0)
@@ -96,6 +97,12 @@ def _tree_forward(*args):
     return _forward(*args)
 
 
+def _argument_guards(entries) -> list[bool]:
+    """Keep only the guards on the tensors a call passes besides the model (ids, RoPE rows, mask, slots, length,
+    cache): ``guard_filter_fn`` of the graphs (the model is their first argument)."""
+    return [e.guard_type == "TENSOR_MATCH" and not e.name.startswith("args[0]") for e in entries]
+
+
 def _own_copy(fn):
     """``fn`` with a code object of its own. torch.compile keeps its graphs on the code object, at most
     ``recompile_limit`` (8) of them; with a copy per :class:`CompiledDecode`, the graphs of many models in one
@@ -109,19 +116,24 @@ class CompiledDecode:
 
     Each instance's graphs serve its one model, called the same way every time (another ``torch.compile`` never
     reuses them: dynamo matches the compiling call as well as the guards), so a call checks only the guards on the
-    tensors it is given (shapes, strides and dtypes of the ids, RoPE rows, mask and cache views); the guards on the
-    model's structure and weights are dropped: ~1.4 ms a call for a 30-layer model (a tiny one: 6.6 -> 5.2 ms a
-    one-token step)."""
+    tensors it is given besides the model (shapes, strides and dtypes of the ids, RoPE rows, mask, slots, length and
+    cache views); the guards on the model's structure, weights and packed weights are dropped. Dynamo's lookup before
+    a call, measured on a tiny 30-layer model: 0.05 ms; it was 0.3 / 0.9 ms (one token / a tree) while the graphs
+    guarded the packed weights, the tree graph every guard (``torch.compile`` pops the filter from its options, and
+    the two graphs shared one dict) and each layer's cache came in cut to the call's length (sizes, strides and
+    offsets turned symbols, ~2,000 guards between them)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         route_packed_matmuls()
         one_row_kernel()  # measured now, not while a graph is traced (the graphs bake the choice in)
-        options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
-        self.token_step = torch.compile(_own_copy(_token_forward), fullgraph=True, dynamic=False, options=options)
-        self.tree_step = torch.compile(_own_copy(_tree_forward), fullgraph=True, dynamic=False, options=options)
+        self.token_step, self.tree_step = (
+            torch.compile(_own_copy(fn), fullgraph=True, dynamic=False,  # options: a dict each (compile pops from it)
+                          options={"cpp_wrapper": True, "guard_filter_fn": _argument_guards})
+            for fn in (_token_forward, _tree_forward))
         self.compiled = set()
         self.calls = 0
+        self._views_of = None
 
     def __call__(self, input_ids: torch.Tensor, past: int, positions: torch.Tensor | None,
                  mask: torch.Tensor | None):
@@ -132,20 +144,21 @@ class CompiledDecode:
         input_ids = input_ids.reshape(t)[None]  # the same strides whatever view came in (the graphs guard on them)
         end = past + t
         slots = torch.arange(past, end, device=input_ids.device)
-        ks = [cache.k[i, :, :, :end] for i in range(cache.k.shape[0])]
-        vs = [cache.v[i, :, :, :end] for i in range(cache.v.shape[0])]
+        if self._views_of is not cache.k:  # the model's cache (re)allocated: its layers' views, once
+            self._views_of, self.span = cache.k, torch.empty(cache.k.shape[3], 0, device=cache.k.device)
+            self.ks, self.vs = list(cache.k.unbind()), list(cache.v.unbind())
+        span = self.span[:end]
         cos, sin = model.rotary(slots if positions is None else positions, model.dtype)
         kind = "token" if mask is None else "tree"
-        if kind not in self.compiled:  # marking costs ~0.5 ms a tensor: only for the compilation. "maybe": a
-            # graph may still specialize a range (a recompile then, never an error)
-            for view in ks + vs:
-                torch._dynamo.maybe_mark_dynamic(view, 2)
+        if kind not in self.compiled:  # marking is for the compilation only. "maybe": a graph may still
+            # specialize a range (a recompile then, never an error)
+            torch._dynamo.maybe_mark_dynamic(span, 0)
             if mask is not None:
                 for tensor, dims in ((input_ids, (1,)), (slots, (0,)), (cos, (1,)), (sin, (1,)), (mask, (0, 1))):
                     for dim in dims:
                         torch._dynamo.maybe_mark_dynamic(tensor, dim)
         step = self.token_step if mask is None else self.tree_step
-        out = step(model, input_ids, cos, sin, mask, slots, ks, vs)
+        out = step(model, input_ids, cos, sin, mask, slots, span, self.ks, self.vs)
         self.compiled.add(kind)
         self.calls += 1
         return out
