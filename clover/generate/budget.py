@@ -14,7 +14,7 @@ from clover.model.kernels import one_row_kernel
 from clover.model.loading import cache_dir
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-RUNTIME_VERSION = 4  # bump when the runtime's kernels change, so that cached curves are measured again
+RUNTIME_VERSION = 5  # bump when the runtime's kernels change, so that cached curves are measured again
 
 
 def measure_cost_curve(base: BaseModel, sizes=SIZES, prefix: int = 256, repeats: int = 5) -> dict[int, float]:
