@@ -100,7 +100,7 @@ def _tree_forward(*args):
 def _argument_guards(entries) -> list[bool]:
     """Keep only the guards on the tensors a call passes besides the model (ids, RoPE rows, mask, slots, length,
     cache): ``guard_filter_fn`` of the graphs (the model is their first argument)."""
-    return [e.guard_type == "TENSOR_MATCH" and not e.name.startswith("args[0]") for e in entries]
+    return [e.guard_type == "TENSOR_MATCH" and not e.name.startswith(("args[0]", "L['args'][0]")) for e in entries]
 
 
 def _own_copy(fn):
