@@ -133,7 +133,7 @@ class CompiledDecode:
             for fn in (_token_forward, _tree_forward))
         self.compiled = set()
         self.calls = 0
-        self._views_of = None
+        self._views_of = self.span = self.ks = self.vs = None  # set at the first call (see __call__)
 
     def __call__(self, input_ids: torch.Tensor, past: int, positions: torch.Tensor | None,
                  mask: torch.Tensor | None):
