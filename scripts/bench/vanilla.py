@@ -29,6 +29,7 @@ from clover.data.templates import get_template
 from clover.evaluation.answers import default_question_file, load_questions
 from clover.generate.plain import generate_plain
 from clover.model.base import BaseModel
+from clover.model.cache import additive_mask, attention_mask
 from clover.model import kernels
 from clover.model.kernels import PrepackedLinear, one_row_kernel
 from clover.model.loading import load_tokenizer, resolve_model_path
@@ -116,8 +117,7 @@ def forward_vs_bare(base, rounds, prefix=300, compiled=None, sizes=SIZES):
 
         q = torch.randn(1, a.num_attention_heads, s, a.head_dim, dtype=base.dtype)
         kv = torch.randn(2, 1, a.num_key_value_heads, prefix + s, a.head_dim, dtype=base.dtype)
-        attn_mask = torch.zeros(s, prefix + s, dtype=base.dtype)
-        attn_mask[:, prefix:].masked_fill_(~mask, float("-inf"))
+        attn_mask = additive_mask(attention_mask(prefix, mask, s, q.device), base.dtype)  # the forward's own mask
 
         @torch.inference_mode()
         def bare_attention():  # the same matmuls plus each layer's attention over the cache (its own arithmetic)
