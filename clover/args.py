@@ -5,7 +5,7 @@ and ``dest`` everywhere:
 
     p = CloverArgumentParser(prog="python -m clover.something", description=__doc__)
     add_base_model(p)                    # --base-model       -> args.base_model
-    add_draft(p)                         # --draft            -> args.draft
+    add_draft(p)                         # --draft (repeatable) -> args.draft (a list or None)
     add_tree(p, "mc_sim_7b_63")          # --tree --tree-budget -> args.tree, args.tree_budget ('auto' or an int)
     add_max_new_tokens(p, 256)           # --max-new-tokens   -> args.max_new_tokens
 
@@ -153,10 +153,15 @@ def add_base_model(p: argparse.ArgumentParser, required: bool = False, help: str
 
 
 def add_draft(p: argparse.ArgumentParser, required: bool = False, help: str | None = None) -> argparse.Action:
-    """``--draft`` (dest ``draft``): a draft checkpoint folder; optional drafts mean plain decoding when omitted."""
+    """``--draft`` (dest ``draft``: a list, None when omitted), repeatable: a draft checkpoint folder, or a
+    training-free source (``lookup``, ``recycle``); several share one tree per step. Optional drafts mean plain
+    decoding when omitted."""
     return add_option(p, "--draft", "--ea-model-path", "--draft-model-path", required=required, default=None,
-                      metavar="FOLDER", help=help or "draft checkpoint folder (Clover-2 or EAGLE-1)"
-                                                     + ("" if required else "; omit for plain decoding"))
+                      action="append", metavar="FOLDER|lookup|recycle",
+                      help=help or "a draft checkpoint folder (Clover-2 or EAGLE-1), or a candidate source that needs "
+                                   "no training: lookup (prompt/suffix lookup), recycle (token recycling); repeat to "
+                                   "combine one checkpoint and the sources in one tree"
+                                   + ("" if required else "; omit for plain decoding"))
 
 
 def add_data_dir(p: argparse.ArgumentParser, required: bool = True, help: str | None = None,

@@ -36,7 +36,8 @@ ALIASES = {
     "--top-k": ["--top_k"],
 }
 # a valid value for each flag and what it parses to
-VALUES = {"--base-model": "some-model", "--draft": "some-draft", "--data-dir": "data", "--ckpt-dir": "ckpt",
+VALUES = {"--base-model": "some-model", "--draft": ("some-draft", ["some-draft"]), "--data-dir": "data",
+          "--ckpt-dir": "ckpt",
           "--tree-budget": ("7", 7), "--max-new-tokens": ("5", 5), "--max-len": ("64", 64),
           "--question-file": "q.jsonl", "--question-begin": ("1", 1), "--question-end": ("4", 4),
           "--per-group": ("2", 2), "--answer-file": "a.jsonl", "--baseline-file": "b.jsonl", "--top-p": ("0.5", 0.5),

@@ -46,18 +46,26 @@ def test_plain_answers_count_exactly_and_resume(tmp_path, questions):
 
 
 def test_speculative_answers_need_a_draft(tmp_path, questions):
-    with pytest.raises(CloverError, match="needs --draft"):
-        generate_answers("clover", SMOLLM2, tmp_path / "a.jsonl", questions, warmup=0, progress=False)
+    for method in ("clover", "eagle+lookup"):
+        with pytest.raises(CloverError, match="needs --draft"):
+            generate_answers(method, SMOLLM2, tmp_path / "a.jsonl", questions, warmup=0, progress=False)
+
+
+@pytest.mark.parametrize("method", ["clover+eagle", "lookup+lookup", "pld", "baseline+lookup"])
+def test_unknown_methods_are_errors(tmp_path, questions, method):
+    with pytest.raises(CloverError, match="unknown method"):
+        generate_answers(method, SMOLLM2, tmp_path / "a.jsonl", questions, warmup=0, progress=False)
 
 
 def test_comparison_runs_end_to_end(tmp_path, questions, drafts):
     results = run_comparison(tmp_path / "cmp", SMOLLM2, [drafts["clover2"], drafts["eagle"]], questions,
                              max_new_token=5, tree="mc_sim_7b_63", figs=tmp_path / "figs", warmup=0, progress=False)
-    assert set(results["methods"]) == {"hf", "hf_pld", "baseline", "eagle", "clover"}
+    assert set(results["methods"]) == {"hf", "hf_pld", "baseline", "eagle", "clover", "lookup", "recycle",
+                                       "lookup+recycle", "clover+lookup+recycle", "eagle+lookup+recycle"}
     assert results["methods"]["baseline"]["tau"]["overall"]["tau"] == 1.0
     assert results["methods"]["hf"]["tau"]["overall"]["tau"] == 1.0
     table = (tmp_path / "cmp" / "table.md").read_text()
-    assert "Clover-2" in table and "transformers prompt lookup" in table
+    assert "Clover-2" in table and "transformers prompt lookup" in table and "Clover-2 + lookup + recycling" in table
     assert (tmp_path / "figs" / "tau_per_group.png").stat().st_size > 0
     assert (tmp_path / "figs" / "speedup_per_group.png").stat().st_size > 0
     # every method's file holds Spec-Bench's fields, consistent with ours
@@ -72,6 +80,6 @@ def test_comparison_runs_end_to_end(tmp_path, questions, drafts):
                 assert all(turn[0] == 1 for turn in choice["accept_lengths_per_turn"])
     # greedy speculative answers are the plain answers
     plain = load_answers(tmp_path / "cmp" / "answers" / "baseline.jsonl")
-    for method in ("clover", "eagle", "hf"):
+    for method in set(results["methods"]) - {"baseline", "hf_pld"}:
         other = load_answers(tmp_path / "cmp" / "answers" / f"{method}.jsonl")
         assert [a["choices"][0]["turns"] for a in other] == [a["choices"][0]["turns"] for a in plain]

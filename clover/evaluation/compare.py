@@ -1,5 +1,6 @@
 """Peers side by side on the same questions, machine and caps: transformers ``generate`` (plain), transformers
-prompt-lookup decoding, the project's plain decoding, EAGLE-1 and Clover-2. Writes one answer file per method
+prompt-lookup decoding, the project's plain decoding, its training-free sources (prompt lookup, token recycling, both
+in one tree), EAGLE-1 and Clover-2, alone and with both sources in their tree. Writes one answer file per method
 (resumable), a markdown table (tokens/s, speedup over the project's plain decoding, τ per group) and plots in figs/.
 
     python -m clover.evaluation.compare --draft runs/clover2 --draft runs/eagle \\
@@ -19,20 +20,30 @@ from clover.args import (CloverArgumentParser, add_base_model, add_max_new_token
                          add_sampling, add_tree)
 from clover.errors import CloverError, run_cli
 from clover.evaluation.answers import GROUPS, load_answers
-from clover.evaluation.gen_answer import generate_answers
+from clover.evaluation.gen_answer import METHODS, generate_answers, method_parts
+from clover.generate.sources import SOURCE_NAMES
 from clover.evaluation.speed_spe import speed_report
 from clover.evaluation.tau_spe import tau_report
 from clover.model.checkpoint import read_draft_config
 from clover.model.loading import DEFAULT_MODEL
-from clover.model.registry import draft_class, draft_for_method, draft_methods
+from clover.model.registry import draft_class
 
 PEER_LABELS = {"hf": "transformers generate", "hf_pld": "transformers prompt lookup", "baseline": "clover plain"}
-ALL_METHODS = (*PEER_LABELS, *draft_methods())
+SOURCE_LABELS = {"lookup": "lookup", "recycle": "recycling"}
+TRAINING_FREE = (*SOURCE_NAMES, "+".join(SOURCE_NAMES))  # compared by default, with or without a checkpoint
 
 
 def label(method: str) -> str:
-    drafted = draft_for_method(method)
-    return drafted.label if drafted else PEER_LABELS[method]
+    if method in PEER_LABELS:
+        return PEER_LABELS[method]
+    drafted, sources = method_parts(method)
+    return " + ".join(([drafted.label] if drafted else []) + [SOURCE_LABELS[s] for s in sources])
+
+
+def draft_method(method: str) -> str | None:
+    """The method of the trained draft inside ``method`` (None: none)."""
+    parts = method_parts(method)
+    return parts[0].method if parts and parts[0] else None
 
 
 def draft_checkpoints(drafts) -> dict[str, str]:
@@ -51,22 +62,23 @@ def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=No
                    max_new_token=128, temperature=0.0, tree="mc_sim_7b_63", total_token="auto", dtype="auto",
                    device="cpu", figs="figs", question_begin=None, question_end=None, warmup=1, progress=True,
                    per_group=None, compile=False) -> dict:
-    """Answer the questions with every method (``methods``; default: the peers and one method per checkpoint in
-    ``drafts``), then write ``results.json``, ``table.md`` and the plots."""
+    """Answer the questions with every method (``methods``; default: the peers, the training-free sources alone and
+    together, and per checkpoint in ``drafts`` its draft alone and with both sources), then write ``results.json``,
+    ``table.md`` and the plots. A method of a draft type that no checkpoint has is left out."""
     outdir = Path(outdir)
     checkpoints = draft_checkpoints(drafts)
     if methods is None:
-        methods = [*PEER_LABELS, *checkpoints]
-    unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown:
-        raise CloverError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
-    methods = [m for m in methods if draft_for_method(m) is None or m in checkpoints]
+        methods = [*PEER_LABELS, *TRAINING_FREE, *checkpoints,
+                   *("+".join((m, *SOURCE_NAMES)) for m in checkpoints)]
+    for m in methods:
+        method_parts(m)  # unknown names are errors
+    methods = [m for m in methods if draft_method(m) is None or draft_method(m) in checkpoints]
     if "baseline" not in methods:
         raise CloverError("the comparison needs the 'baseline' method (the project's plain decoding) as reference")
     files = {}
     for method in methods:
         files[method] = generate_answers(method, base_model, outdir / "answers" / f"{method}.jsonl", question_file,
-                                         checkpoints.get(method), temperature=temperature, max_new_token=max_new_token,
+                                         checkpoints.get(draft_method(method)), temperature=temperature, max_new_token=max_new_token,
                                          tree=tree, total_token=total_token, dtype=dtype, device=device,
                                          question_begin=question_begin, question_end=question_end, warmup=warmup,
                                          progress=progress, per_group=per_group, compile=compile)
@@ -148,8 +160,9 @@ def build_parser():
         p.add_argument(old, action="append", dest="drafts", help=argparse.SUPPRESS)
     add_questions(p)
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of: " + ", ".join(ALL_METHODS) + " (default: the peers and one "
-                        "method per --draft)")
+                   help="comma-separated methods: " + ", ".join(METHODS) + ", or another '+' combination of one "
+                        "draft and the sources (default: the peers, lookup, recycle, lookup+recycle, and per --draft "
+                        "its draft alone and with lookup+recycle)")
     add_max_new_tokens(p, 128, help="cap per turn, the same for every method")
     add_sampling(p, top=False, seed_help=None)
     add_tree(p, "mc_sim_7b_63")

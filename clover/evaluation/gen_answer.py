@@ -1,6 +1,9 @@
 """Answer files for a Spec-Bench-format question file, one JSON line per question (see
 :mod:`clover.evaluation.answers`), for the project's plain decoding (``baseline``), Clover-2 (``clover``), EAGLE-1
-(``eagle``), and the transformers peers ``hf`` (plain ``generate``) and ``hf_pld`` (prompt-lookup decoding).
+(``eagle``), the training-free sources ``lookup`` (prompt/suffix lookup) and ``recycle`` (token recycling), any
+combination of one trained draft and those sources in one tree, joined by ``+`` (``lookup+recycle``,
+``clover+lookup+recycle``), and the transformers peers ``hf`` (plain ``generate``) and ``hf_pld`` (prompt-lookup
+decoding).
 
 Every method gets the same prompts (the base model's chat template; multi-turn questions keep the conversation with
 the model's own earlier answers), the same ``--max-new-tokens`` cap and stop tokens, a warm-up before timing, and a
@@ -24,10 +27,42 @@ from clover.errors import CloverError, run_cli
 from clover.evaluation.answers import (answer_record, append_answer, default_question_file, done_question_ids,
                                        error_record, load_questions, make_choice, sort_answer_file)
 from clover.io import device_timer
+from clover.generate.sources import SOURCE_NAMES, split_drafts
 from clover.model.registry import draft_for_method, draft_methods
 
 PEERS = ("hf", "hf_pld")  # transformers' own decoders
-METHODS = ("baseline", *draft_methods(), *PEERS)
+# the methods --help lists; any "+" combination of at most one draft method and the sources is a method too
+METHODS = ("baseline", *draft_methods(), *SOURCE_NAMES, "+".join(SOURCE_NAMES),
+           *("+".join((m, *SOURCE_NAMES)) for m in draft_methods()), *PEERS)
+
+
+def method_parts(method: str):
+    """``(draft class or None, source names)`` of the project's speculative method ``method`` (``clover``,
+    ``lookup+recycle``, ``eagle+lookup`` ...); None for ``baseline`` and the peers. Unknown names are errors."""
+    if method == "baseline" or method in PEERS:
+        return None
+    drafted, sources = None, []
+    parts = method.split("+")
+    for part in parts:
+        cls = draft_for_method(part)
+        if cls is not None and drafted is None:
+            drafted = cls
+        elif part in SOURCE_NAMES and part not in sources:
+            sources.append(part)
+        else:
+            raise CloverError(f"unknown method {method!r}: a method is baseline, {', '.join(PEERS)}, or a '+' "
+                              f"combination of at most one of {', '.join(draft_methods())} and the sources "
+                              f"{', '.join(SOURCE_NAMES)}, each once (e.g. {METHODS[-3]})")
+    return drafted, sources
+
+
+def method_type(text: str) -> str:
+    """argparse type of ``--method``."""
+    try:
+        method_parts(text)
+    except CloverError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 class Decoder:
@@ -40,16 +75,7 @@ class Decoder:
 
         self.method, self.device, self.max_new_tokens, self.stop_ids = method, device, max_new_tokens, list(stop_ids)
         self.params = SamplingParams(temperature, top_p, top_k)
-        drafted = draft_for_method(method)
-        if drafted is not None or method == "baseline":  # the project's own decoding, speculative or plain
-            if drafted is not None and not draft:
-                raise CloverError(f"--method {method} needs --draft (a {drafted.label} checkpoint folder)")
-            from clover.generate.loader import load_decoding
-
-            self.decoding = load_decoding(base_model, draft if drafted else None,
-                                          draft_type=drafted and drafted.draft_type, tree=tree, budget=budget,
-                                          dtype=dtype, device=device, max_len=max_len, compile=compile)
-        elif method in PEERS:
+        if method in PEERS:
             from transformers import AutoModelForCausalLM
 
             from clover.model.base import parse_dtype
@@ -58,8 +84,19 @@ class Decoder:
             torch_dtype = parse_dtype(dtype, torch.device(device))
             self.hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_model), dtype=torch_dtype)
             self.hf = self.hf.to(device).eval()
-        else:
-            raise CloverError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+            return
+        drafted, sources = method_parts(method) or (None, [])  # the project's own decoding, speculative or plain
+        checkpoint, named = split_drafts(draft)
+        if named:
+            raise CloverError(f"--draft {named[0]}: name the training-free sources in --method (e.g. "
+                              f"--method lookup+recycle); --draft is the checkpoint folder of a trained draft")
+        if drafted is not None and not checkpoint:
+            raise CloverError(f"--method {method} needs --draft (a {drafted.label} checkpoint folder)")
+        from clover.generate.loader import load_decoding
+
+        self.decoding = load_decoding(base_model, [checkpoint] * (drafted is not None) + sources,
+                                      draft_type=drafted and drafted.draft_type, tree=tree, budget=budget,
+                                      dtype=dtype, device=device, max_len=max_len, compile=compile)
 
     def decode(self, ids: list[int], seed: int) -> tuple[list[int], list[int]]:
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -168,9 +205,11 @@ def generate_answers(method: str, base_model_path: str, answer_file, question_fi
 def build_parser() -> argparse.ArgumentParser:
     p = CloverArgumentParser(prog="python -m clover.evaluation.gen_answer", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, type=method_type, metavar="METHOD",
+                   help="one of " + ", ".join(METHODS) + ", or another '+' combination of one trained draft's method "
+                        "and the sources")
     add_base_model(p)
-    add_draft(p, help="draft checkpoint folder (methods clover and eagle)")
+    add_draft(p, help="draft checkpoint folder (the methods with clover or eagle in them)")
     add_questions(p)
     add_answer_file(p, help="JSONL to append to (questions already in it are skipped)")
     p.add_argument("--model-id", default=None,

@@ -14,12 +14,13 @@ from clover.model.kernels import one_row_kernel
 from clover.model.loading import cache_dir
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-RUNTIME_VERSION = 5  # bump when the runtime's kernels change, so that cached curves are measured again
+RUNTIME_VERSION = 6  # bump when the runtime's kernels change, so that cached curves are measured again
 
 
 def measure_cost_curve(base: BaseModel, sizes=SIZES, prefix: int = 256, repeats: int = 5) -> dict[int, float]:
-    """Median seconds of a tree-masked forward of each size after a ``prefix``-token cache (cache restored); a short
-    context window shortens the prefix and drops the sizes that do not fit."""
+    """Median seconds of a tree-masked forward of each size after a ``prefix``-token cache (cache restored), and for
+    one token the plain decoding step that speculative decoding runs then (no mask: the compiled token graph under
+    ``--compile``); a short context window shortens the prefix and drops the sizes that do not fit."""
     prefix = min(prefix, base.max_len // 2)
     sizes = [s for s in sizes if prefix + s <= base.max_len]
     gen = torch.Generator().manual_seed(0)
@@ -33,7 +34,7 @@ def measure_cost_curve(base: BaseModel, sizes=SIZES, prefix: int = 256, repeats:
         for _ in range(repeats + 1):
             base.truncate(prefix)
             with device_timer(base.device) as timer:
-                base(ids[:, prefix:prefix + s], tree_mask=mask)
+                base(ids[:, prefix:prefix + s], tree_mask=None if s == 1 else mask)
             times.append(timer.seconds)
         curve[s] = sorted(times[1:])[repeats // 2]
     base.reset()

@@ -48,32 +48,39 @@ class Decoding:
 
     def reset(self) -> None:
         """Empty the KV caches (the base's and the draft's)."""
-        self.base.reset()
         if self.model is not None:
-            self.model.runner.reset()
+            self.model.reset()
+        else:
+            self.base.reset()
 
 
 def load_decoding(base_model, draft=None, *, draft_type: str | None = None, tree="mc_sim_7b_63",
                   budget: int | str | None = "auto", dtype="auto", device="cpu",
                   max_len: int | None = None, compile: bool = False) -> Decoding:
     """Plain decoding of ``base_model`` (a built-in name, .gguf file or HF folder) when ``draft`` is empty, else
-    speculative decoding with the draft checkpoint folder ``draft`` and ``tree`` (a fixed tree name, ``"dynamic"`` or
-    a list of node paths) with node ``budget`` (a number or ``"auto"``; dynamic tree only). ``draft_type`` (a
-    registered draft type name, e.g. ``"clover2"``) makes a checkpoint of another type an error. ``compile``
-    compiles the base model's decoding forwards now (:meth:`BaseModel.compile_decode`: one token, and a tree's
-    verification)."""
+    speculative decoding with ``draft``: a draft checkpoint folder, a training-free source (``"lookup"``,
+    ``"recycle"``), or a list of them (at most one checkpoint), whose candidates share one tree per step. ``tree`` is
+    the trained draft's tree (a fixed tree name, ``"dynamic"`` or a list of node paths; with a source in the mix the
+    tree is always chosen by score), with node ``budget`` (a number or ``"auto"``: sized by this device's measured
+    verification cost). ``draft_type`` (a registered draft type name, e.g. ``"clover2"``) makes a checkpoint of
+    another type an error. ``compile`` compiles the base model's decoding forwards now
+    (:meth:`BaseModel.compile_decode`: one token, and a tree's verification)."""
+    from clover.generate.sources import split_drafts
+
     if draft_type is not None:
         draft_class(draft_type)  # an unknown name is an error even for plain decoding
+    checkpoint, sources = split_drafts(draft)
     if compile:
         print("compiling the decoding forwards (torch.compile; a few minutes on 2 CPU cores) ...", file=sys.stderr,
               flush=True)
-    if not draft:
+    if not checkpoint and not sources:
         base = BaseModel.from_pretrained(base_model, dtype=dtype, device=device, max_len=max_len)
         if compile:
             base.compile_decode()
         return Decoding(base)
     from clover.generate.speculative import SpeculativeModel
 
-    model = SpeculativeModel.from_pretrained(base_model, draft, dtype=dtype, device=device, max_len=max_len,
-                                             tree=tree, budget=budget, expected_type=draft_type, compile=compile)
+    model = SpeculativeModel.from_pretrained(base_model, checkpoint, dtype=dtype, device=device, max_len=max_len,
+                                             tree=tree, budget=budget, expected_type=draft_type, compile=compile,
+                                             sources=sources)
     return Decoding(model.base, model)

@@ -11,6 +11,7 @@ class GenerationResult:
     tokens: list[int]                      # generated ids (stop token included when one ended the output)
     accept_lengths: list[int] = field(default_factory=list)  # tokens committed per step, bonus token included
     finish_reason: str = ""                # "stop", "length" (max_new_tokens) or "context" (window full)
+    verified: list[int] = field(default_factory=list)  # tokens each speculative step verified (root included)
     wall_time: float = 0.0
 
     @property

@@ -1,7 +1,8 @@
 """Speculative decoding: prefill, draft a tree, verify it in one base forward, commit the accepted path, repeat.
 
 ``SpeculativeModel`` (any draft; ``CloverModel`` / ``EagleModel`` accept only their own) bundles a base runtime, a
-draft and a tree policy (a fixed shape such as ``mc_sim_7b_63``, or ``dynamic`` with a node budget that is a number or
+trained draft and/or training-free candidate sources (``lookup``, ``recycle``: :mod:`clover.generate.sources`),
+whose candidates are merged into one tree per step (:func:`clover.generate.tree.select_tree`), and a tree policy (a fixed shape such as ``mc_sim_7b_63``, or ``dynamic`` with a node budget that is a number or
 ``auto``). ``auto`` measures this device's verification cost curve and the draft's own costs once, then picks each
 step's depth from the acceptance observed so far (:class:`clover.generate.budget.DepthPolicy`; the statistics carry
 over between calls), depth 0 being a plain decoding step, and each step's node count from the cost curve.
@@ -17,34 +18,45 @@ from clover.errors import CloverError
 from clover.generate.output import GenerationResult, OutputTracker
 from clover.generate.plain import _drain, check_prompt, stream_plain
 from clover.generate.sampling import SamplingParams, select_tokens
-from clover.generate.tree import DraftTree, TreeSpec, build_dynamic_tree
+from clover.generate.sources import SOURCE_NAMES, make_source
+from clover.generate.tree import DraftTree, TreeSpec, dynamic_candidates, select_tree
 from clover.generate.verify import verify_tree
 from clover.model.base import BaseModel
 from clover.model.clover2 import Clover2Draft
 from clover.model.draft import DraftModel
 from clover.model.eagle import EagleDraft
 
+MAX_CANDIDATES = 64  # per source and step: more than a CPU's verification pays for
+
 
 class SpeculativeModel:
     draft_class: type[DraftModel] = DraftModel  # subclasses accept only checkpoints of their own draft
 
-    def __init__(self, base: BaseModel, draft: DraftModel, tree="mc_sim_7b_63", budget: int | str | None = None,
-                 tokenizer=None, dynamic_width: int = 8, dynamic_expand: int = 8, max_depth: int = 5):
+    def __init__(self, base: BaseModel, draft: DraftModel | None = None, tree="mc_sim_7b_63",
+                 budget: int | str | None = None, tokenizer=None, dynamic_width: int = 8, dynamic_expand: int = 8,
+                 max_depth: int = 5, sources=()):
         self.base, self.draft, self.tokenizer = base, draft, tokenizer
-        self.runner = draft.runner()
-        self.hidden_attr = "hidden_prenorm" if draft.hidden_kind == "prenorm" else "hidden"
-        heads = draft.max_depth  # the draft's own depth limit, if it has one
-        self.num_heads = heads if heads is not None else max_depth
-        self.dynamic = tree == "dynamic"
+        self.sources = [make_source(s, base) if isinstance(s, str) else s for s in sources]
+        if draft is None and not self.sources:
+            raise CloverError("speculative decoding needs a draft checkpoint or a candidate source "
+                              f"({', '.join(SOURCE_NAMES)})")
+        self.runner = draft.runner() if draft is not None else None
+        self.hidden_attr = "hidden_prenorm" if draft is not None and draft.hidden_kind == "prenorm" else "hidden"
+        heads = draft.max_depth if draft is not None else None  # the draft's own depth limit, if it has one
+        self.num_heads = (heads if heads is not None else max_depth) if draft is not None else 0
+        # with training-free sources every step's tree is chosen from scored candidates (a fixed shape has no scores)
+        self.dynamic = tree == "dynamic" or bool(self.sources)
         self.dynamic_width, self.dynamic_expand = dynamic_width, dynamic_expand
+        self.tree_depth = max([self.num_heads] + [s.max_depth for s in self.sources])
         self.depth_policy = None
         if self.dynamic:
             if budget in (None, "auto"):
                 from clover.generate.budget import DepthPolicy, draft_costs, verification_cost
 
                 self.budget, self.cost = None, verification_cost(base)
-                self.depth_policy = DepthPolicy(self.cost, *draft_costs(self.runner, base, dynamic_expand),
-                                                self.num_heads)
+                if self.runner is not None:
+                    self.depth_policy = DepthPolicy(self.cost, *draft_costs(self.runner, base, dynamic_expand),
+                                                    self.num_heads)
             else:
                 self.budget, self.cost = int(budget), None
                 if self.budget < 0:
@@ -53,38 +65,63 @@ class SpeculativeModel:
             self.spec = TreeSpec(tree, num_heads=heads).to(base.device)
 
     @classmethod
-    def from_pretrained(cls, base_model_path, draft_model_path, dtype="auto", device="cpu",
+    def from_pretrained(cls, base_model_path, draft_model_path=None, dtype="auto", device="cpu",
                         max_len: int | None = None, expected_type=None, compile: bool = False,
                         **kwargs) -> "SpeculativeModel":
         """Load the base model and the draft checkpoint ``draft_model_path`` (of this class's draft, or of
-        ``expected_type``: a draft class or type name) and bundle them (``kwargs``: tree, budget ...). ``compile``
-        compiles the base's decoding forwards first (:meth:`BaseModel.compile_decode`), so that the ``auto``
-        budget is measured on the compiled forwards."""
+        ``expected_type``: a draft class or type name; None: no trained draft, ``sources`` only) and bundle them
+        (``kwargs``: tree, budget, sources ...). ``compile`` compiles the base's decoding forwards first
+        (:meth:`BaseModel.compile_decode`), so that the ``auto`` budget is measured on the compiled forwards."""
         from clover.model.checkpoint import load_draft
         from clover.model.loading import load_tokenizer
 
         base = BaseModel.from_pretrained(base_model_path, dtype=dtype, device=device, max_len=max_len)
         if compile:
             base.compile_decode()
-        draft = load_draft(draft_model_path, base, expected_type=expected_type or cls.draft_class)
-        draft.allocate_cache(base.max_len)
+        draft = None
+        if draft_model_path:
+            draft = load_draft(draft_model_path, base, expected_type=expected_type or cls.draft_class)
+            draft.allocate_cache(base.max_len)
         return cls(base, draft, tokenizer=load_tokenizer(base_model_path), **kwargs)
+
+    @property
+    def description(self) -> str:
+        """What proposes the candidates, for people (e.g. ``"Clover-2 draft + prompt lookup"``)."""
+        parts = [f"{self.draft.label} draft"] if self.draft is not None else []
+        return " + ".join(parts + [s.label for s in self.sources])
+
+    def reset(self) -> None:
+        """Empty the caches of a request (the base's, the draft's); the sources keep what they learned."""
+        self.base.reset()
+        if self.runner is not None:
+            self.runner.reset()
 
     # ------------------------------------------------------------------------------------------------------------
     def _next_depth(self) -> int:
-        """How deep to draft the next step; 0 (``auto`` only) = a plain decoding step, no draft call at all."""
+        """How deep the trained draft drafts the next step; 0 = no draft call at all (no draft, or ``auto`` chose
+        a step without it)."""
+        if self.runner is None:
+            return 0
         if not self.dynamic:
             return self.spec.depth
         return self.depth_policy.depth() if self.depth_policy else self.num_heads
 
     def _draft_tree(self, root, root_logits, depth: int):
-        if depth == 0:
+        """The step's tree: the trained draft's candidates (when it drafts) and every source's, merged."""
+        if not self.dynamic:
+            return self.spec.build(root, root_logits, self.runner)
+        candidates = []
+        if depth > 0:
+            candidates.append(dynamic_candidates(root_logits, self.runner, max_depth=depth, width=self.dynamic_width,
+                                                 expand=self.dynamic_expand).top(MAX_CANDIDATES))
+        for source in self.sources:
+            found = source.propose(root)
+            if found.size:
+                candidates.append(found.top(MAX_CANDIDATES))
+        if not candidates:
             zero = torch.zeros(1, dtype=torch.long, device=root.device)
             return DraftTree.from_parents(root.reshape(1), zero, zero, 0)
-        if self.dynamic:
-            return build_dynamic_tree(root, root_logits, self.runner, max_depth=depth, budget=self.budget,
-                                      width=self.dynamic_width, expand=self.dynamic_expand, cost_per_size=self.cost)
-        return self.spec.build(root, root_logits, self.runner)
+        return select_tree(root, candidates, max_depth=self.tree_depth, budget=self.budget, cost_per_size=self.cost)
 
     def _draft_input(self, out, index):
         return getattr(out, self.hidden_attr)[:, index]
@@ -100,11 +137,15 @@ class SpeculativeModel:
         ids = check_prompt(self.base, input_ids)
         base = self.base
         start_time = time.perf_counter()
-        base.reset()
-        self.runner.reset()
+        self.reset()
         out = base(ids, logits_to_keep=1)
         root = select_tokens(out.logits[0, -1], params, generator)
-        yield tracker.add([int(root)])
+        first = int(root)
+        yield tracker.add([first])
+        if self.sources:
+            prompt = ids[0].tolist()
+            for source in self.sources:
+                source.begin(prompt, first, base, out)
         # (hidden state, next token) pairs of committed positions the draft has not seen yet: fed to the draft in one
         # call before the next step that drafts (after plain steps, several steps' worth)
         pending = [(self._draft_input(out, slice(None)), torch.cat([ids[:, 1:], root.reshape(1, 1)], dim=1))]
@@ -119,15 +160,25 @@ class SpeculativeModel:
             if past + tree.size > base.max_len:
                 tracker.result.finish_reason = "context"
                 break
-            out = base(tree.tokens[None], position_ids=past + tree.depths, tree_mask=tree.mask)
+            if tree.size == 1:  # a plain step: the one-token forward (compiled under --compile)
+                out = base(root.reshape(1, 1))
+            else:
+                out = base(tree.tokens[None], position_ids=past + tree.depths, tree_mask=tree.mask)
             verdict = verify_tree(tree, out.logits[0], params, generator)
             base.commit(past, verdict.nodes)
             if self.depth_policy is not None:
-                self.depth_policy.update(depth, verdict.tokens.numel() - 1, tree.size)
+                drafted = verdict.accepted
+                if self.sources:  # the draft's own share: the accepted nodes it proposed, from the root on
+                    drafted = next((i for i, o in enumerate(verdict.origins) if not o & 1), len(verdict.origins))
+                self.depth_policy.update(depth, drafted, tree.size)
+            for source in self.sources:
+                source.observe(tree, verdict, out.logits[0])
             root = verdict.bonus
+            tracker.result.verified.append(tree.size)
             yield tracker.add(verdict.committed)
-            pending.append((self._draft_input(out, verdict.nodes),
-                            torch.cat([verdict.tokens[1:], root.reshape(1)])[None]))
+            if self.runner is not None:
+                pending.append((self._draft_input(out, verdict.nodes),
+                                torch.cat([verdict.tokens[1:], root.reshape(1)])[None]))
         # keep exactly the output in the cache (all but its last token, which is never fed back): a stop or cap inside
         # the last accepted chunk leaves committed-but-discarded positions behind
         base.truncate(min(base.cache.length, ids.shape[1] + tracker.result.new_tokens - 1))

@@ -11,6 +11,8 @@ Trees come from two builders that share that object:
   token of its parent's draft distribution.
 * :func:`build_dynamic_tree` — a per-step tree grown by joint probability (Clover-1's strategy, rewritten) within a
   node budget.
+* :func:`select_tree` — the tree of one step from the scored :class:`Candidates` of several sources (a trained
+  draft, prompt lookup, token recycling), duplicates merged, sized by the verification cost.
 
 Both only loop over depths (≤ number of draft heads); everything per node is a tensor operation.
 """
@@ -52,6 +54,7 @@ class DraftTree:
     depths: torch.Tensor   # [n+1] depth (root 0) = position offset from the root
     mask: torch.Tensor     # [n+1, n+1] bool, True where column is an ancestor of (or is) the row
     paths: torch.Tensor    # [n+1, D+1] node indices root..node, -1 padded
+    origin: torch.Tensor | None = None  # [n+1] bit s set: source s of the step proposed the node (root: 0)
 
     @property
     def size(self) -> int:
@@ -183,26 +186,21 @@ def as_tokens(columns: torch.Tensor, vocab: torch.Tensor | None) -> torch.Tensor
     return columns if vocab is None else vocab[columns]
 
 
-def build_dynamic_tree(root: torch.Tensor, root_logits: torch.Tensor, draft: DraftExpander, *, max_depth: int,
-                       budget: int | None, width: int = 8, expand: int = 8, top_p: float = 0.95,
-                       min_ratio: float = 0.25, cost_per_size: torch.Tensor | None = None) -> DraftTree:
-    """Grow a tree by joint draft probability (the original's dynamic mode, written anew: it was unreachable there).
+def dynamic_candidates(root_logits: torch.Tensor, draft: DraftExpander, *, max_depth: int, width: int = 8,
+                       expand: int = 8, top_p: float = 0.95, min_ratio: float = 0.25) -> "Candidates":
+    """Grow candidate nodes by joint draft probability (the original's dynamic mode, written anew: it was unreachable
+    there).
 
     Per depth, every frontier node proposes its top-``width`` children by full-softmax draft probability, truncated
     to the top-``top_p`` nucleus (rank 0 always kept) and to children with at least ``min_ratio`` × the top-1
-    probability; a child's score is its joint probability (product along the path). The ``expand`` best children
-    of the depth become the next frontier (the per-depth budget), up to ``max_depth`` (the number of heads). The
-    tree is the top-``budget`` nodes by joint probability over all depths — a child's score is strictly below its
-    parent's, so the selection is closed under parents. With ``budget=None`` and ``cost_per_size`` (seconds of a
-    verification forward for 1..K tokens), the size maximising expected tokens per second
-    ``(1 + Σ joint) / cost(size)`` is chosen (joint probabilities estimate acceptance).
-    """
+    probability; a child's score is its log joint probability (sum along the path). The ``expand`` best children
+    of the depth become the next frontier (the per-depth budget), up to ``max_depth`` (the number of heads)."""
     device = root_logits.device
     logits = root_logits.reshape(1, -1)
     frontier_score = torch.zeros(1, device=device)       # log joint probability of the frontier nodes
-    frontier_id = torch.zeros(1, dtype=torch.long, device=device)
+    frontier_id = torch.full((1,), -1, dtype=torch.long, device=device)  # -1: the root
     cand_tok, cand_parent, cand_score, cand_depth = [], [], [], []
-    n_seen = 1  # candidate ids: 0 = root, then in order of creation
+    n_seen = 0  # candidate ids in order of creation
     for d in range(1, max_depth + 1):
         probs, tok = logits.float().softmax(-1).topk(width, dim=-1)            # [R, W]
         tok = as_tokens(tok, draft.vocab)
@@ -221,8 +219,121 @@ def build_dynamic_tree(root: torch.Tensor, root_logits: torch.Tensor, draft: Dra
         frontier_score, frontier_id = best_score, n_seen + best
         logits = draft.expand(best // w, tok.reshape(-1)[best], d)
         n_seen += r * w
-    tok, parent, score, depth = (torch.cat(x) for x in (cand_tok, cand_parent, cand_score, cand_depth))
-    order = score.argsort(descending=True)
+    return Candidates(*(torch.cat(x) for x in (cand_tok, cand_parent, cand_depth, cand_score)))
+
+
+def build_dynamic_tree(root: torch.Tensor, root_logits: torch.Tensor, draft: DraftExpander, *, max_depth: int,
+                       budget: int | None, width: int = 8, expand: int = 8, top_p: float = 0.95,
+                       min_ratio: float = 0.25, cost_per_size: torch.Tensor | None = None) -> DraftTree:
+    """A per-step tree from the draft alone: :func:`dynamic_candidates`, then the ``budget`` best of them by joint
+    probability (or, with ``budget=None``, the size that :func:`select_tree` finds best for ``cost_per_size``)."""
+    candidates = dynamic_candidates(root_logits, draft, max_depth=max_depth, width=width, expand=expand,
+                                    top_p=top_p, min_ratio=min_ratio)
+    return select_tree(root, [candidates], max_depth=max_depth, budget=budget, cost_per_size=cost_per_size)
+
+
+# ---- candidates from several sources, one tree ------------------------------------------------------------------
+@dataclass
+class Candidates:
+    """Nodes proposed for the tree of one step by one source (a trained draft, prompt lookup, token recycling).
+
+    ``parents`` index into the same set (-1: the root), a parent listed before its children; ``scores`` are the log
+    of the source's estimate that the node is accepted (the path from the root matches the base model), each
+    strictly below its parent's; -inf marks a node that must not be used."""
+
+    tokens: torch.Tensor   # [N] token ids
+    parents: torch.Tensor  # [N] index of the parent in this set, -1 = the root
+    depths: torch.Tensor   # [N] depth (1 = a child of the root)
+    scores: torch.Tensor   # [N] log estimated acceptance probability
+
+    @classmethod
+    def chains(cls, chains: Sequence[Sequence[int]], log_probs: Sequence[Sequence[float]],
+               device) -> "Candidates":
+        """Candidates from host lists: each chain a list of tokens after the root, with the log acceptance
+        probability of each of its nodes (the product along the path, already accumulated)."""
+        tokens, parents, depths, scores = [], [], [], []
+        for chain, logp in zip(chains, log_probs):
+            for d, (tok, lp) in enumerate(zip(chain, logp)):
+                parents.append(-1 if d == 0 else len(tokens) - 1)
+                tokens.append(tok)
+                depths.append(d + 1)
+                scores.append(lp)
+        return cls(torch.tensor(tokens, dtype=torch.long, device=device),
+                   torch.tensor(parents, dtype=torch.long, device=device),
+                   torch.tensor(depths, dtype=torch.long, device=device),
+                   torch.tensor(scores, dtype=torch.float32, device=device))
+
+    @property
+    def size(self) -> int:
+        return self.tokens.numel()
+
+    def top(self, k: int) -> "Candidates":
+        """The ``k`` best-scored nodes (a set closed under parents, as a child scores below its parent), parents
+        re-indexed; the set itself when it has at most ``k`` nodes."""
+        if self.size <= k:
+            return self
+        chosen = self.scores.topk(k).indices
+        chosen = chosen[self.depths[chosen].argsort(stable=True)]
+        position = torch.full((self.size + 1,), -1, dtype=torch.long, device=self.tokens.device)
+        position[chosen + 1] = torch.arange(k, device=self.tokens.device)
+        return Candidates(self.tokens[chosen], position[self.parents[chosen] + 1], self.depths[chosen],
+                          self.scores[chosen])
+
+
+def merge_candidates(sources: Sequence[Candidates], max_depth: int) -> tuple[Candidates, torch.Tensor]:
+    """One candidate set from several: nodes with the same path from the root (token by token) are one node, with the
+    best of their scores. Returns the merged set (duplicates kept in place with score -inf, so that no size depends
+    on the data) and ``origin [N, S]``: which sources proposed each node."""
+    device = sources[0].tokens.device
+    starts = [0]
+    for c in sources[:-1]:
+        starts.append(starts[-1] + c.size)
+    offsets = torch.cat([torch.full((c.size,), s, dtype=torch.long, device=device) for c, s in zip(sources, starts)])
+    source = torch.cat([torch.full((c.size,), i, dtype=torch.long, device=device) for i, c in enumerate(sources)])
+    tokens = torch.cat([c.tokens for c in sources])
+    parents = torch.cat([c.parents for c in sources])
+    parents = torch.where(parents >= 0, parents + offsets, -1)
+    depths = torch.cat([c.depths for c in sources]).clamp(max=max_depth)
+    scores = torch.cat([c.scores.float() for c in sources])
+    n = tokens.numel()
+    # every node's token path from the root, -1 padded (column max_depth takes the writes past the root): equal
+    # rows = the same node
+    path = torch.full((n, max_depth + 1), -1, dtype=torch.long, device=device)
+    rows, cur = torch.arange(n, device=device), torch.arange(n, device=device)
+    for _ in range(max_depth):
+        live = cur >= 0
+        at = cur.clamp(min=0)
+        path.scatter_(1, torch.where(live, depths[at] - 1, max_depth)[:, None],
+                      torch.where(live, tokens[at], -1)[:, None])
+        cur = torch.where(live, parents[at], -1)
+    path = path[:, :max_depth]
+    same = (path[:, None, :] == path[None, :, :]).all(-1)                      # [N, N]
+    first = same.int().argmax(-1)                                                # the group's first member
+    best = torch.where(same, scores[None, :], -torch.inf).amax(-1)
+    origin = same.float() @ (source[:, None] == torch.arange(len(sources), device=device)).float() > 0
+    keep = first == rows
+    merged = Candidates(tokens, torch.where(parents >= 0, first[parents.clamp(min=0)], -1), depths,
+                        torch.where(keep, best, -torch.inf))
+    return merged, origin
+
+
+def select_tree(root: torch.Tensor, sources: Sequence[Candidates], *, max_depth: int, budget: int | None,
+                cost_per_size: torch.Tensor | None = None) -> DraftTree:
+    """The tree of one step: the root and the best candidates of every source by score, duplicates merged.
+
+    ``budget`` caps the number of nodes; with ``budget=None`` and ``cost_per_size`` (seconds of a verification
+    forward of 1..K tokens) the size maximising the expected tokens per second ``(1 + Σ accept) / cost(size)`` is
+    chosen, where ``accept`` is each node's estimated acceptance probability: 0 nodes (a plain decoding step) when
+    no candidate pays for its verification. A child's score is below its parent's, so any top-scored set is closed
+    under parents. The tree's ``origin`` says which sources (bit ``s`` for ``sources[s]``) proposed each node."""
+    device = root.device
+    if len(sources) == 1:
+        cands = sources[0]
+        origin = torch.ones(cands.size, 1, dtype=torch.bool, device=device)
+    else:
+        cands, origin = merge_candidates(sources, max_depth)
+    tok, parent, depth, score = cands.tokens, cands.parents, cands.depths, cands.scores
+    order = (score - 1e-6 * depth).argsort(descending=True)  # a parent before a child of equal score
     valid = int((score > -torch.inf).sum())  # one host sync per step: the number of usable nodes
     if budget is None:  # cost_per_size[s] = seconds to verify s tokens; a tree of j nodes has j + 1 tokens
         limit = min(valid, cost_per_size.numel() - 2)
@@ -233,8 +344,12 @@ def build_dynamic_tree(root: torch.Tensor, root_logits: torch.Tensor, draft: Dra
     n = chosen.numel() + 1
     position = torch.full((tok.numel() + 1,), -1, dtype=torch.long, device=device)
     position[0] = 0
-    position[chosen + 1] = torch.arange(1, n, device=device)                 # candidate id = index + 1
+    position[chosen + 1] = torch.arange(1, n, device=device)                 # candidate index + 1; the root: 0
+    zero = torch.zeros(1, dtype=torch.long, device=device)
     tokens = torch.cat([root.reshape(1), tok[chosen]])
-    parents = torch.cat([torch.zeros(1, dtype=torch.long, device=device), position[parent[chosen]]])
-    depths = torch.cat([torch.zeros(1, dtype=torch.long, device=device), depth[chosen]])
-    return DraftTree.from_parents(tokens, parents, depths, max_depth)
+    parents = torch.cat([zero, position[parent[chosen] + 1]])
+    depths = torch.cat([zero, depth[chosen]])
+    bits = (origin[chosen].long() << torch.arange(origin.shape[1], device=device)).sum(-1)
+    tree = DraftTree.from_parents(tokens, parents, depths, max_depth)
+    tree.origin = torch.cat([zero, bits])
+    return tree

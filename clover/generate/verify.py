@@ -29,6 +29,8 @@ class Verdict:
     bonus: torch.Tensor   # () the next root, drawn from the base distribution after the last accepted node
     accepted: int         # a = number of accepted draft tokens
     committed: list[int]  # the step's new tokens on the host: the accepted draft tokens, then the bonus token
+    targets: torch.Tensor  # [n+1] the base model's token at every tree node (what its children had to be)
+    origins: list[int]    # [a] the tree's origin bits of the accepted draft tokens (empty without origins)
 
 
 def verify_tree(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
@@ -42,8 +44,12 @@ def verify_tree(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
     path = tree.paths.index_select(0, best)[0]  # [D+1] root first, -1 past the node's depth
     tokens = tree.tokens[path.clamp(min=0)]
     bonus = targets.index_select(0, best)
-    # the one host sync of a step: how many tokens to commit, and the tokens themselves
-    host = torch.cat([tree.depths.index_select(0, best), bonus, tokens]).tolist()
-    a = host[0]
+    # the one host sync of a step: how many tokens to commit, the tokens themselves and where they came from
+    parts = [tree.depths.index_select(0, best), bonus, tokens]
+    if tree.origin is not None:
+        parts.append(tree.origin[path.clamp(min=0)])
+    host = torch.cat(parts).tolist()
+    a, d = host[0], path.numel()
     return Verdict(nodes=path[:a + 1], tokens=tokens[:a + 1], bonus=bonus[0], accepted=a,
-                   committed=host[3:3 + a] + [host[1]])
+                   committed=host[3:3 + a] + [host[1]], targets=targets,
+                   origins=host[3 + d:3 + d + a] if tree.origin is not None else [])  # root at 2 + d

@@ -102,7 +102,7 @@ class Engine:
         self.stats = {"served": 0, "cancelled": 0, "failed": 0}
 
     @classmethod
-    def load(cls, base_model: str, draft: str | None = None, tree: str = "dynamic", tree_budget: str = "auto",
+    def load(cls, base_model: str, draft: str | list[str] | None = None, tree: str = "dynamic", tree_budget: str = "auto",
              dtype: str = "auto", device: str = "cpu", max_len: int = 4096, template: str = "auto",
              system: str | None = None, compile: bool = False) -> "Engine":
         """Load the base model (and draft) the way ``python -m clover.cli`` does."""
@@ -124,8 +124,8 @@ class Engine:
             return decoding.stream(job.ids, SamplingParams(job.temperature, job.top_p, job.top_k), job.max_tokens,
                                    job.stop_token_ids, generator)
 
-        description = (f"{decoding.model.draft.draft_type} draft {draft}, tree {tree}, budget {tree_budget}"
-                       if draft else "plain decoding (no draft)")
+        description = (f"speculative decoding with {decoding.model.description}, tree {tree}, budget {tree_budget}"
+                       if decoding.speculative else "plain decoding (no draft)")
         return cls(stream, tokenizer, chat, base.max_len, base.device, decoding.reset,
                    f"{description}; {base.dtype}, {base.device}, context {base.max_len}")
 

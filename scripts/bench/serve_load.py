@@ -50,7 +50,7 @@ NAME = "load-test"
 def parse_args(argv=None):
     p = CloverArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_base_model(p)
-    add_draft(p, help="draft checkpoint folder (default: an untrained Clover-2 draft)")
+    add_draft(p, help="draft checkpoint folder or lookup/recycle, repeatable (default: an untrained Clover-2 draft)")
     add_tree(p, "dynamic")
     p.add_argument("--dtype", type=runtime_dtype, default="fp32",
                    help="dtype of both servers and the reference (default fp32)")
@@ -103,7 +103,8 @@ def start_server(args, draft, log_path: Path):
            "--device", "cpu", "--max-len", "1024", "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", NAME, "--log-level", "warning"]
     if draft:
-        cmd += ["--draft", str(draft), "--tree", args.tree, "--tree-budget", str(args.tree_budget)]
+        cmd += [x for d in draft for x in ("--draft", str(d))] + ["--tree", args.tree, "--tree-budget",
+                                                                   str(args.tree_budget)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     while True:
@@ -159,7 +160,7 @@ def summary(results: list[dict], wall: float) -> dict:
 
 
 def run_config(args, label, draft, expected, deadline, workdir) -> dict:
-    out = {"label": label, "draft": str(draft) if draft else None, "finished": []}
+    out = {"label": label, "draft": [str(d) for d in draft] if draft else None, "finished": []}
     if time.monotonic() > deadline:
         return out
     t0 = time.perf_counter()
@@ -220,7 +221,7 @@ def main(argv=None) -> None:
 
             base = BaseModel.from_pretrained(args.base_model, dtype="fp32", max_len=64)
             torch.manual_seed(0)
-            draft = save_draft(init_draft("clover2", base), workdir / "clover2_untrained")
+            draft = [save_draft(init_draft("clover2", base), workdir / "clover2_untrained")]
             del base
             print("draft: an untrained Clover-2 draft (exact output, ~no acceptance)")
         expected = references(args)

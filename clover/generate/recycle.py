@@ -1,0 +1,95 @@
+"""Token recycling: a table of the base model's own most likely next tokens, no checkpoint needed.
+
+Every verification computes the base model's distribution at every tree node, and most of it is thrown away. Token
+recycling (Luo et al., 2024) keeps, for each token ``t``, the ``k`` most likely tokens the base model predicted after
+the last context that ended with ``t`` (at the prefill, every prompt position; after each verification, every
+verified node, accepted or not). A step's candidates grow from the root through the table: the root's row gives its
+children, their rows the grandchildren, and so on, keeping the best few nodes per depth. The table (``V × k`` token
+ids, 1.5 MB for SmolLM2 at ``k = 8``) belongs to the loaded model and outlives requests, so it warms up over a
+session.
+
+A node's score is the product along its path of per-rank rates: how often the base model's token after ``t`` turned
+out to be the table's rank-``r`` entry for ``t``, counted at every verified node before its row is refreshed.
+Everything per step is a handful of tensor operations; nothing leaves the device.
+"""
+from __future__ import annotations
+
+import torch
+
+from clover.generate.tree import Candidates
+
+
+class TokenRecycling:
+    """The ``recycle`` source: :meth:`begin` per request, :meth:`propose` per step, :meth:`observe` after it."""
+
+    name = "recycle"
+    label = "token recycling"
+
+    def __init__(self, vocab_size: int, device, k: int = 8, width: int = 4, expand: int = 4, depth: int = 6,
+                 prompt_rows: int = 1024, prior_weight: float = 4.0, decay: float = 0.995):
+        device = torch.device(device)
+        self.k, self.width, self.expand, self.depth = k, min(width, k), expand, depth
+        self.prompt_rows, self.decay = prompt_rows, decay
+        self.table = torch.zeros(vocab_size, k, dtype=torch.int32, device=device)
+        self.filled = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        rank = torch.arange(k, dtype=torch.float32, device=device)
+        self.trials = torch.full((), prior_weight, device=device)
+        self.hits = prior_weight * 0.3 / (rank + 1)  # prior: rank r right 0.3 / (r + 1) of the time
+
+    @property
+    def max_depth(self) -> int:
+        return self.depth
+
+    def reset(self) -> None:
+        """Forget the table (it is otherwise kept across requests)."""
+        self.filled.zero_()
+
+    @torch.inference_mode()
+    def refresh(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Rows ``tokens [n]`` of the table become the top-``k`` of ``logits [n, V]`` (the base model after them)."""
+        self.table[tokens] = logits.topk(self.k, dim=-1).indices.to(self.table.dtype)
+        self.filled[tokens] = True
+
+    @torch.inference_mode()
+    def begin(self, prompt: list[int], root: int, base, out) -> None:
+        """A new request: fill the rows of the prompt's last ``prompt_rows`` tokens from the prefill's hidden
+        states (the LM head on them, a chunk at a time)."""
+        hidden = out.hidden[0, -self.prompt_rows:]
+        ids = torch.tensor(prompt[-hidden.shape[0]:], dtype=torch.long, device=hidden.device)
+        for h, t in zip(hidden.split(256), ids.split(256)):
+            self.refresh(t, base.logits_head(h, base.lm_head.weight))
+
+    @torch.inference_mode()
+    def propose(self, root: torch.Tensor) -> Candidates:
+        """Grow the candidates from the root through the table: ``width`` children per node, the ``expand`` best
+        nodes of a depth expanded in turn."""
+        device = self.table.device
+        log_rate = (self.hits[:self.width] / self.trials).clamp(max=1 - 1e-6).log()
+        front_tok = root.reshape(1).long()
+        front_score = torch.zeros(1, device=device)
+        front_id = torch.full((1,), -1, dtype=torch.long, device=device)
+        toks, parents, depths, scores = [], [], [], []
+        seen = 0
+        for d in range(1, self.depth + 1):
+            tok = self.table[front_tok, :self.width].long()                            # [R, W]
+            score = torch.where(self.filled[front_tok, None], front_score[:, None] + log_rate, -torch.inf)
+            r, w = tok.shape
+            toks.append(tok.reshape(-1))
+            parents.append(front_id[:, None].expand(r, w).reshape(-1))
+            depths.append(torch.full((r * w,), d, dtype=torch.long, device=device))
+            scores.append(score.reshape(-1))
+            best_score, best = score.reshape(-1).topk(min(self.expand, r * w))
+            front_tok, front_score, front_id = tok.reshape(-1)[best], best_score, seen + best
+            seen += r * w
+        return Candidates(*(torch.cat(x) for x in (toks, parents, depths, scores)))
+
+    @torch.inference_mode()
+    def observe(self, tree, verdict, logits: torch.Tensor) -> None:
+        """Count which rank of each verified node's row held the base model's token there, then refresh the rows
+        from the verification's logits (accepted nodes and rejected ones alike)."""
+        tokens = tree.tokens
+        known = self.filled[tokens]
+        hit = (self.table[tokens].long() == verdict.targets[:, None]) & known[:, None]
+        self.hits.mul_(self.decay).add_(hit.sum(0))
+        self.trials.mul_(self.decay).add_(known.sum())
+        self.refresh(tokens, logits)

@@ -1,0 +1,228 @@
+"""The training-free candidate sources (prompt lookup, token recycling) and the merged tree: what each proposes, what it
+learns from a verification, how candidates of several sources become one tree; lossless alone and with trained
+drafts (greedy == plain on tiny Llama/Mistral/Qwen2 and SmolLM2, multi-turn; sampled output distributed as the base
+model's)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clover.errors import CloverError
+from clover.generate.lookup import PromptLookup
+from clover.generate.recycle import TokenRecycling
+from clover.generate.sampling import SamplingParams, processed_probs
+from clover.generate.sources import split_drafts
+from clover.generate.speculative import SpeculativeModel
+from clover.generate.tree import Candidates, merge_candidates, select_tree
+from clover.generate.verify import verify_tree
+from clover.model.base import BaseModel
+from clover.model.checkpoint import init_draft
+from tests.conftest import save_tiny
+from tests.test_speculative import chi2_critical
+
+
+class FakeVerdict:
+    def __init__(self, committed, targets=None):
+        self.committed, self.targets = committed, targets
+
+
+# ---- prompt lookup --------------------------------------------------------------------------------------------------
+def test_lookup_proposes_the_continuations_of_the_longest_matches_first():
+    lookup = PromptLookup("cpu", branches=2, max_tokens=4)
+    #          0  1  2  3  4  5  6  7  8  9  10 11
+    prompt = [5, 6, 7, 8, 9, 1, 6, 7, 2, 3, 4, 5, 6]
+    lookup.begin(prompt[:-1], prompt[-1])  # the context ends ... 5, 6: "5 6" matched at 0-1, "6" also at 6
+    chains = lookup.chains()
+    assert chains[0] == (2, (7, 8, 9, 1))  # the longest match (2 tokens) first
+    assert chains[1] == (1, (7, 2, 3, 4))  # a shorter, more recent one next
+    found = lookup.propose(torch.tensor(6))
+    assert found.tokens.tolist() == [7, 8, 9, 1, 7, 2, 3, 4]
+    assert found.parents.tolist() == [-1, 0, 1, 2, -1, 4, 5, 6]
+    assert found.depths.tolist() == [1, 2, 3, 4, 1, 2, 3, 4]
+    assert (found.scores[1:4] < found.scores[0:3]).all()  # a child scores below its parent
+    assert found.scores[0] > found.scores[4]  # a longer match is trusted more (prior e / (e + 2))
+
+
+def test_lookup_index_grows_with_committed_tokens_and_learns_its_hit_rate():
+    lookup = PromptLookup("cpu", branches=1, max_tokens=3)
+    lookup.begin([1, 2, 3, 4, 9], 1)
+    assert lookup.chains() == [(1, (2, 3, 4))]
+    before = [lookup.rate(e) for e in range(1, 4)]
+    lookup.propose(torch.tensor(1))
+    lookup.observe(None, FakeVerdict([2, 3, 7]))  # two right, the third wrong
+    after = [lookup.rate(e) for e in range(1, 4)]
+    assert after[0] > before[0] * 0.99 and after[1] > before[1] * 0.99 and after[2] < before[2]
+    assert lookup.seq == [1, 2, 3, 4, 9, 1, 2, 3, 7]
+    assert lookup.chains() == []  # 7 never came before
+    lookup.observe(None, FakeVerdict([1]))
+    assert lookup.chains() == [(1, (2, 3, 7))]  # "1" matched twice: the most recent occurrence first
+    empty = PromptLookup("cpu")
+    empty.begin([], 5)
+    assert empty.propose(torch.tensor(5)).size == 0
+
+
+# ---- token recycling ------------------------------------------------------------------------------------------------
+def test_recycling_grows_candidates_from_its_table_and_refreshes_every_verified_node():
+    rec = TokenRecycling(vocab_size=10, device="cpu", k=3, width=2, expand=2, depth=2)
+    assert (rec.propose(torch.tensor(4)).scores == -torch.inf).all()  # empty table: nothing usable
+    logits = torch.full((3, 10), -5.0)
+    logits[0, [7, 8, 9]] = torch.tensor([3.0, 2.0, 1.0])  # after token 4: 7, 8, 9
+    logits[1, [1, 2, 3]] = torch.tensor([3.0, 2.0, 1.0])  # after token 7: 1, 2, 3
+    rec.refresh(torch.tensor([4, 7]), logits[:2])
+    found = rec.propose(torch.tensor(4))
+    usable = found.scores > -torch.inf
+    assert found.tokens[usable].tolist() == [7, 8, 1, 2]  # row 4's top-2, then row 7's (row 8 is empty)
+    assert found.parents[usable].tolist() == [-1, -1, 0, 0]
+    # a verification: the tree 4 -> 7, the base model's tokens there were 8 (rank 1 of row 4) and 1 (rank 0 of row 7)
+    tree = select_tree(torch.tensor(4), [Candidates(torch.tensor([7]), torch.tensor([-1]), torch.tensor([1]),
+                                                    torch.tensor([-0.1]))], max_depth=1, budget=1)
+    hits_before = rec.hits.clone()
+    fresh = torch.full((2, 10), -5.0)
+    fresh[0, [1, 2, 3]] = torch.tensor([3.0, 2.0, 1.0])
+    fresh[1, [9, 8, 7]] = torch.tensor([3.0, 2.0, 1.0])
+    rec.observe(tree, FakeVerdict([8], targets=torch.tensor([8, 1])), fresh)
+    assert torch.allclose(rec.hits - hits_before * rec.decay, torch.tensor([1.0, 1.0, 0.0]))
+    assert rec.table[4].tolist() == [1, 2, 3] and rec.table[7].tolist() == [9, 8, 7]  # every verified node's row
+
+
+# ---- merging -------------------------------------------------------------------------------------------------------
+def test_merged_candidates_keep_one_node_per_path_with_the_best_score():
+    a = Candidates.chains([[5, 6, 7]], [[-0.1, -0.2, -0.3]], "cpu")
+    b = Candidates.chains([[5, 6, 9], [4]], [[-0.5, -0.6, -0.7], [-0.05]], "cpu")
+    merged, origin = merge_candidates([a, b], max_depth=4)
+    usable = merged.scores > -torch.inf
+    assert int(usable.sum()) == 5  # 5, 5-6, 5-6-7, 5-6-9, 4
+    assert merged.scores[0].item() == pytest.approx(-0.1)  # the best of the duplicates
+    assert origin[0].tolist() == [True, True] and origin[2].tolist() == [True, False]
+    tree = select_tree(torch.tensor(1), [a, b], max_depth=4, budget=10)
+    assert tree.size == 6
+    paths = {tuple(tree.tokens[p[p >= 0]].tolist()) for p in tree.paths}
+    assert paths == {(1,), (1, 5), (1, 5, 6), (1, 5, 6, 7), (1, 5, 6, 9), (1, 4)}
+    assert tree.origin.tolist()[0] == 0 and set(tree.origin.tolist()[1:]) <= {1, 2, 3}
+    small = select_tree(torch.tensor(1), [a, b], max_depth=4, budget=3)  # the best three, closed under parents
+    assert {tuple(small.tokens[p[p >= 0]].tolist()) for p in small.paths} == {(1,), (1, 4), (1, 5), (1, 5, 6)}
+
+
+def test_the_cost_curve_decides_the_size_and_a_plain_step_when_nothing_pays():
+    chain = Candidates.chains([[5, 6, 7, 8]], [[math.log(p) for p in (0.9, 0.8, 0.7, 0.2)]], "cpu")
+    flat = torch.ones(65)  # verification costs the same for any size: take every useful node
+    assert select_tree(torch.tensor(1), [chain], max_depth=4, budget=None, cost_per_size=flat).size == 5
+    steep = torch.arange(65, dtype=torch.float32).clamp(min=1)  # cost grows with every token: nothing pays
+    assert select_tree(torch.tensor(1), [chain], max_depth=4, budget=None, cost_per_size=steep).size == 1
+
+
+def test_draft_values_split_into_one_checkpoint_and_sources():
+    assert split_drafts(None) == (None, [])
+    assert split_drafts("runs/x") == ("runs/x", [])
+    assert split_drafts(["lookup", "runs/x", "recycle"]) == ("runs/x", ["lookup", "recycle"])
+    with pytest.raises(CloverError, match="at most one draft checkpoint"):
+        split_drafts(["runs/x", "runs/y"])
+    with pytest.raises(CloverError, match="given twice"):
+        split_drafts(["lookup", "lookup"])
+
+
+# ---- lossless ------------------------------------------------------------------------------------------------------
+def repetitive_prompt(gen, length):
+    """Random tokens with a repeated stretch, so that lookup finds matches."""
+    piece = torch.randint(3, 97, (max(length // 3, 2),), generator=gen).tolist()
+    return (piece + torch.randint(3, 97, (3,), generator=gen).tolist() + piece)[:length]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tiny_dir):
+    return BaseModel.from_pretrained(tiny_dir, dtype="fp32", max_len=200)
+
+
+@pytest.mark.parametrize("sources,kind", [(["lookup"], None), (["recycle"], None), (["lookup", "recycle"], None),
+                                          (["lookup", "recycle"], "clover2"), (["lookup", "recycle"], "eagle")])
+def test_greedy_equals_plain_with_every_source(tiny_base, sources, kind):
+    draft = None
+    if kind:
+        draft = init_draft(kind, tiny_base).eval()
+        draft.allocate_cache(tiny_base.max_len)
+    gen = torch.Generator().manual_seed(4)
+    for budget in ("auto", 12):
+        model = SpeculativeModel(tiny_base, draft, tree="dynamic", budget=budget, sources=sources)
+        taus = []
+        for _ in range(3):  # requests one after another: the recycling table carries over
+            prompt = repetitive_prompt(gen, int(torch.randint(2, 40, (1,), generator=gen)))
+            spec = model.generate(prompt, max_new_tokens=40, stop_token_ids=())
+            assert spec.tokens == model.generate_plain(prompt, max_new_tokens=40, stop_token_ids=()).tokens
+            assert spec.new_tokens == 40 and len(spec.verified) == spec.steps - 1
+            taus.append(spec.tau)
+        assert max(taus) > 1.0  # tiny random models repeat themselves: candidates get accepted
+
+
+def test_a_multi_turn_chat_with_sources_equals_plain_decoding_on_smollm2(smollm2_base, smollm2_tokenizer):
+    from clover.data.templates import get_template
+
+    template = get_template(smollm2_tokenizer)
+    draft = init_draft("clover2", smollm2_base).eval()
+    draft.allocate_cache(smollm2_base.max_len)
+    model = SpeculativeModel(smollm2_base, draft, tree="dynamic", budget="auto", sources=["lookup", "recycle"])
+    messages, taus = [], []
+    for turn in ("Repeat exactly: the quick brown fox jumps over the lazy dog.", "Say it again, twice."):
+        messages.append({"role": "user", "content": turn})
+        ids = template.encode_prompt(messages)
+        spec = model.generate(ids, max_new_tokens=40, stop_token_ids=template.stop_token_ids)
+        plain = model.generate_plain(ids, max_new_tokens=40, stop_token_ids=template.stop_token_ids)
+        assert spec.tokens == plain.tokens
+        taus.append(spec.tau)
+        messages.append({"role": "assistant", "content": smollm2_tokenizer.decode(spec.tokens,
+                                                                                  skip_special_tokens=True)})
+    assert max(taus) > 1.5  # the answers repeat the prompt: lookup pays
+
+
+def test_sampling_with_sources_matches_the_base_distribution(tmp_path):
+    """Point-mass proposals from lookup and recycling (and their merged tree) keep sampled output distributed as the
+    base model's: the first two committed tokens of 6,000 runs, chi-square and total variation."""
+    folder = save_tiny(tmp_path / "m", "llama", vocab_size=12, hidden_size=32, intermediate_size=64,
+                       num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = BaseModel.from_pretrained(folder, dtype="fp32", max_len=32)
+        model = SpeculativeModel(base, None, tree="dynamic", budget=6, sources=["lookup", "recycle"])
+        params = SamplingParams(temperature=0.7, top_p=0.9)
+        prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+        with torch.no_grad():
+            p1 = processed_probs(base(torch.tensor([prompt]), use_cache=False).logits[0, -1], params)
+            seqs = torch.tensor([prompt + [x] for x in range(12)])
+            p2 = torch.stack([processed_probs(base(s[None], use_cache=False).logits[0, -1], params) for s in seqs])
+        exact = (p1[:, None] * p2).flatten()
+        runs, counts, accepted = 6000, torch.zeros(144), 0
+        gen = torch.Generator().manual_seed(99)
+        for _ in range(runs):
+            r = model.generate(prompt, temperature=0.7, top_p=0.9, max_new_tokens=3, stop_token_ids=(),
+                               generator=gen)
+            counts[r.tokens[0] * 12 + r.tokens[1]] += 1
+            accepted += r.accept_lengths[1] > 1
+    finally:
+        torch.set_num_threads(threads)
+    expected = exact * runs
+    assert counts[expected == 0].sum() == 0, "sampled a token outside the top-p nucleus"
+    big = expected >= 5
+    chi2 = (((counts[big] - expected[big]) ** 2) / expected[big]).sum()
+    rest_obs, rest_exp = counts[~big & (expected > 0)].sum(), expected[~big & (expected > 0)].sum()
+    if rest_exp > 0:
+        chi2 += (rest_obs - rest_exp) ** 2 / rest_exp
+    df = int(big.sum()) + (1 if rest_exp > 0 else 0) - 1
+    assert chi2 < chi2_critical(df), (float(chi2), df)
+    assert accepted > runs // 10  # candidates were accepted, not only bonus tokens drawn
+    tv = 0.5 * (counts / runs - exact).abs().sum()
+    noise = 0.5 * (2 * exact * (1 - exact) / (math.pi * runs)).sqrt().sum()
+    assert tv < 2 * noise, (float(tv), float(noise))
+
+
+def test_verification_reports_which_source_proposed_the_accepted_tokens():
+    a = Candidates.chains([[5, 6]], [[-0.1, -0.2]], "cpu")
+    b = Candidates.chains([[5, 7]], [[-0.3, -0.4]], "cpu")
+    tree = select_tree(torch.tensor(1), [a, b], max_depth=2, budget=10)
+    logits = torch.full((tree.size, 10), -1.0)
+    want = {1: 5, 5: 7}  # the base model: after 1 comes 5, after 5 comes 7
+    for i, tok in enumerate(tree.tokens.tolist()):
+        logits[i, want.get(tok, 0)] = 1.0
+    verdict = verify_tree(tree, logits, SamplingParams())
+    assert verdict.committed[:2] == [5, 7] and verdict.origins == [3, 2]  # 5: both sources; 7: the second
