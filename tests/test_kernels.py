@@ -1,5 +1,5 @@
-"""The runtime's CPU matmul kernels: prepacked products equal F.linear, and the one-row kernel is chosen by
-measurement unless $CLOVER_ONE_ROW_KERNEL says which."""
+"""The runtime's CPU matmul kernels: prepacked products equal F.linear, and the one-row and few-rows kernels are
+chosen by measurement unless $CLOVER_ONE_ROW_KERNEL / $CLOVER_FEW_ROWS_KERNEL say which."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from clover.errors import CloverError
 from clover.model import kernels
-from clover.model.kernels import PrepackedLinear, measure_one_row, one_row_kernel
+from clover.model.kernels import (PrepackedLinear, few_rows_kernel, measure_few_rows, measure_one_row,
+                                  one_row_kernel)
 
 
 @pytest.fixture
@@ -16,6 +17,8 @@ def fresh_choice(monkeypatch):
     """An unresolved choice (restored after the test)."""
     monkeypatch.setattr(kernels, "_one_row", None)
     monkeypatch.setattr(kernels, "one_row_measured", None)
+    monkeypatch.setattr(kernels, "_few_rows", None)
+    monkeypatch.setattr(kernels, "few_rows_measured", None)
     return monkeypatch
 
 
@@ -47,12 +50,31 @@ def test_measurement_times_both_kernels():
     m = measure_one_row(megabytes=8, rounds=2)
     assert m["gemv_ms"] > 0 and m["packed_ms"] > 0
     assert m["packed_over_gemv"] > 0
+    m = measure_few_rows(rows=4, megabytes=8, rounds=2)
+    assert m["blas_ms"] > 0 and m["packed_ms"] > 0 and m["packed_over_blas"] > 0 and m["rows"] == 4
 
 
+def test_few_rows_kernel_by_environment_and_by_measurement(fresh_choice):
+    fresh_choice.setenv("CLOVER_FEW_ROWS_KERNEL", " BLAS")
+    assert few_rows_kernel() == "blas" and kernels.few_rows_measured is None
+    fresh_choice.setattr(kernels, "_few_rows", None)
+    fresh_choice.setenv("CLOVER_FEW_ROWS_KERNEL", "fastest")
+    with pytest.raises(CloverError, match=r"CLOVER_FEW_ROWS_KERNEL='fastest': use blas, packed or auto"):
+        few_rows_kernel()
+    fresh_choice.delenv("CLOVER_FEW_ROWS_KERNEL")
+    for ratio, choice in ((1.3, "blas"), (1.02, "packed"), (0.7, "packed")):
+        fresh_choice.setattr(kernels, "_few_rows", None)
+        fresh_choice.setattr(kernels, "measure_few_rows", lambda ratio=ratio: {"packed_over_blas": ratio})
+        assert few_rows_kernel() == choice
+        assert kernels.few_rows_measured == {"packed_over_blas": ratio}
+
+
+@pytest.mark.parametrize("few", ["blas", "packed"])
 @pytest.mark.parametrize("choice", ["gemv", "packed"])
-@pytest.mark.parametrize("shape", [(1, 1, 48), (48,), (1, 5, 48), (3, 2, 48)])
-def test_prepacked_equals_linear(monkeypatch, choice, shape):
+@pytest.mark.parametrize("shape", [(1, 1, 48), (48,), (1, 5, 48), (3, 2, 48), (40, 48)])
+def test_prepacked_equals_linear(monkeypatch, choice, few, shape):
     monkeypatch.setattr(kernels, "_one_row", choice)
+    monkeypatch.setattr(kernels, "_few_rows", few)
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(40, 48, generator=gen), torch.randn(40, generator=gen)
     x = torch.randn(shape, generator=gen)

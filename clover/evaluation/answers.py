@@ -243,18 +243,23 @@ def _validated(record: dict) -> dict:
 
 
 def make_choice(index: int, turns: Sequence[str], accept_lengths: Sequence[Sequence[int]],
-                wall_time: Sequence[float]) -> dict:
+                wall_time: Sequence[float], verified: Sequence[int] | None = None) -> dict:
     """One choice of an answer in the current format; per turn ``new_tokens``, ``idxs`` and ``decoding_steps`` are
     derived from ``accept_lengths``, which is stored both flat and per turn.
 
     ``accept_lengths[t]`` lists the tokens committed by each decoding step of turn ``t`` (the prefill's first token
-    is a step of length 1), bonus token included (plain decoding: one 1 per generated token).
+    is a step of length 1), bonus token included (plain decoding: one 1 per generated token). ``verified[t]``
+    (speculative decoding only) is the number of tokens the base model verified in turn ``t``'s steps after the
+    prefill, roots included (``verified_tokens``; a field Spec-Bench's scripts ignore).
     """
     accepts = [[operator.index(a) for a in turn] for turn in accept_lengths]
     steps = [len(a) for a in accepts]
-    return {"index": index, "turns": list(turns), "new_tokens": [sum(a) for a in accepts], "idxs": steps,
-            "decoding_steps": list(steps), "wall_time": [float(s) for s in wall_time],
-            "accept_lengths": [a for turn in accepts for a in turn], PER_TURN_KEY: accepts}
+    choice = {"index": index, "turns": list(turns), "new_tokens": [sum(a) for a in accepts], "idxs": steps,
+              "decoding_steps": list(steps), "wall_time": [float(s) for s in wall_time],
+              "accept_lengths": [a for turn in accepts for a in turn], PER_TURN_KEY: accepts}
+    if verified is not None:
+        choice["verified_tokens"] = [operator.index(v) for v in verified]
+    return choice
 
 
 def current_format(record: dict) -> dict:

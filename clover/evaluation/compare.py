@@ -19,7 +19,7 @@ import torch
 from clover.args import (CloverArgumentParser, add_base_model, add_max_new_tokens, add_questions, add_runtime,
                          add_sampling, add_tree)
 from clover.errors import CloverError, run_cli
-from clover.evaluation.answers import GROUPS, load_answers
+from clover.evaluation.answers import GROUPS, is_success, load_answers
 from clover.evaluation.gen_answer import METHODS, generate_answers, method_parts
 from clover.generate.sources import SOURCE_NAMES
 from clover.evaluation.speed_spe import speed_report
@@ -90,9 +90,11 @@ def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=No
                "temperature": temperature, "questions": questions, "compiled_forwards": compile,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "methods": {}}
+    plain_turns = {a["question_id"]: a["choices"][0]["turns"] for a in base if is_success(a)}
     for method in methods:
         answers = load_answers(files[method])
-        results["methods"][method] = {"speed": speed_report(answers, base), "tau": tau_report(answers)}
+        results["methods"][method] = {"speed": speed_report(answers, base), "tau": tau_report(answers),
+                                      **answer_checks(answers, plain_turns)}
     (outdir / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown_table(results)
     (outdir / "table.md").write_text(table + "\n")
@@ -100,15 +102,31 @@ def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=No
     return results
 
 
+def answer_checks(answers, plain_turns: dict) -> dict:
+    """Questions answered, answers identical to plain decoding's (greedy decoding must give the same text), and
+    for the project's speculative decoding the mean number of tokens verified per step after the prefill."""
+    done = [a for a in answers if is_success(a)]
+    identical = sum(a["choices"][0]["turns"] == plain_turns.get(a["question_id"]) for a in done)
+    verified = steps = 0
+    for choice in (c for a in done for c in a["choices"] if "verified_tokens" in c):
+        verified += sum(choice["verified_tokens"])
+        steps += sum(n - 1 for n in choice["decoding_steps"])  # the prefill of each turn verifies no tree
+    return {"answered": len(done), "identical_to_plain": identical,
+            "verified_per_step": verified / steps if steps else None}
+
+
 def markdown_table(results: dict) -> str:
     methods = results["methods"]
     groups = [g for g in GROUPS if g in methods["baseline"]["speed"]["groups"]]
-    lines = [f"| method | tokens/s | speedup | τ | " + " | ".join(f"τ {g} | speedup {g}" for g in groups) + " |",
-             "|---|---:|---:|---:|" + "---:|---:|" * len(groups)]
+    lines = [f"| method | tokens/s | speedup | τ | tokens verified per step | identical to plain | " +
+             " | ".join(f"τ {g} | speedup {g}" for g in groups) + " |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|---:|" * len(groups)]
     for method, r in methods.items():
         s, t = r["speed"], r["tau"]
+        nodes = r.get("verified_per_step")
         cells = [label(method), f"{s['overall']['tokens_per_s_total']:.1f}", f"{s['overall']['speedup_total']:.2f}x",
-                 f"{t['overall']['tau']:.2f}"]
+                 f"{t['overall']['tau']:.2f}", "–" if nodes is None else f"{nodes:.1f}",
+                 f"{r.get('identical_to_plain', '?')}/{r.get('answered', '?')}"]
         for g in groups:
             cells += [f"{t['groups'][g]['tau']:.2f}" if g in t["groups"] else "–",
                       f"{s['groups'][g]['speedup_total']:.2f}x" if g in s["groups"] else "–"]

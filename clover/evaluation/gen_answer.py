@@ -98,12 +98,14 @@ class Decoder:
                                       draft_type=drafted and drafted.draft_type, tree=tree, budget=budget,
                                       dtype=dtype, device=device, max_len=max_len, compile=compile)
 
-    def decode(self, ids: list[int], seed: int) -> tuple[list[int], list[int]]:
+    def decode(self, ids: list[int], seed: int) -> tuple[list[int], list[int], int | None]:
+        """``(tokens, accept lengths, tokens verified after the prefill)``; the last is None unless the method is
+        the project's speculative decoding."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         if self.method not in PEERS:
             r = self.decoding.generate(ids, self.params, self.max_new_tokens, self.stop_ids, generator)
-            return r.tokens, r.accept_lengths
-        return self._decode_hf(ids, seed)
+            return r.tokens, r.accept_lengths, (sum(r.verified) if self.decoding.speculative else None)
+        return (*self._decode_hf(ids, seed), None)
 
     def _decode_hf(self, ids, seed):
         chunks = _ChunkRecorder()
@@ -148,19 +150,21 @@ class _ChunkRecorder:
 
 
 def answer_question(decoder: Decoder, template, tokenizer, question: dict, choice: int, seed: int):
-    """Generate every turn of one question; return (texts, accept lengths per turn, seconds per turn)."""
-    messages, texts, accepts, times = [], [], [], []
+    """Generate every turn of one question; return (texts, accept lengths per turn, seconds per turn, tokens
+    verified per turn or None)."""
+    messages, texts, accepts, times, verified = [], [], [], [], []
     for turn in question["turns"]:
         messages.append({"role": "user", "content": turn})
         ids = template.encode_prompt(messages)
         with device_timer(decoder.device) as timer:
-            tokens, accept_lengths = decoder.decode(ids, seed + 1000 * choice)
+            tokens, accept_lengths, checked = decoder.decode(ids, seed + 1000 * choice)
         times.append(timer.seconds)
         text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": text})
         texts.append(text)
         accepts.append(accept_lengths)
-    return texts, accepts, times
+        verified.append(checked)
+    return texts, accepts, times, (None if None in verified else verified)
 
 
 def generate_answers(method: str, base_model_path: str, answer_file, question_file=None, draft_model_path=None,

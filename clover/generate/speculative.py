@@ -2,7 +2,8 @@
 
 ``SpeculativeModel`` (any draft; ``CloverModel`` / ``EagleModel`` accept only their own) bundles a base runtime, a
 trained draft and/or training-free candidate sources (``lookup``, ``recycle``: :mod:`clover.generate.sources`),
-whose candidates are merged into one tree per step (:func:`clover.generate.tree.select_tree`), and a tree policy (a fixed shape such as ``mc_sim_7b_63``, or ``dynamic`` with a node budget that is a number or
+whose candidates are merged into one tree per step (:func:`clover.generate.tree.select_tree`), and a tree policy
+(a fixed shape such as ``mc_sim_7b_63`` for a draft alone, or ``dynamic`` with a node budget that is a number or
 ``auto``). ``auto`` measures this device's verification cost curve and the draft's own costs once, then picks each
 step's depth from the acceptance observed so far (:class:`clover.generate.budget.DepthPolicy`; the statistics carry
 over between calls), depth 0 being a plain decoding step, and each step's node count from the cost curve.

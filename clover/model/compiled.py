@@ -22,7 +22,7 @@ import types
 import torch
 from torch import nn
 
-from clover.model.kernels import PrepackedLinear, one_row_kernel
+from clover.model.kernels import PrepackedLinear, few_rows_kernel, one_row_kernel
 
 _kernels_routed: bool | None = None
 
@@ -127,6 +127,7 @@ class CompiledDecode:
         self.model = model
         route_packed_matmuls()
         one_row_kernel()  # measured now, not while a graph is traced (the graphs bake the choice in)
+        few_rows_kernel()  # (the graphs use the packed weight for several rows; measured now all the same)
         self.token_step, self.tree_step = (
             torch.compile(_own_copy(fn), fullgraph=True, dynamic=False,  # options: a dict each (compile pops from it)
                           options={"cpp_wrapper": True, "guard_filter_fn": _argument_guards})

@@ -1,11 +1,14 @@
 """The runtime's CPU matmul kernels: :class:`PrepackedLinear` (oneDNN on a weight packed once) and the choice of
-kernel for a one-row product, which is measured on the machine (:func:`one_row_kernel`).
+kernel for a one-row product and for products of a few rows (a tree's verification), each measured on the machine
+(:func:`one_row_kernel`, :func:`few_rows_kernel`).
 
 Decoding streams every weight once per forward, so its speed is set by how fast a kernel reads weights from memory.
 For several rows (tree verification, prefill) oneDNN on a prepacked weight wins everywhere: the default BLAS path
 repacks the whole weight on every call. For one row (a token of plain decoding) it depends on the machine: BLAS's
 matrix-vector product was the faster on a 2-core Intel Xeon (SmolLM2's chain of matmuls: 29 vs 34 ms), while on a
-2-core AMD EPYC (Zen 4) the same product ran at half the memory bandwidth (MKL: 49 ms vs 28 ms for oneDNN).
+2-core AMD EPYC (Zen 4) the same product ran at half the memory bandwidth (MKL: 49 ms vs 28 ms for oneDNN). On the
+Xeon, BLAS was the faster for 2-32 rows as well (a chain of SmolLM2's layer shapes, 2 / 8 rows: 24 / 39 ms against
+30 / 43 ms for oneDNN), so products of a few rows are measured too.
 """
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ ONE_ROW_ENV = "CLOVER_ONE_ROW_KERNEL"
 ONE_ROW_KERNELS = ("gemv", "packed")
 _one_row: str | None = None  # resolved once per process by one_row_kernel()
 one_row_measured: dict | None = None  # what measure_one_row() found when it made that choice (None: set by the env)
+FEW_ROWS_ENV = "CLOVER_FEW_ROWS_KERNEL"
+FEW_ROWS_KERNELS = ("blas", "packed")
+FEW_ROWS = (2, 32)  # products of this many rows take few_rows_kernel(); more (a prompt) always the packed weight
+_few_rows: str | None = None  # resolved once per process by few_rows_kernel()
+few_rows_measured: dict | None = None  # what measure_few_rows() found (None: set by the env)
 
 
 def one_row_kernel() -> str:
@@ -40,17 +48,47 @@ def one_row_kernel() -> str:
     return _one_row
 
 
-@torch.inference_mode()
+def few_rows_kernel() -> str:
+    """The kernel of an fp32 product of 2-32 rows on this CPU: ``"blas"`` (plain ``F.linear``) or ``"packed"``
+    (oneDNN on the prepacked weight). ``$CLOVER_FEW_ROWS_KERNEL`` (``blas``, ``packed`` or ``auto``, the default)
+    decides; ``auto`` times both once per process on 8 rows (~0.5 s) and keeps BLAS only where it is clearly
+    faster."""
+    global _few_rows, few_rows_measured
+    if _few_rows is None:
+        choice = os.environ.get(FEW_ROWS_ENV, "auto").strip().lower() or "auto"
+        if choice not in (*FEW_ROWS_KERNELS, "auto"):
+            raise CloverError(f"${FEW_ROWS_ENV}={choice!r}: use blas, packed or auto")
+        if choice == "auto":
+            few_rows_measured = measure_few_rows()
+            choice = "blas" if few_rows_measured["packed_over_blas"] > 1.05 else "packed"
+        _few_rows = choice
+    return _few_rows
+
+
 def measure_one_row(megabytes: int = 96, rounds: int = 5) -> dict:
     """Time one row through a chain of fp32 weights larger than the CPU's caches (``megabytes`` in all, streamed as
     a forward streams a model's), with BLAS's matrix-vector product and with oneDNN on the prepacked weights, in
     turn. Returns the medians (ms) and the median of the per-round ratios packed / gemv."""
+    blas, packed, ratio = _time_chain(1, megabytes, rounds)
+    return {"gemv_ms": blas, "packed_ms": packed, "packed_over_gemv": ratio}
+
+
+def measure_few_rows(rows: int = 8, megabytes: int = 96, rounds: int = 5) -> dict:
+    """:func:`measure_one_row` for ``rows`` rows: BLAS's product (``F.linear``) against oneDNN's on the prepacked
+    weights. Returns the medians (ms) and the median of the per-round ratios packed / blas."""
+    blas, packed, ratio = _time_chain(rows, megabytes, rounds)
+    return {"rows": rows, "blas_ms": blas, "packed_ms": packed, "packed_over_blas": ratio}
+
+
+@torch.inference_mode()
+def _time_chain(n: int, megabytes: int, rounds: int):
+    """(BLAS ms, packed ms, median per-round ratio packed / BLAS) for ``n`` rows through the chain of weights."""
     if not torch.backends.mkldnn.is_available():
-        return {"gemv_ms": None, "packed_ms": None, "packed_over_gemv": float("inf")}
+        return None, None, float("inf")
     rows, cols = 1536, 1024  # 6 MiB a weight, 16 of them by default: far more than a few cores' share of cache
     weights = [torch.rand(rows, cols) - 0.5 for _ in range(max(1, megabytes * 2**20 // (rows * cols * 4)))]
     packed = [_pack(w) for w in weights]
-    x = torch.rand(1, cols)
+    x = torch.rand(n, cols)
     gemv_s, packed_s = [], []
     for r in range(rounds + 1):  # the first round warms up both
         t0 = time.perf_counter()
@@ -63,8 +101,8 @@ def measure_one_row(megabytes: int = 96, rounds: int = 5) -> dict:
         if r:
             gemv_s.append(t1 - t0)
             packed_s.append(t2 - t1)
-    return {"gemv_ms": statistics.median(gemv_s) * 1e3, "packed_ms": statistics.median(packed_s) * 1e3,
-            "packed_over_gemv": statistics.median(p / g for p, g in zip(packed_s, gemv_s))}
+    return (statistics.median(gemv_s) * 1e3, statistics.median(packed_s) * 1e3,
+            statistics.median(p / g for p, g in zip(packed_s, gemv_s)))
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -80,9 +118,10 @@ class PrepackedLinear:
     """``F.linear(x, weight, bias)`` at inference, with the weight prepacked for the CPU.
 
     On a CPU in fp32 the weight is reordered once into oneDNN's blocked layout (again only when it changes), so
-    verifying a tree of 8 tokens costs ~1.3x one token instead of ~1.7x with the default BLAS path, which repacks
-    the whole weight on every call. A single row (one token of batch-1 decoding) takes the kernel
-    :func:`one_row_kernel` measured on this machine. Elsewhere (CUDA, half precision, or when autograd needs the
+    verifying a tree of 8 tokens costs ~1.3x one token instead of ~1.7x with the default BLAS path on a Zen 4 EPYC,
+    which repacks the whole weight on every call. A single row (one token of batch-1 decoding) takes the kernel
+    :func:`one_row_kernel` measured on this machine, 2-32 rows (a tree) the kernel :func:`few_rows_kernel`
+    measured (eager forwards; compiled graphs keep the packed weight). Elsewhere (CUDA, half precision, or when autograd needs the
     product) it is plain ``F.linear``. The packed copy costs one more copy of the weight in memory.
     """
 
@@ -107,8 +146,11 @@ class PrepackedLinear:
             return F.linear(x, weight, bias)
         else:
             key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version, tuple(weight.shape))
-            if key != self._key:
+            if key != self._key:  # packed even when BLAS serves this call: compiled graphs use the packed weight
                 self._key, self._packed = key, _pack(weight)
+            rows = x.numel() // x.shape[-1]
+            if FEW_ROWS[0] <= rows <= FEW_ROWS[1] and few_rows_kernel() == "blas":
+                return F.linear(x, weight, bias)
             out = packed_matmul(x, self._packed)
         return out if bias is None else out + bias
 

@@ -118,7 +118,8 @@ def main():
 
 
 def breakdown(args):
-    """Per draft: where the time of a speculative step goes (dynamic ``auto`` tree, fp32)."""
+    """Per draft, and for the training-free sources alone and with each draft: where the time of a speculative step
+    goes (dynamic ``auto`` tree, fp32)."""
     from clover.data.templates import get_template
     from clover.evaluation.answers import default_question_file, load_questions
     from clover.generate.speculative import SpeculativeModel
@@ -128,11 +129,15 @@ def breakdown(args):
     results = {"model": args.base_model, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "fp32",
                "tree": "dynamic auto", "max_new_tokens": args.max_new_tokens, "compiled": args.compile, "drafts": {}}
+    both = ["lookup", "recycle"]
+    setups = [("lookup + recycling", None, both)]
     for label, draft in (("EAGLE-1", args.eagle_draft), ("Clover-2", args.clover_draft)):
-        if not draft:
-            continue
+        if draft:
+            setups += [(label, draft, []), (f"{label} + lookup + recycling", draft, both)]
+    for label, draft, sources in setups:
         model = SpeculativeModel.from_pretrained(args.base_model, draft, dtype="fp32", max_len=2048,
-                                                 tree="dynamic", budget="auto", compile=args.compile)
+                                                 tree="dynamic", budget="auto", compile=args.compile,
+                                                 sources=sources)
         template = get_template(model.tokenizer)
         questions = load_questions(args.question_file or default_question_file())[:args.breakdown_prompts]
         prompts = [template.encode_prompt([{"role": "user", "content": q["turns"][0]}]) for q in questions]

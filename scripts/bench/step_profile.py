@@ -1,6 +1,7 @@
 """Where a speculative step's time goes: base forward (the tree's verification pass), the draft's calls (split into
-their matmuls and the rest), tree building, verification, cache commit and everything else (bookkeeping between
-the calls), for any :class:`clover.generate.speculative.SpeculativeModel`.
+their matmuls and the rest), the training-free sources' proposals and their learning from the verification, tree
+building (merging and sizing), verification, cache commit and everything else (bookkeeping between the calls), for
+any :class:`clover.generate.speculative.SpeculativeModel`.
 
 The split is wall-clock (CPU ops run synchronously, so a phase's wall time is its cost); the matmul time of each
 phase comes from a second, profiled pass over the same prompts from the same depth-policy state (``torch.profiler``:
@@ -23,7 +24,8 @@ import clover.generate.speculative as speculative
 MATMUL_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::bmm", "aten::mv", "aten::matmul",
               "aten::linear")
 SYNC_OPS = ("aten::_local_scalar_dense",)  # .item(), int(tensor), a 0-dim tensor as an index
-PHASES = ("base forward", "draft start", "draft expand", "tree building", "verify", "commit")
+PHASES = ("base forward", "draft start", "draft expand", "sources propose", "tree building", "verify", "commit",
+          "sources observe")
 
 
 @contextmanager
@@ -70,8 +72,12 @@ def _instrument(model, timers: dict, counts: dict, labels: bool):
 
     stack.enter_context(_patched(model.base, "forward", timed("base forward")))
     stack.enter_context(_patched(model.base, "commit", timed("commit")))
-    stack.enter_context(_patched(model.runner, "start", timed("draft start")))
-    stack.enter_context(_patched(model.runner, "expand", timed("draft expand")))
+    if model.runner is not None:
+        stack.enter_context(_patched(model.runner, "start", timed("draft start")))
+        stack.enter_context(_patched(model.runner, "expand", timed("draft expand")))
+    for source in model.sources:  # training-free sources: proposing (inside tree building) and learning
+        stack.enter_context(_patched(source, "propose", timed("sources propose")))
+        stack.enter_context(_patched(source, "observe", timed("sources observe")))
     stack.enter_context(_patched(model, "_draft_tree", timed("tree building")))
     stack.enter_context(_patched(speculative, "verify_tree", timed("verify")))
     return stack
