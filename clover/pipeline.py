@@ -6,7 +6,9 @@
    sharegpt`` keeps ShareGPT's own replies (written by other models) and skips this stage;
 2. training data: the base model's hidden states on that text (``clover.ge_data.allocation``);
 3. train Clover-2 and EAGLE-1 on the same data with the same budget (``clover.train.main_clover2`` / ``main``);
-4. answers of every method on the question set and the comparison table + figures (``clover.evaluation.compare``).
+4. answers on the question set and the comparison table + figures (``clover.evaluation.compare``): the project's
+   plain decoding, transformers' prompt lookup, the training-free sources (``lookup``, ``lookup+recycle``), both
+   drafts, and Clover-2 with both sources in its tree (``compare --methods`` runs any other set).
 
 Every stage is the documented command line (printed before it runs) and resumes when rerun: regenerated shards,
 finished data shards, trained drafts and answered questions are kept. ``--fast`` is a few-minute smoke version.
@@ -42,6 +44,10 @@ SIZES = {
                  max_new_token=64, regen_prompt_len=384, regen_new_tokens=128, sharegpt_conversations=440),
 }
 DATA_SOURCES = ("regenerated", "sharegpt")
+# the main job's comparison (within its 20 minutes on 2 cores; compare's default set adds transformers generate,
+# recycle alone and EAGLE-1 with both sources)
+METHODS = ("baseline", "hf_pld", "lookup", "lookup+recycle", *(cls.method for cls in DRAFTS),
+           "+".join((DRAFTS[0].method, "lookup", "recycle")))
 DRAFT_VOCAB_SIZE = 8192
 
 
@@ -82,7 +88,8 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
             run(py + [cls.train_module, *common, "--ckpt-dir", str(ckpt), "--lr", "1e-3"])
         drafts += ["--draft", str(ckpt / "final")]
     cmd = py + ["clover.evaluation.compare", "--base-model", model, *drafts, "--outdir", str(workdir / "compare"),
-                "--max-new-tokens", str(s["max_new_token"]), "--tree", tree, "--tree-budget", str(budget)]
+                "--max-new-tokens", str(s["max_new_token"]), "--tree", tree, "--tree-budget", str(budget),
+                "--methods", ",".join(METHODS)]
     if question_file:
         cmd += ["--question-file", question_file]
     if s["question_end"]:

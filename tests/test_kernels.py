@@ -56,20 +56,21 @@ def test_measurement_times_both_kernels():
 
 def test_few_rows_kernel_by_environment_and_by_measurement(fresh_choice):
     fresh_choice.setenv("CLOVER_FEW_ROWS_KERNEL", " BLAS")
-    assert few_rows_kernel() == "blas" and kernels.few_rows_measured is None
+    assert few_rows_kernel(2) == few_rows_kernel(30) == "blas" and kernels.few_rows_measured is None
     fresh_choice.setattr(kernels, "_few_rows", None)
     fresh_choice.setenv("CLOVER_FEW_ROWS_KERNEL", "fastest")
     with pytest.raises(CloverError, match=r"CLOVER_FEW_ROWS_KERNEL='fastest': use blas, packed or auto"):
         few_rows_kernel()
     fresh_choice.delenv("CLOVER_FEW_ROWS_KERNEL")
-    for ratio, choice in ((1.3, "blas"), (1.02, "packed"), (0.7, "packed")):
+    for ratios, choices in (((1.3, 0.7), ("blas", "packed")), ((1.02, 1.2), ("packed", "blas"))):
         fresh_choice.setattr(kernels, "_few_rows", None)
-        fresh_choice.setattr(kernels, "measure_few_rows", lambda ratio=ratio: {"packed_over_blas": ratio})
-        assert few_rows_kernel() == choice
-        assert kernels.few_rows_measured == {"packed_over_blas": ratio}
+        fresh_choice.setattr(kernels, "measure_few_rows",
+                             lambda rows, ratios=ratios: {"packed_over_blas": ratios[rows > 2]})
+        assert [few_rows_kernel(n) for n in (2, 3, 4, 32)] == [choices[0]] * 2 + [choices[1]] * 2
+        assert kernels.few_rows_measured == {2: {"packed_over_blas": ratios[0]}, 8: {"packed_over_blas": ratios[1]}}
 
 
-@pytest.mark.parametrize("few", ["blas", "packed"])
+@pytest.mark.parametrize("few", [{2: "blas", 8: "blas"}, {2: "packed", 8: "packed"}, {2: "blas", 8: "packed"}])
 @pytest.mark.parametrize("choice", ["gemv", "packed"])
 @pytest.mark.parametrize("shape", [(1, 1, 48), (48,), (1, 5, 48), (3, 2, 48), (40, 48)])
 def test_prepacked_equals_linear(monkeypatch, choice, few, shape):

@@ -10,7 +10,7 @@ import torch
 
 from clover.io import device_timer, write_json
 from clover.model.base import BaseModel
-from clover.model.kernels import few_rows_kernel, one_row_kernel
+from clover.model.kernels import few_rows_choice, one_row_kernel
 from clover.model.loading import cache_dir
 
 SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -44,7 +44,7 @@ def measure_cost_curve(base: BaseModel, sizes=SIZES, prefix: int = 256, repeats:
 def verification_cost(base: BaseModel, max_size: int = 64) -> torch.Tensor:
     """``cost[s]`` = seconds to verify ``s`` tokens, for s = 0..max_size (index 0 unused), linearly interpolated
     from the measured curve; the curve is cached under ``$CLOVER_CACHE/cost_curves``."""
-    chosen = (f"|one-row {one_row_kernel()}|few-rows {few_rows_kernel()}"  # the kernels measured for this machine
+    chosen = (f"|one-row {one_row_kernel()}|few-rows {few_rows_choice()}"  # the kernels measured for this machine
               if base.device.type == "cpu" and base.dtype == torch.float32 else "")  # (fp32 CPU products only)
     key = (f"{getattr(base, 'folder', base.name_or_path)}|{base.dtype}|{base.device}|{torch.get_num_threads()}|"
            f"v{RUNTIME_VERSION}{'|compiled' if base.compiled_decode is not None else ''}{chosen}")

@@ -49,7 +49,8 @@ class SpeculativeModel:
         self.dynamic = tree == "dynamic" or bool(self.sources)
         self.dynamic_width, self.dynamic_expand = dynamic_width, dynamic_expand
         self.tree_depth = max([self.num_heads] + [s.max_depth for s in self.sources])
-        self.depth_policy = None
+        self.step_overhead = 0.0  # seconds a step spends outside the verification forward (running mean, ``auto``)
+        self.depth_policy, self.cost = None, None
         if self.dynamic:
             if budget in (None, "auto"):
                 from clover.generate.budget import DepthPolicy, draft_costs, verification_cost
@@ -122,7 +123,8 @@ class SpeculativeModel:
         if not candidates:
             zero = torch.zeros(1, dtype=torch.long, device=root.device)
             return DraftTree.from_parents(root.reshape(1), zero, zero, 0)
-        return select_tree(root, candidates, max_depth=self.tree_depth, budget=self.budget, cost_per_size=self.cost)
+        cost = None if self.cost is None else self.cost + self.step_overhead
+        return select_tree(root, candidates, max_depth=self.tree_depth, budget=self.budget, cost_per_size=cost)
 
     def _draft_input(self, out, index):
         return getattr(out, self.hidden_attr)[:, index]
@@ -151,6 +153,7 @@ class SpeculativeModel:
         # call before the next step that drafts (after plain steps, several steps' worth)
         pending = [(self._draft_input(out, slice(None)), torch.cat([ids[:, 1:], root.reshape(1, 1)], dim=1))]
         while not tracker.done:
+            step_start = time.perf_counter()
             depth = self._next_depth()
             root_logits = None
             if depth > 0:
@@ -174,6 +177,9 @@ class SpeculativeModel:
                 self.depth_policy.update(depth, drafted, tree.size)
             for source in self.sources:
                 source.observe(tree, verdict, out.logits[0])
+            if self.cost is not None:  # what the step cost beyond the verification forward's measured price
+                spent = time.perf_counter() - step_start - float(self.cost[min(tree.size, self.cost.numel() - 1)])
+                self.step_overhead = 0.9 * self.step_overhead + 0.1 * max(spent, 0.0)
             root = verdict.bonus
             tracker.result.verified.append(tree.size)
             yield tracker.add(verdict.committed)

@@ -334,11 +334,11 @@ def select_tree(root: torch.Tensor, sources: Sequence[Candidates], *, max_depth:
         cands, origin = merge_candidates(sources, max_depth)
     tok, parent, depth, score = cands.tokens, cands.parents, cands.depths, cands.scores
     order = (score - 1e-6 * depth).argsort(descending=True)  # a parent before a child of equal score
-    valid = int((score > -torch.inf).sum())  # one host sync per step: the number of usable nodes
+    valid = int((score > -torch.inf).sum())  # host sync: the number of usable nodes
     if budget is None:  # cost_per_size[s] = seconds to verify s tokens; a tree of j nodes has j + 1 tokens
         limit = min(valid, cost_per_size.numel() - 2)
         gain = torch.cat([torch.zeros(1, device=device), score[order[:limit]].exp().cumsum(0)]) + 1
-        budget = int((gain / cost_per_size[1:limit + 2].to(device)).argmax())
+        budget = int((gain / cost_per_size[1:limit + 2].to(device)).argmax())  # host sync: the size
     chosen = order[:min(budget, valid)]
     chosen = chosen[depth[chosen].argsort(stable=True)]                      # parents before children
     n = chosen.numel() + 1
@@ -353,3 +353,4 @@ def select_tree(root: torch.Tensor, sources: Sequence[Candidates], *, max_depth:
     tree = DraftTree.from_parents(tokens, parents, depths, max_depth)
     tree.origin = torch.cat([zero, bits])
     return tree
+

@@ -7,8 +7,8 @@ For several rows (tree verification, prefill) oneDNN on a prepacked weight wins 
 repacks the whole weight on every call. For one row (a token of plain decoding) it depends on the machine: BLAS's
 matrix-vector product was the faster on a 2-core Intel Xeon (SmolLM2's chain of matmuls: 29 vs 34 ms), while on a
 2-core AMD EPYC (Zen 4) the same product ran at half the memory bandwidth (MKL: 49 ms vs 28 ms for oneDNN). On the
-Xeon, BLAS was the faster for 2-32 rows as well (a chain of SmolLM2's layer shapes, 2 / 8 rows: 24 / 39 ms against
-30 / 43 ms for oneDNN), so products of a few rows are measured too.
+Xeon, BLAS was the faster for 2 rows as well (a 96 MB chain of weights: 4.2-4.6 ms against 4.8-5.0 ms), oneDNN's
+packed weight for 8 (9.3 against 13.2-13.7 ms), so products of a few rows are measured too.
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ one_row_measured: dict | None = None  # what measure_one_row() found when it mad
 FEW_ROWS_ENV = "CLOVER_FEW_ROWS_KERNEL"
 FEW_ROWS_KERNELS = ("blas", "packed")
 FEW_ROWS = (2, 32)  # products of this many rows take few_rows_kernel(); more (a prompt) always the packed weight
-_few_rows: str | None = None  # resolved once per process by few_rows_kernel()
-few_rows_measured: dict | None = None  # what measure_few_rows() found (None: set by the env)
+FEW_ROWS_PROBES = (2, 8)  # rows measured: the first for products of 2-3 rows, the second for 4-32
+_few_rows: dict[int, str] | None = None  # probe rows -> kernel, resolved once per process by few_rows_kernel()
+few_rows_measured: dict | None = None  # probe rows -> what measure_few_rows() found (None: set by the env)
 
 
 def one_row_kernel() -> str:
@@ -48,21 +49,28 @@ def one_row_kernel() -> str:
     return _one_row
 
 
-def few_rows_kernel() -> str:
-    """The kernel of an fp32 product of 2-32 rows on this CPU: ``"blas"`` (plain ``F.linear``) or ``"packed"``
-    (oneDNN on the prepacked weight). ``$CLOVER_FEW_ROWS_KERNEL`` (``blas``, ``packed`` or ``auto``, the default)
-    decides; ``auto`` times both once per process on 8 rows (~0.5 s) and keeps BLAS only where it is clearly
-    faster."""
+def few_rows_kernel(rows: int = 8) -> str:
+    """The kernel of an fp32 product of ``rows`` rows (2-32) on this CPU: ``"blas"`` (plain ``F.linear``) or
+    ``"packed"`` (oneDNN on the prepacked weight). ``$CLOVER_FEW_ROWS_KERNEL`` (``blas``, ``packed`` or ``auto``, the
+    default) decides; ``auto`` times both once per process on 2 rows (for 2-3) and on 8 (for 4-32), ~1 s in all, and
+    keeps BLAS only where it is clearly faster (on a 2-core Xeon: BLAS for 2 rows, the packed weight for 8)."""
     global _few_rows, few_rows_measured
     if _few_rows is None:
         choice = os.environ.get(FEW_ROWS_ENV, "auto").strip().lower() or "auto"
         if choice not in (*FEW_ROWS_KERNELS, "auto"):
             raise CloverError(f"${FEW_ROWS_ENV}={choice!r}: use blas, packed or auto")
         if choice == "auto":
-            few_rows_measured = measure_few_rows()
-            choice = "blas" if few_rows_measured["packed_over_blas"] > 1.05 else "packed"
-        _few_rows = choice
-    return _few_rows
+            few_rows_measured = {n: measure_few_rows(rows=n) for n in FEW_ROWS_PROBES}
+            _few_rows = {n: "blas" if m["packed_over_blas"] > 1.05 else "packed" for n, m in few_rows_measured.items()}
+        else:
+            _few_rows = dict.fromkeys(FEW_ROWS_PROBES, choice)
+    return _few_rows[FEW_ROWS_PROBES[0] if rows < 4 else FEW_ROWS_PROBES[1]]
+
+
+def few_rows_choice() -> str:
+    """The few-rows kernels as one string, e.g. ``"2:blas,8:packed"`` (for cache keys and reports)."""
+    few_rows_kernel()
+    return ",".join(f"{n}:{k}" for n, k in _few_rows.items())
 
 
 def measure_one_row(megabytes: int = 96, rounds: int = 5) -> dict:
@@ -149,7 +157,7 @@ class PrepackedLinear:
             if key != self._key:  # packed even when BLAS serves this call: compiled graphs use the packed weight
                 self._key, self._packed = key, _pack(weight)
             rows = x.numel() // x.shape[-1]
-            if FEW_ROWS[0] <= rows <= FEW_ROWS[1] and few_rows_kernel() == "blas":
+            if FEW_ROWS[0] <= rows <= FEW_ROWS[1] and few_rows_kernel(rows) == "blas":
                 return F.linear(x, weight, bias)
             out = packed_matmul(x, self._packed)
         return out if bias is None else out + bias
