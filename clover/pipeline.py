@@ -89,13 +89,14 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
         drafts += ["--draft", str(ckpt / "final")]
     cmd = py + ["clover.evaluation.compare", "--base-model", model, *drafts, "--outdir", str(workdir / "compare"),
                 "--max-new-tokens", str(s["max_new_token"]), "--tree", tree, "--tree-budget", str(budget),
-                "--methods", ",".join(METHODS)]
+                "--methods", ",".join(METHODS), "--figs", str(workdir / "compare")]
     if question_file:
         cmd += ["--question-file", question_file]
     if s["question_end"]:
         cmd += ["--question-end", str(s["question_end"])]
     run(cmd)
-    print(f"\ntable: {workdir / 'compare' / 'table.md'}; figures: figs/tau_per_group.png, figs/speedup_per_group.png")
+    print(f"\ntable: {workdir / 'compare' / 'table.md'}; figures: {workdir / 'compare'}/tau_per_group.png, "
+          f"speedup_per_group.png")
 
 
 def main(argv=None) -> None:

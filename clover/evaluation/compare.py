@@ -151,7 +151,7 @@ def plot(results: dict, figs: Path) -> None:
     groups = [g for g in GROUPS if g in methods["baseline"]["speed"]["groups"]] + ["overall"]
     for key, metric, ylabel, name in (("tau", "tau", "τ (tokens per step)", "tau_per_group.png"),
                                       ("speed", "speedup_total", "speedup over clover plain", "speedup_per_group.png")):
-        fig, ax = plt.subplots(figsize=(9, 3.6))
+        fig, ax = plt.subplots(figsize=(11, 4.4))
         width = 0.8 / len(methods)
         for i, (method, r) in enumerate(methods.items()):
             rep = r[key]
@@ -161,7 +161,7 @@ def plot(results: dict, figs: Path) -> None:
         ax.axhline(1.0, color="gray", linewidth=0.6)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{results['base_model']} on {results['device']} ({results['date']})", fontsize=9)
-        ax.legend(fontsize=7, ncol=len(methods))
+        ax.legend(fontsize=7, ncol=min(len(methods), 5), loc="upper center", bbox_to_anchor=(0.5, -0.1))
         fig.tight_layout()
         fig.savefig(figs / name, dpi=120)
         plt.close(fig)

@@ -293,7 +293,7 @@ def merge_candidates(sources: Sequence[Candidates], max_depth: int) -> tuple[Can
     tokens = torch.cat([c.tokens for c in sources])
     parents = torch.cat([c.parents for c in sources])
     parents = torch.where(parents >= 0, parents + offsets, -1)
-    depths = torch.cat([c.depths for c in sources]).clamp(max=max_depth)
+    depths = torch.cat([c.depths for c in sources])  # each at most max_depth
     scores = torch.cat([c.scores.float() for c in sources])
     n = tokens.numel()
     # every node's token path from the root, -1 padded (column max_depth takes the writes past the root): equal
