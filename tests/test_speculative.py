@@ -237,6 +237,14 @@ def _check_sampling(folder, kind, runs):
         r = model.generate(prompt, temperature=0.7, top_p=0.9, max_new_tokens=3, stop_token_ids=(), generator=gen)
         counts[r.tokens[0] * 12 + r.tokens[1]] += 1
         accepted += r.accept_lengths[1] > 1
+    assert_distributed_as(counts, exact, runs)
+    assert accepted > runs // 10  # draft tokens were accepted, not only bonus tokens drawn
+
+
+def assert_distributed_as(counts: torch.Tensor, exact: torch.Tensor, runs: int) -> None:
+    """``counts`` of ``runs`` draws follow ``exact``: nothing outside its support, a chi-square test (cells with an
+    expectation below 5 pooled), and a total variation within twice what sampling noise alone gives
+    (E|p̂ - p| ≈ sqrt(2 p (1 - p) / (π n)) per cell)."""
     expected = exact * runs
     assert counts[expected == 0].sum() == 0, "sampled a token outside the top-p nucleus"
     big = expected >= 5
@@ -246,8 +254,6 @@ def _check_sampling(folder, kind, runs):
         chi2 += (rest_obs - rest_exp) ** 2 / rest_exp
     df = int(big.sum()) + (1 if rest_exp > 0 else 0) - 1
     assert chi2 < chi2_critical(df), (float(chi2), df)
-    assert accepted > runs // 10  # draft tokens were accepted, not only bonus tokens drawn
-    # total variation, against what sampling noise alone gives (E|p̂ - p| ≈ sqrt(2 p (1 - p) / (π n)) per cell)
     tv = 0.5 * (counts / runs - exact).abs().sum()
     noise = 0.5 * (2 * exact * (1 - exact) / (math.pi * runs)).sqrt().sum()
     assert tv < 2 * noise, (float(tv), float(noise))

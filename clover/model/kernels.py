@@ -33,15 +33,21 @@ _few_rows: dict[int, str] | None = None  # probe rows -> kernel, resolved once p
 few_rows_measured: dict | None = None  # probe rows -> what measure_few_rows() found (None: set by the env)
 
 
+def _env_choice(variable: str, kernels: tuple[str, ...]) -> str:
+    """The kernel ``$variable`` names (``auto`` when unset), checked."""
+    choice = os.environ.get(variable, "auto").strip().lower() or "auto"
+    if choice not in (*kernels, "auto"):
+        raise CloverError(f"${variable}={choice!r}: use {', '.join(kernels)} or auto")
+    return choice
+
+
 def one_row_kernel() -> str:
     """The kernel of a one-row fp32 product on this CPU: ``"gemv"`` (BLAS, plain ``F.linear``) or ``"packed"``
     (oneDNN on the prepacked weight). ``$CLOVER_ONE_ROW_KERNEL`` (``gemv``, ``packed`` or ``auto``, the default)
     decides; ``auto`` measures both once per process (~0.4 s) and keeps oneDNN only where it is clearly faster."""
     global _one_row, one_row_measured
     if _one_row is None:
-        choice = os.environ.get(ONE_ROW_ENV, "auto").strip().lower() or "auto"
-        if choice not in (*ONE_ROW_KERNELS, "auto"):
-            raise CloverError(f"${ONE_ROW_ENV}={choice!r}: use gemv, packed or auto")
+        choice = _env_choice(ONE_ROW_ENV, ONE_ROW_KERNELS)
         if choice == "auto":
             one_row_measured = measure_one_row()
             choice = "packed" if one_row_measured["packed_over_gemv"] < 0.95 else "gemv"
@@ -56,9 +62,7 @@ def few_rows_kernel(rows: int = 8) -> str:
     keeps BLAS only where it is clearly faster (on a 2-core Xeon: BLAS for 2 rows, the packed weight for 8)."""
     global _few_rows, few_rows_measured
     if _few_rows is None:
-        choice = os.environ.get(FEW_ROWS_ENV, "auto").strip().lower() or "auto"
-        if choice not in (*FEW_ROWS_KERNELS, "auto"):
-            raise CloverError(f"${FEW_ROWS_ENV}={choice!r}: use blas, packed or auto")
+        choice = _env_choice(FEW_ROWS_ENV, FEW_ROWS_KERNELS)
         if choice == "auto":
             few_rows_measured = {n: measure_few_rows(rows=n) for n in FEW_ROWS_PROBES}
             _few_rows = {n: "blas" if m["packed_over_blas"] > 1.05 else "packed" for n, m in few_rows_measured.items()}
