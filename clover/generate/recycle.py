@@ -40,10 +40,6 @@ class TokenRecycling:
     def max_depth(self) -> int:
         return self.depth
 
-    def reset(self) -> None:
-        """Forget the table (it is otherwise kept across requests)."""
-        self.filled.zero_()
-
     @torch.inference_mode()
     def refresh(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
         """Rows ``tokens [n]`` of the table become the top-``k`` of ``logits [n, V]`` (the base model after them)."""
