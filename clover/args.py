@@ -6,7 +6,7 @@ and ``dest`` everywhere:
     p = CloverArgumentParser(prog="python -m clover.something", description=__doc__)
     add_base_model(p)                    # --base-model       -> args.base_model
     add_draft(p)                         # --draft (repeatable) -> args.draft (a list or None)
-    add_tree(p, "mc_sim_7b_63")          # --tree --tree-budget -> args.tree, args.tree_budget ('auto' or an int)
+    add_tree(p)                          # --tree --tree-budget -> args.tree, args.tree_budget ('auto' or an int)
     add_max_new_tokens(p, 256)           # --max-new-tokens   -> args.max_new_tokens
 
 Old spellings (``--basepath``, ``--model_path``, ``--total-token``, ``--max-new-token`` ...) are registered by
@@ -22,10 +22,12 @@ flag) as one line ``error: ...`` on stderr that names the flag, and exits with s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import math
 import re
 import sys
+import textwrap
 
 from clover.model.base import DTYPES
 from clover.model.loading import DEFAULT_MODEL
@@ -33,8 +35,58 @@ from clover.model.loading import DEFAULT_MODEL
 DTYPE_NAMES = ("auto", *DTYPES)  # what clover.model.base.parse_dtype accepts
 
 
+_ROLE = re.compile(r":[a-z]+:`~?([^`<]*?)\s*(?:<[^>]*>)?`")  # :mod:`x`, :func:`~a.b`, :class:`text <target>`
+
+
+def plain_text(doc: str | None) -> str | None:
+    """A docstring as --help shows it: reST roles and literals (``x``, :func:`~a.b`) become plain words."""
+    if doc is None:
+        return None
+    doc = _ROLE.sub(lambda m: m[1].rsplit(".", 1)[-1] if m[0].startswith((":func:`~", ":class:`~", ":meth:`~"))
+                    else m[1], doc)
+    return doc.replace("``", "")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks; a flag's help ends with its default when it has a meaningful one (not
+    None, False or an empty list, and not already stated)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or action.required or default in (None, False, argparse.SUPPRESS)
+                or default == [] or not action.option_strings):
+            return text
+        return f"{text} (default %(default)s)"
+
+
+_invoked_as: list[str] = []
+
+
+@contextlib.contextmanager
+def invoked_as(prog: str):
+    """Within this block the next :class:`CloverArgumentParser` built is named ``prog`` in its usage and errors
+    (``clover compare`` instead of ``python -m clover.evaluation.compare``)."""
+    _invoked_as.append(prog)
+    try:
+        yield
+    finally:
+        if prog in _invoked_as:
+            _invoked_as.remove(prog)
+
+
 class CloverArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one ``error: ...`` line (exit status 2) instead of usage + message."""
+    """An ArgumentParser whose usage errors are one ``error: ...`` line (exit status 2) instead of usage + message,
+    whose --help is plain text (docstrings lose their reST markup) and states each meaningful default once."""
+
+    def __init__(self, *args, **kwargs):
+        if _invoked_as:
+            kwargs["prog"] = _invoked_as.pop()
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        for key in ("description", "epilog"):
+            text = plain_text(kwargs.get(key))
+            kwargs[key] = textwrap.fill(text, 100) if text and "\n" not in text else text  # one line: wrap it
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         print(f"error: {self._explain(message)} (see {self.prog} --help)", file=sys.stderr)
@@ -145,11 +197,12 @@ def add_option(p: argparse.ArgumentParser, name: str, *old_names: str, **kwargs)
 
 
 def add_base_model(p: argparse.ArgumentParser, required: bool = False, help: str | None = None) -> argparse.Action:
-    """``--base-model`` (dest ``base_model``): a built-in name, a .gguf file or an HF folder."""
-    what = "base model: built-in name, .gguf file or HF folder"
+    """``--base-model`` (dest ``base_model``): a built-in name, a .gguf file or an HF folder; ``help`` adds what it
+    is for in this command."""
+    what = "base model: built-in name, .gguf file or HF folder" + (f"; {help}" if help else "")
     return add_option(p, "--base-model", "--basepath", "--model_path", "--model-path", "--base-model-path", "--model",
                       "--base", required=required, default=None if required else DEFAULT_MODEL, metavar="MODEL",
-                      help=help or (what if required else f"{what} (default %(default)s)"))
+                      help=what if required else f"{what} (default %(default)s)")
 
 
 def add_draft(p: argparse.ArgumentParser, required: bool = False, help: str | None = None) -> argparse.Action:
@@ -166,16 +219,18 @@ def add_draft(p: argparse.ArgumentParser, required: bool = False, help: str | No
 
 def add_data_dir(p: argparse.ArgumentParser, required: bool = True, help: str | None = None,
                  also: tuple[str, ...] = ()) -> argparse.Action:
-    """``--data-dir`` (dest ``data_dir``): a hidden-state data folder (``python -m clover.ge_data.allocation``);
+    """``--data-dir`` (dest ``data_dir``): the hidden-state data folder a command reads (``clover data`` writes it);
     ``also``: old names of this entry point besides ``--tmpdir``."""
     return add_option(p, "--data-dir", "--tmpdir", *also, required=required, default=None, metavar="FOLDER",
-                      help=help or "training data folder (python -m clover.ge_data.allocation)")
+                      help=help or "training data folder (written by clover data)")
 
 
-def add_ckpt_dir(p: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> argparse.Action:
-    """``--ckpt-dir`` (dest ``ckpt_dir``): a training checkpoint folder (epoch_{k}/, final/, metrics.jsonl)."""
-    return add_option(p, "--ckpt-dir", "--cpdir", required=required, default=None, metavar="FOLDER",
-                      help=help or "checkpoint folder (epoch_{k}/, final/, metrics.jsonl)")
+def add_outdir(p: argparse.ArgumentParser, what: str, required: bool = False, default: str | None = None,
+               also: tuple[str, ...] = ()) -> argparse.Action:
+    """``--outdir`` (dest ``outdir``): the folder this command writes, in every command that writes one; ``what``
+    says what goes in it, ``also`` are the entry point's old names for it."""
+    return add_option(p, "--outdir", *also, required=required, default=default, metavar="FOLDER",
+                      help=f"output folder: {what}" + (f" (default {default})" if default else ""))
 
 
 def add_questions(p: argparse.ArgumentParser, subset: bool = True, help: str | None = None) -> None:
@@ -201,6 +256,32 @@ def add_answer_file(p: argparse.ArgumentParser, required: bool = True, help: str
                       help=help or "answer file (JSON lines)")
 
 
+def add_seed(p: argparse.ArgumentParser, help: str) -> argparse.Action:
+    """``--seed`` (an int, default 0 in every command): ``help`` says what it seeds."""
+    return p.add_argument("--seed", type=int, default=0, help=f"{help} (default 0)")
+
+
+def add_max_len(p: argparse.ArgumentParser, default: int, use: str) -> argparse.Action:
+    """``--max-len`` (dest ``max_len``, > 0): the longest sequence in tokens, prompt + reply, everywhere; ``use`` says
+    what this command does with it (a KV-cache capacity, a truncation length ...)."""
+    return add_option(p, "--max-len", "--max_len", type=positive_int, default=default, metavar="N",
+                      help=f"longest sequence in tokens, prompt + reply: {use} (default %(default)s)")
+
+
+def add_dtype(p: argparse.ArgumentParser, use: str = "", names: tuple[str, ...] = ("fp32", "bf16", "fp16"),
+              default: str = "auto") -> argparse.Action:
+    """``--dtype``: the compute dtype, in every command (auto: fp32 on CPU, bf16 on CUDA); ``use`` adds what it
+    means for this command, ``names`` narrows the dtypes it takes besides auto."""
+    def dtype(text: str) -> str:
+        value = runtime_dtype(text)
+        if value != "auto" and str(DTYPES[value]).removeprefix("torch.") not in (str(DTYPES[n])[6:] for n in names):
+            raise argparse.ArgumentTypeError(f"must be auto, {', '.join(names)}, got {text!r}")
+        return value
+    return p.add_argument("--dtype", type=dtype, default=default, metavar="DTYPE",
+                          help=f"compute dtype: auto (fp32 on CPU, bf16 on CUDA), {', '.join(names)}{use} "
+                               f"(default {default})")
+
+
 def add_sampling(p: argparse.ArgumentParser, top: bool = True, seed_help: str | None = "sampling seed",
                  temperature: float = 0.0, top_p: float = 1.0) -> None:
     """``--temperature`` (>= 0, 0 = greedy) and, with ``top``, ``--top-p`` (in (0, 1]) and ``--top-k`` (>= 0,
@@ -213,7 +294,7 @@ def add_sampling(p: argparse.ArgumentParser, top: bool = True, seed_help: str | 
         add_option(p, "--top-k", "--top_k", type=non_negative_int, default=0, metavar="K",
                    help="sample from the k most likely tokens (default 0: off)")
     if seed_help:
-        p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+        add_seed(p, seed_help)
 
 
 def add_max_new_tokens(p: argparse.ArgumentParser, default: int,
@@ -223,31 +304,29 @@ def add_max_new_tokens(p: argparse.ArgumentParser, default: int,
                       default=default, metavar="N", help=f"{help} (default %(default)s)")
 
 
-def add_tree(p: argparse.ArgumentParser, default_tree: str = "mc_sim_7b_63", default_budget: str = "auto",
-             node_paths: bool = False) -> None:
+def add_tree(p: argparse.ArgumentParser, node_paths: bool = False) -> None:
     """``--tree`` (a fixed tree name or 'dynamic'; with ``node_paths`` also a Python list of node paths, which the
     entry point parses) and ``--tree-budget`` (dest ``tree_budget``: 'auto' or an int >= 0; the node budget of the
     dynamic tree)."""
     paths = ", or a Python list of node paths" if node_paths else ""
-    p.add_argument("--tree", default=default_tree,
-                   help=f"fixed tree name such as mc_sim_7b_63, or 'dynamic'{paths} (default %(default)s)")
-    add_option(p, "--tree-budget", "--total-token", "--budget", type=tree_budget, default=tree_budget(default_budget),
+    p.add_argument("--tree", default="dynamic",
+                   help=f"'dynamic' (the draft's likeliest paths, sized by --tree-budget) or a fixed tree name such as "
+                        f"mc_sim_7b_63{paths} (default %(default)s)")
+    add_option(p, "--tree-budget", "--total-token", "--budget", type=tree_budget, default="auto",
                metavar="N|auto", help="node budget of the dynamic tree: a number, or 'auto' (from this device's "
                                       "measured verification cost; default %(default)s)")
 
 
-def add_runtime(p: argparse.ArgumentParser, dtype: str = "auto", max_len: int | None = 4096) -> None:
+def add_runtime(p: argparse.ArgumentParser, max_len: int | None = 4096) -> None:
     """``--dtype`` (auto, fp32, bf16, fp16), ``--device`` (default cuda when available, else cpu), ``--compile``
     and, unless ``max_len`` is None, ``--max-len`` (dest ``max_len``, > 0: the KV-cache capacity)."""
     import torch
 
-    p.add_argument("--dtype", type=runtime_dtype, default=dtype, metavar="DTYPE",
-                   help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (default %(default)s)")
+    add_dtype(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:i] (default %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding forwards (one token, a tree's verification) with torch.compile: "
                         "faster steps on a CPU after a few minutes of compiling at load; needs a C++ compiler")
     if max_len is not None:
-        add_option(p, "--max-len", "--max_len", type=positive_int, default=max_len, metavar="N",
-                   help="KV-cache capacity in tokens: the context window, prompt + answer (default %(default)s)")
+        add_max_len(p, max_len, "the KV cache's capacity, the context window")

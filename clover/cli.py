@@ -1,27 +1,98 @@
-"""Command line: ``python -m clover.cli generate|chat`` — plain or speculative decoding with any supported model.
-
-Argument parsing only; the work is done by :mod:`clover.generate`.
+"""The ``clover`` command (also ``python -m clover`` and ``python -m clover.cli``): one subcommand per job, each the
+entry point of its module, whose own command line keeps working; and the ``generate`` and ``chat`` subcommands
+themselves (plain or speculative decoding with any supported model; the work is done by :mod:`clover.generate`).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
 import sys
 
 import torch
 
+from clover import __version__
 from clover.args import (CloverArgumentParser, add_base_model, add_draft, add_max_new_tokens, add_runtime,
-                         add_sampling, add_tree)
+                         add_sampling, add_tree, invoked_as)
 from clover.errors import run_cli
+
+# subcommand: (module, its entry point, what it does); the module's own command line is ``python -m module``
+COMMANDS = {
+    "generate": ("clover.cli", "generate_main", "answer one prompt, plain or speculative"),
+    "chat": ("clover.cli", "generate_main", "interactive multi-turn chat"),
+    "serve": ("clover.serve.__main__", "main", "an OpenAI-compatible HTTP server"),
+    "regenerate": ("clover.ge_data.regenerate", "main", "the base model's own replies to a conversation set"),
+    "data": ("clover.ge_data.allocation", "main", "training data: the base model's hidden states on conversations"),
+    "train": ("clover.train.trainer", "main", "train a draft: clover train clover2|eagle --data-dir D --outdir O"),
+    "gen-answer": ("clover.evaluation.gen_answer", "main", "Spec-Bench answer file of one method"),
+    "compare": ("clover.evaluation.compare", "main", "every method on the same questions: table, JSON, figures"),
+    "speed": ("clover.evaluation.speed_spe", "main", "tokens/s and speedup of answer files (Spec-Bench's speed)"),
+    "tau": ("clover.evaluation.tau_spe", "main", "mean accepted length of an answer file"),
+    "pipeline": ("clover.pipeline", "main", "the main job: data, both drafts, the comparison"),
+}
+TRAIN_MODULES = {"clover2": "clover.train.main_clover2", "eagle": "clover.train.main"}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: clover <command> [flags]   (clover <command> --help lists the flags)", "",
+             "Clover-2 speculative decoding: generate, serve, make training data, train drafts, evaluate.", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {what}" for name, (_, _, what) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """``clover <command> [flags]``: run the command's entry point with the flags, named ``clover <command>`` in its
+    usage and error lines."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
+    if argv[0] == "--version":
+        print(f"clover {__version__}")
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        print(f"error: unknown command {name!r}" + (f"; did you mean {close[0]!r}?" if close else "") +
+              f" (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        raise SystemExit(2)
+    if name == "train":
+        draft_type = rest[0] if rest else None
+        if draft_type in ("-h", "--help"):
+            print(f"usage: clover train {'|'.join(TRAIN_MODULES)} [flags]   (clover train clover2 --help lists the "
+                  f"flags)")
+            return
+        if draft_type not in TRAIN_MODULES:
+            print(f"error: clover train needs the draft type first: clover train {'|'.join(TRAIN_MODULES)} "
+                  f"[flags] (got {draft_type!r})", file=sys.stderr)
+            raise SystemExit(2)
+        from clover.train.trainer import main as train_main
+
+        with invoked_as(f"clover train {draft_type}"):
+            train_main(draft_type, rest[1:])
+        return
+    module, function, _ = COMMANDS[name]
+    entry = getattr(importlib.import_module(module), function)
+    if name in ("generate", "chat"):
+        with invoked_as("clover"):
+            run_cli(lambda: entry([name, *rest]))
+        return
+    with invoked_as(f"clover {name}"):
+        run_cli(lambda: entry(rest))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CloverArgumentParser(prog="python -m clover.cli", description=__doc__)
+    """The parser of ``generate`` and ``chat``."""
+    parser = CloverArgumentParser(prog="python -m clover.cli", description="Plain or speculative decoding with any "
+                                  "supported model: generate answers one prompt, chat holds a conversation.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("generate", "answer one prompt"), ("chat", "interactive multi-turn chat")):
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_base_model(p)
         add_draft(p)
-        add_tree(p, "mc_sim_7b_63", node_paths=True)
+        add_tree(p, node_paths=True)
         add_sampling(p)
         add_max_new_tokens(p, 256)
         p.add_argument("--template", default="auto", help="chat template: auto|tokenizer|vicuna|llama3|chatml")
@@ -42,7 +113,7 @@ def load_generator(args):
     tokenizer = load_tokenizer(args.base_model)
     template = get_template(tokenizer, args.template, system_prompt=args.system)
     tree = _parse_tree(args.tree) if args.draft and args.tree.lstrip().startswith("[") else args.tree
-    decoding = load_decoding(args.base_model, args.draft, tree=tree, budget=args.tree_budget, dtype=args.dtype,
+    decoding = load_decoding(args.base_model, args.draft, tree=tree, tree_budget=args.tree_budget, dtype=args.dtype,
                              device=args.device, max_len=args.max_len,
                              compile=args.compile)  # tree_budget: checked by the parser
     params = SamplingParams(args.temperature, args.top_p, args.top_k)
@@ -86,7 +157,8 @@ def respond(stream, tokenizer, ids, generator, out=sys.stdout) -> tuple[str, obj
     return text, result
 
 
-def main(argv=None) -> None:
+def generate_main(argv=None) -> None:
+    """``generate`` or ``chat`` (the first word of ``argv``) with its flags."""
     args = build_parser().parse_args(argv)
     stream, tokenizer, template = load_generator(args)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -109,4 +181,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

@@ -1,47 +1,47 @@
 """The whole Clover-2 pipeline on one machine, end to end, sized for a CPU by default:
 
 1. training text: the base model writes the replies of a slice of ShareGPT itself, given the human turns
-   (``clover.ge_data.regenerate``, sampled at its default T = 0.7, top-p 0.95: on-policy data, what the draft is
-   asked to predict at inference); ``--data
-   sharegpt`` keeps ShareGPT's own replies (written by other models) and skips this stage;
-2. training data: the base model's hidden states on that text (``clover.ge_data.allocation``);
-3. train Clover-2 and EAGLE-1 on the same data with the same budget (``clover.train.main_clover2`` / ``main``);
-4. answers on the question set and the comparison table + figures (``clover.evaluation.compare``): the project's
+   (``clover regenerate``, sampled at its default T = 0.7, top-p 0.95: on-policy data, what the draft is asked to
+   predict at inference); ``--data sharegpt`` keeps ShareGPT's own replies (written by other models) and skips this
+   stage;
+2. training data: the base model's hidden states on that text (``clover data``);
+3. train Clover-2 and EAGLE-1 on the same data with the same budget (``clover train clover2`` / ``eagle``);
+4. answers on the question set and the comparison table + figures (``clover compare``): the project's
    plain decoding, transformers' prompt lookup, the training-free sources (``lookup``, ``lookup+recycle``), both
    drafts, and Clover-2 with both sources in its tree (``compare --methods`` runs any other set).
 
 Every stage is the documented command line (printed before it runs) and resumes when rerun: regenerated shards,
 finished data shards, trained drafts and answered questions are kept. ``--fast`` is a few-minute smoke version.
 
-    python -m clover.pipeline [--fast] [--data regenerated|sharegpt] [--workdir runs/pipeline]
-                              [--base-model smollm2-135m-instruct]
+    clover pipeline [--fast] [--data regenerated|sharegpt] [--outdir runs/pipeline]
+                    [--base-model smollm2-135m-instruct]
+
+(``python -m clover.pipeline`` is the same command.) Everything it writes stays under --outdir.
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from clover.args import CloverArgumentParser, add_base_model, add_questions, add_tree
+from clover.args import CloverArgumentParser, add_base_model, add_outdir, add_questions, add_tree
 from clover.errors import CloverError, run_cli
 from clover.model.registry import DRAFTS
 
-# Per size: conversations (regenerated), max_len (training sequence length), batch size, epochs, max_steps,
-# questions, max_new_token; for regenerated data the longest prompt a reply is written for (a conversation ends at its
-# first longer prompt) and the reply cap, which together fill max_len; the conversations taken with ShareGPT's own
-# replies instead (--data sharegpt). Both drafts propose from the 8,192 most frequent
-# reply tokens (--draft-vocab-size), with which Clover-2's five vocabulary-sized heads train 3.4x faster on SmolLM2
-# (49,152 tokens, hidden size 576; see the README). The full size regenerates 256 conversations (5 of the 16 minutes
-# the main job took on 2 CPU cores; ~77k tokens kept) and trains each draft for one epoch; with ShareGPT's replies it
-# takes 440 conversations (~190k tokens), the size it had before regeneration was the default.
+# Per size: conversations (regenerated), max_len (the longest sequence, prompt + reply, regenerated and trained on),
+# batch size, epochs, max_steps, questions, max_new_tokens (answers); the reply cap of regenerated data; the
+# conversations taken with ShareGPT's own replies instead (--data sharegpt). Both drafts propose from the 8,192 most
+# frequent reply tokens (--draft-vocab-size), with which Clover-2's five vocabulary-sized heads train 3.4x faster on
+# SmolLM2 (49,152 tokens, hidden size 576; see docs/training.md). The full size regenerates 256 conversations (about
+# 5 minutes of the main job on 2 CPU cores; ~77k tokens kept) and trains each draft for one epoch; with ShareGPT's
+# replies it takes 440 conversations (~190k tokens).
 SIZES = {
-    "fast": dict(conversations=32, max_len=256, bs=4, epochs=1, max_steps=None, question_end=6, max_new_token=32,
-                 regen_prompt_len=192, regen_new_tokens=64, sharegpt_conversations=32),
+    "fast": dict(conversations=32, max_len=256, bs=4, epochs=1, max_steps=None, question_end=6, max_new_tokens=32,
+                 regen_new_tokens=64, sharegpt_conversations=32),
     "full": dict(conversations=256, max_len=512, bs=4, epochs=1, max_steps=None, question_end=None,
-                 max_new_token=64, regen_prompt_len=384, regen_new_tokens=128, sharegpt_conversations=440),
+                 max_new_tokens=64, regen_new_tokens=128, sharegpt_conversations=440),
 }
 DATA_SOURCES = ("regenerated", "sharegpt")
 # the main job's comparison (within its 20 minutes on 2 cores; compare's default set adds transformers generate,
@@ -69,12 +69,12 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
     if source == "regenerated":
         regen = workdir / "regenerated"
         run(py + ["clover.ge_data.regenerate", "--base-model", model, "--outdir", str(regen), "--start", "0",
-                  "--end", str(s["conversations"]), "--max-len", str(s["regen_prompt_len"]),
+                  "--end", str(s["conversations"]), "--max-len", str(s["max_len"]),
                   "--max-new-tokens", str(s["regen_new_tokens"]), "--batch-size", "32", "--shard-size", "32"])
         text = ["--dataset", str(regen / "regenerated.jsonl")]  # every regenerated conversation
     else:
         text = ["--start", "0", "--end", str(s["sharegpt_conversations"])]
-    run(py + ["clover.ge_data.allocation", "--base-model", model, "--data-dir", str(data), *text,
+    run(py + ["clover.ge_data.allocation", "--base-model", model, "--outdir", str(data), *text,
               "--max-len", str(s["max_len"]), "--shard-size", "32"])
     common = ["--base-model", model, "--data-dir", str(data), "--bs", str(s["bs"]), "--max-len", str(s["max_len"]),
               "--epochs", str(s["epochs"]), "--warmup-steps", "10", "--keep-last", "1",
@@ -85,10 +85,10 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
     for cls in DRAFTS:  # every registered draft, same data, same budget, same learning rate
         ckpt = workdir / "ckpt" / cls.draft_type
         if not (ckpt / "final" / "model.safetensors").is_file():
-            run(py + [cls.train_module, *common, "--ckpt-dir", str(ckpt), "--lr", "1e-3"])
+            run(py + [cls.train_module, *common, "--outdir", str(ckpt), "--lr", "1e-3"])
         drafts += ["--draft", str(ckpt / "final")]
     cmd = py + ["clover.evaluation.compare", "--base-model", model, *drafts, "--outdir", str(workdir / "compare"),
-                "--max-new-tokens", str(s["max_new_token"]), "--tree", tree, "--tree-budget", str(budget),
+                "--max-new-tokens", str(s["max_new_tokens"]), "--tree", tree, "--tree-budget", str(budget),
                 "--methods", ",".join(METHODS), "--figs", str(workdir / "compare")]
     if question_file:
         cmd += ["--question-file", question_file]
@@ -99,20 +99,24 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
           f"speedup_per_group.png")
 
 
-def main(argv=None) -> None:
-    p = CloverArgumentParser(prog="python -m clover.pipeline", description=__doc__,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = CloverArgumentParser(prog="python -m clover.pipeline", description=__doc__)
     add_base_model(p)
-    p.add_argument("--workdir", default="runs/pipeline", help="where data, checkpoints and answers go")
+    add_outdir(p, "data, checkpoints, answers, the table and the figures, in a subfolder per size and data source",
+               default="runs/pipeline", also=("--workdir",))
     p.add_argument("--fast", action="store_true", help="a few-minute smoke version (tiny data and budgets)")
     add_questions(p, subset=False, help="Spec-Bench format questions (default: the shipped set)")
     p.add_argument("--data", choices=DATA_SOURCES, default="regenerated",
                    help="training text: the base model's own replies to ShareGPT's human turns (default), or "
                         "ShareGPT's replies as they are")
-    add_tree(p, "dynamic")
-    a = p.parse_args(argv)
+    add_tree(p)
+    return p
+
+
+def main(argv=None) -> None:
+    a = build_parser().parse_args(argv)
     size = "fast" if a.fast else "full"
-    workdir = Path(a.workdir) / (size if a.data == "regenerated" else f"{size}_sharegpt")
+    workdir = Path(a.outdir) / (size if a.data == "regenerated" else f"{size}_sharegpt")
     pipeline(workdir, a.base_model, size, a.question_file, a.tree, a.tree_budget, a.data)
 
 

@@ -23,7 +23,6 @@ ALIASES = {
     "--base-model": ["--basepath", "--model_path", "--model-path", "--base-model-path", "--model", "--base"],
     "--draft": ["--ea-model-path", "--draft-model-path"],
     "--data-dir": ["--tmpdir"],
-    "--ckpt-dir": ["--cpdir"],
     "--tree-budget": ["--total-token", "--budget"],
     "--max-new-tokens": ["--max-new-token", "--max_new_tokens"],
     "--max-len": ["--max_len"],
@@ -37,7 +36,7 @@ ALIASES = {
 }
 # a valid value for each flag and what it parses to
 VALUES = {"--base-model": "some-model", "--draft": ("some-draft", ["some-draft"]), "--data-dir": "data",
-          "--ckpt-dir": "ckpt",
+          "--outdir": "out", "--hidden-dtype": "fp32",
           "--tree-budget": ("7", 7), "--max-new-tokens": ("5", 5), "--max-len": ("64", 64),
           "--question-file": "q.jsonl", "--question-begin": ("1", 1), "--question-end": ("4", 4),
           "--per-group": ("2", 2), "--answer-file": "a.jsonl", "--baseline-file": "b.jsonl", "--top-p": ("0.5", 0.5),
@@ -53,7 +52,7 @@ VALUES = {"--base-model": "some-model", "--draft": ("some-draft", ["some-draft"]
 TRAIN_FLAGS = ["--draft-vocab-size", "--grad-accum", "--weight-decay", "--warmup-steps", "--grad-clip",
                "--grad-clip-value", "--max-steps", "--mask-alignment", "--gradient-checkpointing", "--keep-last",
                "--test-fraction", "--eval-every", "--chain-eval-batches", "--num-workers", "--report-to"]
-TRAIN_REQUIRED = {"--base-model": "some-model", "--data-dir": "data", "--ckpt-dir": "ckpt"}
+TRAIN_REQUIRED = {"--data-dir": "data", "--outdir": "ckpt"}
 
 
 class Parsed(Exception):
@@ -111,11 +110,12 @@ ENTRY_POINTS = {
                          "--top-k"], {}),
     "clover.serve": (module_main("clover.serve.__main__"), {},
                      ["--base-model", "--draft", "--tree-budget", "--max-len"], {}),
-    "clover.ge_data.allocation": (module_main("clover.ge_data.allocation"), {"--data-dir": "data"},
-                                  ["--base-model", "--data-dir", "--max-len", "--question-file", "--max-new-tokens",
-                                   "--shard-size", "--gpus-per-worker", "--python-name"],
-                                  {"--data-dir": ["--outdir"], "--shard-size": ["--shard_size"],
-                                   "--gpus-per-worker": ["--gpus_per_worker"], "--python-name": ["--python_name"]}),
+    "clover.ge_data.allocation": (module_main("clover.ge_data.allocation"), {"--outdir": "data"},
+                                  ["--base-model", "--outdir", "--max-len", "--question-file", "--max-new-tokens",
+                                   "--shard-size", "--gpus-per-worker", "--python-name", "--hidden-dtype"],
+                                  {"--outdir": ["--data-dir", "--tmpdir"], "--shard-size": ["--shard_size"],
+                                   "--gpus-per-worker": ["--gpus_per_worker"], "--python-name": ["--python_name"],
+                                   "--hidden-dtype": ["--hidden_dtype"]}),
     "clover.ge_data.regenerate": (module_main("clover.ge_data.regenerate"), {"--outdir": "regen"},
                                   ["--base-model", "--max-len", "--max-new-tokens", "--batch-size", "--shard-size",
                                    "--top-p", "--top-k"],
@@ -134,10 +134,12 @@ ENTRY_POINTS = {
     "clover.evaluation.tau_spe": (module_main("clover.evaluation.tau_spe"), {"--answer-file": "a.jsonl"},
                                   ["--answer-file"], {"--answer-file": ["--path"]}),
     "clover.evaluation.answers": (module_main("clover.evaluation.answers"), {"--upgrade": "a.jsonl"}, [], {}),
-    "clover.pipeline": (module_main("clover.pipeline"), {}, ["--base-model", "--question-file", "--tree-budget"], {}),
-    **{module: (train_main(draft_type), TRAIN_REQUIRED, ["--base-model", "--data-dir", "--ckpt-dir", "--max-len",
+    "clover.pipeline": (module_main("clover.pipeline"), {}, ["--base-model", "--question-file", "--tree-budget",
+                                                             "--outdir"], {"--outdir": ["--workdir"]}),
+    **{module: (train_main(draft_type), TRAIN_REQUIRED, ["--base-model", "--data-dir", "--outdir", "--max-len",
                                                           *TRAIN_FLAGS],
-                {flag: ["--" + flag[2:].replace("-", "_")] for flag in TRAIN_FLAGS})
+                {**{flag: ["--" + flag[2:].replace("-", "_")] for flag in TRAIN_FLAGS},
+                 "--outdir": ["--ckpt-dir", "--cpdir"]})
        for module, draft_type in (("clover.train.main_clover2", "clover2"), ("clover.train.main", "eagle"))},
     "scripts/bench/ge_data.py": (bench_main("ge_data", False), {}, ["--base-model", "--max-len"], {}),
     "scripts/bench/speculative.py": (bench_main("speculative", False), {},
@@ -149,7 +151,7 @@ ENTRY_POINTS = {
     "scripts/bench/serve_load.py": (bench_main("serve_load", True), {}, ["--base-model", "--draft", "--tree-budget"],
                                     {}),
     "scripts/bench/draft_quality.py": (bench_main("draft_quality", True), {"--data-dir": "data"},
-                                       ["--base-model", "--data-dir"], {}),
+                                       ["--base-model", "--data-dir", "--max-len"], {}),
 }
 
 
@@ -293,7 +295,7 @@ def test_defaults():
 
     ns = build_parser().parse_args(["generate", "--prompt", "hi"])
     assert (ns.base_model, ns.draft, ns.tree, ns.tree_budget, ns.max_new_tokens) == \
-        ("smollm2-135m-instruct", None, "mc_sim_7b_63", "auto", 256)
+        ("smollm2-135m-instruct", None, "dynamic", "auto", 256)
     assert (ns.temperature, ns.top_p, ns.top_k, ns.seed, ns.dtype, ns.max_len) == (0.0, 1.0, 0, 0, "auto", 4096)
     assert build_parser().parse_args(["chat", "--tree-budget", "AUTO"]).tree_budget == "auto"
 
@@ -331,20 +333,21 @@ def test_pipeline_stage_commands_parse_with_the_stages_parsers(parse, monkeypatc
     for cmd in commands:
         assert parse(cmd[2], cmd[3:])[1].base_model == "some-model"
         assert not any(a.startswith("--") and a[2:].replace("_", "-") != a[2:] for a in cmd), cmd  # no old names
-        for old in ALIASES["--base-model"] + ALIASES["--data-dir"] + ALIASES["--ckpt-dir"] + ALIASES["--tree-budget"]:
+        for old in ALIASES["--base-model"] + ALIASES["--data-dir"] + ALIASES["--tree-budget"] + \
+                ["--ckpt-dir", "--cpdir", "--workdir"]:
             assert old not in cmd, cmd
     alloc = parse("clover.ge_data.allocation", commands[len(first)][3:])[1]
     if first:
         regen = parse("clover.ge_data.regenerate", commands[0][3:])[1]
         assert alloc.dataset == str(Path(regen.outdir) / "regenerated.jsonl") and alloc.end is None
-        assert regen.max_len + regen.max_new_tokens <= alloc.max_len  # a regenerated conversation fits a sequence
+        assert regen.max_len <= alloc.max_len  # a regenerated conversation fits a training sequence
     else:
         assert alloc.dataset is None and alloc.end == pipeline.SIZES["fast"]["sharegpt_conversations"]
-    for cmd in commands[len(first):-1]:
-        assert parse(cmd[2], cmd[3:])[1].data_dir == str(tmp_path / "data")
+    assert alloc.outdir == str(tmp_path / "data")
     for cmd in commands[len(first) + 1:-1]:
         ns = parse(cmd[2], cmd[3:])[1]
-        assert ns.ckpt_dir.startswith(str(tmp_path / "ckpt")) and ns.draft_vocab_size == pipeline.DRAFT_VOCAB_SIZE
+        assert ns.data_dir == str(tmp_path / "data")
+        assert ns.outdir.startswith(str(tmp_path / "ckpt")) and ns.draft_vocab_size == pipeline.DRAFT_VOCAB_SIZE
     ns = parse("clover.evaluation.compare", commands[-1][3:])[1]
     assert (ns.tree, ns.tree_budget, ns.question_file, ns.question_end) == ("dynamic", 5, "q.jsonl", 6)
 
@@ -361,3 +364,44 @@ def test_real_command_line_error(argv, needles):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     for needle in needles:
         assert needle in lines[0]
+
+
+# one meaning per flag: what every entry point's help for the flag starts with, and its default there
+MEANINGS = {
+    "--dtype": ("compute dtype: auto (fp32 on CPU, bf16 on CUDA)", None),
+    "--max-len": ("longest sequence in tokens, prompt + reply", None),
+    "--outdir": ("output folder: ", None),
+    "--seed": (None, 0),
+    "--tree": (None, "dynamic"),
+    "--tree-budget": (None, "auto"),
+    "--base-model": ("base model: built-in name, .gguf file or HF folder", None),
+}
+OTHER_DEFAULTS = {("scripts/bench/speculative.py", "--tree-budget")}  # the benchmark's fixed-budget tree
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_each_flag_means_one_thing_everywhere(entry, parse):
+    parser, namespace = parse(entry, [])
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parser = action.choices[namespace.command]
+    for action in parser._actions:
+        for flag in set(action.option_strings) & set(MEANINGS):
+            start, default = MEANINGS[flag]
+            if start is not None:
+                assert (action.help or "").startswith(start), (entry, flag, action.help)
+            if default is not None and (entry, flag) not in OTHER_DEFAULTS:
+                assert action.default == default, (entry, flag, action.default)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_help_is_plain_text(entry, capsys):
+    """No reST markup from the docstrings, no "default: None" on a flag without a default."""
+    text = help_text(entry, capsys)
+    for markup in ("``", ":mod:", ":func:", ":class:", ":meth:", "default: None", "(default None)"):
+        assert markup not in text, (entry, markup)
+
+
+def test_plain_text_drops_rest_markup():
+    doc = "Run ``clover data`` (see :mod:`clover.ge_data.allocation`, :func:`~clover.io.write_json`)."
+    assert clover_args.plain_text(doc) == "Run clover data (see clover.ge_data.allocation, write_json)."

@@ -98,7 +98,7 @@ def test_speculative_decoding_on_compiled_forwards_equals_plain(tiny_llama_dir, 
     compiled.compile_decode()
     draft = init_draft("clover2", compiled).eval()
     draft.allocate_cache(compiled.max_len)
-    model = SpeculativeModel(compiled, draft, tree=tree, budget=12 if tree == "dynamic" else None)
+    model = SpeculativeModel(compiled, draft, tree=tree, tree_budget=12 if tree == "dynamic" else None)
     generator = torch.Generator().manual_seed(0)
     calls, steps = compiled.compiled_decode.calls, 0
     for _ in range(4):

@@ -462,6 +462,6 @@ def test_checkpoint_written_before_token_scale(draft_type):
         torch.testing.assert_close(draft.forward_train(expected["hidden"], expected["ids"]),
                                    expected[f"{draft_type}_train"], rtol=1e-5, atol=1e-5)
     draft.allocate_cache(base.max_len)
-    model = {"clover2": CloverModel, "eagle": EagleModel}[draft_type](base, draft, tree="dynamic", budget=6)
+    model = {"clover2": CloverModel, "eagle": EagleModel}[draft_type](base, draft, tree="dynamic", tree_budget=6)
     assert model.generate(expected["prompt"], max_new_tokens=24).tokens == expected[f"{draft_type}_tokens"].tolist()
     assert model.generate_plain(expected["prompt"], max_new_tokens=24).tokens == expected["plain_tokens"].tolist()

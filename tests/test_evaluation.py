@@ -6,7 +6,7 @@ import json
 import pytest
 
 from clover.errors import CloverError
-from clover.evaluation.answers import load_answers
+from clover.evaluation.answers import is_success, load_answers
 from clover.evaluation.compare import run_comparison
 from clover.evaluation.gen_answer import generate_answers
 from clover.model.checkpoint import init_draft, save_draft
@@ -30,7 +30,7 @@ def questions(tmp_path_factory):
 
 def test_plain_answers_count_exactly_and_resume(tmp_path, questions):
     path = tmp_path / "baseline.jsonl"
-    generate_answers("baseline", SMOLLM2, path, questions, max_new_token=6, warmup=0, progress=False)
+    generate_answers("baseline", SMOLLM2, path, questions, max_new_tokens=6, warmup=0, progress=False)
     answers = load_answers(path)
     assert [a["question_id"] for a in answers] == [7, 9]
     first = answers[0]["choices"][0]
@@ -41,7 +41,7 @@ def test_plain_answers_count_exactly_and_resume(tmp_path, questions):
         assert choice["decoding_steps"] == choice["idxs"]
         assert choice["accept_lengths"] == [1] * sum(choice["new_tokens"])  # flat over the turns (Spec-Bench)
     before = path.read_text()
-    generate_answers("baseline", SMOLLM2, path, questions, max_new_token=6, warmup=0, progress=False)
+    generate_answers("baseline", SMOLLM2, path, questions, max_new_tokens=6, warmup=0, progress=False)
     assert path.read_text() == before  # every question was done: nothing regenerated
 
 
@@ -58,20 +58,40 @@ def test_unknown_methods_are_errors(tmp_path, questions, method):
 
 
 def test_comparison_runs_end_to_end(tmp_path, questions, drafts):
-    results = run_comparison(tmp_path / "cmp", SMOLLM2, [drafts["clover2"], drafts["eagle"]], questions,
-                             max_new_token=5, tree="mc_sim_7b_63", figs=tmp_path / "figs", warmup=0, progress=False)
+    """Every method on the same questions; one question is too long for the project's context window (4,096 tokens)
+    but not for transformers' (8,192): the project's methods fail it, the table and JSON say so, and speeds and τ
+    are computed over the two questions every method answered."""
+    long_question = {"question_id": 11, "category": "summarization", "turns": ["word " * 5000]}
+    question_file = tmp_path / "questions.jsonl"
+    question_file.write_text(questions.read_text() + json.dumps(long_question) + "\n")
+    results = run_comparison(tmp_path / "cmp", SMOLLM2, [drafts["clover2"], drafts["eagle"]], question_file,
+                             max_new_tokens=5, tree="mc_sim_7b_63", warmup=0, progress=False)
     assert set(results["methods"]) == {"hf", "hf_pld", "baseline", "eagle", "clover", "lookup", "recycle",
                                        "lookup+recycle", "clover+lookup+recycle", "eagle+lookup+recycle"}
+    assert results["questions"]["asked"] == 3 and results["questions"]["answered_by_every_method"] == 2
+    for method, r in results["methods"].items():
+        peer = method in ("hf", "hf_pld")
+        assert (r["answered"], r["failed"]) == ((3, 0) if peer else (2, 1)), method
+        assert (r["first_error"] is None) if peer else ("question 11" in r["first_error"] and
+                                                         "does not fit the context window" in r["first_error"])
+        assert r["compared_with_plain"] == 2 and r["speed"]["overall"]["questions"] == 2, method
+        assert r["tau"]["overall"]["questions"] == 2, method
     assert results["methods"]["baseline"]["tau"]["overall"]["tau"] == 1.0
     assert results["methods"]["hf"]["tau"]["overall"]["tau"] == 1.0
+    assert results["methods"]["baseline"]["identical_to_plain"] == 2
     table = (tmp_path / "cmp" / "table.md").read_text()
     assert "Clover-2" in table and "transformers prompt lookup" in table and "Clover-2 + lookup + recycling" in table
-    assert (tmp_path / "figs" / "tau_per_group.png").stat().st_size > 0
-    assert (tmp_path / "figs" / "speedup_per_group.png").stat().st_size > 0
+    assert "| answered | failed |" in table and "over the 2 of 3 questions every method answered" in table
+    assert "- clover plain failed 1 question(s); first error: question 11: CloverError: prompt of" in table
+    saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert saved["methods"]["lookup"]["failed"] == 1 and saved["methods"]["hf"]["failed"] == 0
+    # the plots go to the run's folder, nowhere else
+    assert (tmp_path / "cmp" / "tau_per_group.png").stat().st_size > 0
+    assert (tmp_path / "cmp" / "speedup_per_group.png").stat().st_size > 0
     # every method's file holds Spec-Bench's fields, consistent with ours
     for method in results["methods"]:
         lines = (tmp_path / "cmp" / "answers" / f"{method}.jsonl").read_text().splitlines()
-        for choice in (c for line in lines for c in json.loads(line)["choices"]):
+        for choice in (c for line in lines for c in json.loads(line).get("choices", [])):
             assert sum(choice["accept_lengths"]) == sum(choice["new_tokens"])
             assert len(choice["accept_lengths"]) == sum(choice["decoding_steps"])
             assert choice["decoding_steps"] == choice["idxs"]
@@ -79,7 +99,7 @@ def test_comparison_runs_end_to_end(tmp_path, questions, drafts):
             if method != "hf_pld":  # the prefill commits exactly the first token of every turn
                 assert all(turn[0] == 1 for turn in choice["accept_lengths_per_turn"])
     # greedy speculative answers are the plain answers
-    plain = load_answers(tmp_path / "cmp" / "answers" / "baseline.jsonl")
+    plain = [a for a in load_answers(tmp_path / "cmp" / "answers" / "baseline.jsonl") if is_success(a)]
     for method in set(results["methods"]) - {"baseline", "hf_pld"}:
-        other = load_answers(tmp_path / "cmp" / "answers" / f"{method}.jsonl")
+        other = [a for a in load_answers(tmp_path / "cmp" / "answers" / f"{method}.jsonl") if is_success(a)][:2]
         assert [a["choices"][0]["turns"] for a in other] == [a["choices"][0]["turns"] for a in plain]

@@ -98,7 +98,7 @@ def fp32_dump(tmp_path_factory):
     """Five conversations (one too long to keep any reply) dumped in fp32, two per shard."""
     root = tmp_path_factory.mktemp("dump")
     data = write_sharegpt(root / "data.json", 4, with_long=True)
-    allocation.main(dump_args(data, root / "out", "--dtype", "fp32", "--shard_size", "2"))
+    allocation.main(dump_args(data, root / "out", "--hidden-dtype", "fp32", "--shard_size", "2"))
     return data, root / "out"
 
 
@@ -117,7 +117,7 @@ def test_fp32_states_equal_a_fresh_forward(fp32_dump, smollm2_base):
 
 def test_bf16_states_are_the_rounded_forward(tmp_path, smollm2_base):
     data = write_sharegpt(tmp_path / "data.json", 2)
-    allocation.main(dump_args(data, tmp_path / "out"))  # default dtype: bf16
+    allocation.main(dump_args(data, tmp_path / "out"))  # default --hidden-dtype: bf16
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["dtype"] == "bf16" and manifest["compute_dtype"] == "fp32"
     for conv in read_shards(tmp_path / "out"):
@@ -222,9 +222,9 @@ def test_bad_input_is_one_error_line(case, tmp_path, fp32_dump):
         "empty range": (["--start", "3", "--end", "3"], ["--start 3 --end 3"]),
         "gpu id": (["--gpus", "7"], ["GPU id 7 is out of range"]),
         "bad flag": (["--template", "nope"], ["--template: invalid choice: 'nope'"]),
-        "other config": (["--outdir", str(out), "--dtype", "bf16"], ["another configuration", "dtype: 'fp32'"]),
+        "other config": (["--outdir", str(out), "--hidden-dtype", "bf16"], ["another configuration", "dtype: 'fp32'"]),
     }[case]
-    base = dump_args(data, tmp_path / "out", "--dtype", "fp32", "--shard_size", "2")
+    base = dump_args(data, tmp_path / "out", "--hidden-dtype", "fp32", "--shard_size", "2")
     assert_one_error_line(run_cli(*base, *args), *needles)
     assert len(shard_files(out)) == 3  # the existing data is untouched
 
@@ -234,7 +234,7 @@ def test_overwrite_starts_over(fp32_dump, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     small = write_sharegpt(tmp_path / "one.json", 1)
-    result = allocation.main(dump_args(small, copy, "--dtype", "fp32", "--overwrite"))
+    result = allocation.main(dump_args(small, copy, "--hidden-dtype", "fp32", "--overwrite"))
     assert result["conversations"] == 1 and [p.name for p in shard_files(copy)] == ["shard_000000.safetensors"]
 
 
@@ -346,7 +346,7 @@ def test_dataset_errors(fp32_dump, tmp_path):
         ds.check_compatible(64, 49152)
     with pytest.raises(CloverError, match="another base model"):
         ds.check_compatible(576, 49152, "some-other-model")
-    with pytest.raises(CloverError, match="no training data in .*python -m clover.ge_data.allocation"):
+    with pytest.raises(CloverError, match="no training data in .*clover data"):
         HiddenStateDataset(tmp_path)
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)

@@ -26,7 +26,7 @@ from clover.model.base import BaseModel
 from clover.model.loading import load_tokenizer, resolve_model_path
 from tests.conftest import SINGLE_THREAD_ENV, SMOLLM2, save_tiny
 
-MAX_LEN = 96
+MAX_LEN = 96  # the longest prompt answered: --max-len is MAX_LEN + the reply cap of 6
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -57,7 +57,7 @@ def write_sharegpt(path: Path, n: int, long_ids=()) -> Path:
 
 
 def regen_args(model: Path, data: Path, outdir: Path, *extra: str) -> list[str]:
-    return ["--model_path", str(model), "--dataset", str(data), "--outdir", str(outdir), "--max_len", str(MAX_LEN),
+    return ["--model_path", str(model), "--dataset", str(data), "--outdir", str(outdir), "--max_len", str(MAX_LEN + 6),
             "--max_new_tokens", "6", "--batch_size", "3", "--shard_size", "2", "--temperature", "0", "--top_p", "1", *extra]
 
 
@@ -73,7 +73,7 @@ def test_output_is_sharegpt_that_allocation_reads(tiny_chat, tmp_path):
     assert totals["conversations"] == 6 and totals["skipped"] == {regenerate.SKIP_LONG_PROMPT: 1}
     assert totals["turns"] == 8 and sum(totals["finish_reasons"].values()) == 8
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["base_model"] == str(tiny_chat) and manifest["seed"] == 42
+    assert manifest["base_model"] == str(tiny_chat) and manifest["seed"] == 0
     assert manifest["sampling"] == {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "greedy": True}
     per_turn = {cid: reasons for shard in manifest["shards"] for cid, _, reasons in shard["per_turn"]}
     assert set(per_turn) == {f"conv_{i}" for i in range(7) if i != 4}
@@ -82,10 +82,10 @@ def test_output_is_sharegpt_that_allocation_reads(tiny_chat, tmp_path):
     # the merged file is what allocation's loader and selection read; the shards keep the selection order
     convs, report = load_conversations(out / regenerate.MERGED)
     assert report.kept == 6 and not report.skipped
-    selected = [c.id for c in select_conversations(load_conversations(data)[0], 0, None, seed=42)]
+    selected = [c.id for c in select_conversations(load_conversations(data)[0], 0, None, seed=0)]
     assert [c.id for c in convs] == [cid for cid in selected if cid != "conv_4"]
     sel, _ = load_selection(argparse.Namespace(eval=False, question_file=None, dataset=str(out / regenerate.MERGED),
-                                               start=0, end=None, seed=42))
+                                               start=0, end=None, seed=0))
     assert len(sel) == 6
     # human turns and system messages kept, replies regenerated: batch-1 greedy through the same template
     template = get_template(load_tokenizer(tiny_chat))
@@ -167,7 +167,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (("--temperature", "-0.5"), "--temperature"),
     (("--top_p", "0"), "--top_p"),
     (("--start", "5", "--end", "2"), "start < end"),
-    (("--max_len", "512"), "context window"),
+    (("--max_len", "513"), "context window"),
+    (("--max_len", "6"), "no room for a prompt"),
 ])
 def test_bad_flags_are_one_error_line(tiny_chat, tmp_path, flags, needle):
     data = write_sharegpt(tmp_path / "data.jsonl", 2)

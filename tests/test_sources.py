@@ -144,7 +144,7 @@ def test_greedy_equals_plain_with_every_source(tiny_base, sources, kind):
         draft.allocate_cache(tiny_base.max_len)
     gen = torch.Generator().manual_seed(4)
     for budget in ("auto", 12):
-        model = SpeculativeModel(tiny_base, draft, tree="dynamic", budget=budget, sources=sources)
+        model = SpeculativeModel(tiny_base, draft, tree="dynamic", tree_budget=budget, sources=sources)
         taus = []
         for _ in range(3):  # requests one after another: the recycling table carries over
             prompt = repetitive_prompt(gen, int(torch.randint(2, 40, (1,), generator=gen)))
@@ -161,7 +161,7 @@ def test_a_multi_turn_chat_with_sources_equals_plain_decoding_on_smollm2(smollm2
     template = get_template(smollm2_tokenizer)
     draft = init_draft("clover2", smollm2_base).eval()
     draft.allocate_cache(smollm2_base.max_len)
-    model = SpeculativeModel(smollm2_base, draft, tree="dynamic", budget="auto", sources=["lookup", "recycle"])
+    model = SpeculativeModel(smollm2_base, draft, tree="dynamic", tree_budget="auto", sources=["lookup", "recycle"])
     messages, taus = [], []
     for turn in ("Repeat exactly: the quick brown fox jumps over the lazy dog.", "Say it again, twice."):
         messages.append({"role": "user", "content": turn})
@@ -184,7 +184,7 @@ def test_sampling_with_sources_matches_the_base_distribution(tmp_path):
     torch.set_num_threads(1)
     try:
         base = BaseModel.from_pretrained(folder, dtype="fp32", max_len=32)
-        model = SpeculativeModel(base, None, tree="dynamic", budget=6, sources=["lookup", "recycle"])
+        model = SpeculativeModel(base, None, tree="dynamic", tree_budget=6, sources=["lookup", "recycle"])
         params = SamplingParams(temperature=0.7, top_p=0.9)
         prompt = [3, 1, 4, 1, 5, 9, 2, 6]
         with torch.no_grad():

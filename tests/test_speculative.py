@@ -21,8 +21,8 @@ TREES = ["mc_sim_7b_63", "dynamic"]
 def make(base, kind, tree, **kwargs):
     draft = init_draft(kind, base).eval()
     draft.allocate_cache(base.max_len)
-    budget = kwargs.pop("budget", 12 if tree == "dynamic" else None)
-    return SpeculativeModel(base, draft, tree=tree, budget=budget, **kwargs)
+    budget = kwargs.pop("tree_budget", 12 if tree == "dynamic" else None)
+    return SpeculativeModel(base, draft, tree=tree, tree_budget=budget, **kwargs)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -58,7 +58,7 @@ def test_greedy_equals_plain_with_a_draft_vocabulary(tiny_base, kind, tree):
     vocab = torch.randperm(97, generator=torch.Generator().manual_seed(3))[:40]
     draft = init_draft(kind, tiny_base, draft_vocab_size=40, draft_vocab=vocab).eval()
     draft.allocate_cache(tiny_base.max_len)
-    model = SpeculativeModel(tiny_base, draft, tree=tree, budget=12 if tree == "dynamic" else None)
+    model = SpeculativeModel(tiny_base, draft, tree=tree, tree_budget=12 if tree == "dynamic" else None)
     drafted = []
     build = model._draft_tree
     model._draft_tree = lambda *a: drafted.append(build(*a)) or drafted[-1]
@@ -72,7 +72,7 @@ def test_greedy_equals_plain_with_a_draft_vocabulary(tiny_base, kind, tree):
 
 @pytest.mark.parametrize("kind", ["clover2", "eagle"])
 def test_auto_budget_is_lossless_and_adapts_depth(tiny_base, kind):
-    model = make(tiny_base, kind, "dynamic", budget="auto")
+    model = make(tiny_base, kind, "dynamic", tree_budget="auto")
     policy = model.depth_policy
     assert policy.start_cost > 0 and policy.level_cost > 0  # measured on this device
     gen = torch.Generator().manual_seed(1)
@@ -114,11 +114,11 @@ def test_plain_steps_between_drafted_steps_keep_the_draft_in_step(tiny_base, kin
     config = {"init_from_layer": "last", "token_scale": 1.0} if kind == "clover2" else {}
     draft = init_draft(kind, tiny_base, **config).eval()
     draft.allocate_cache(tiny_base.max_len)
-    plain = SpeculativeModel(tiny_base, draft, tree="dynamic", budget=6).generate_plain(
+    plain = SpeculativeModel(tiny_base, draft, tree="dynamic", tree_budget=6).generate_plain(
         prompt, max_new_tokens=40, stop_token_ids=())
     caches = []
     for pattern in ([3], [0, 0, 3]):
-        model = SpeculativeModel(tiny_base, draft, tree="dynamic", budget=6)
+        model = SpeculativeModel(tiny_base, draft, tree="dynamic", tree_budget=6)
         model.depth_policy = Schedule(pattern)
         out = model.generate(prompt, max_new_tokens=40, stop_token_ids=())
         assert out.tokens == plain.tokens
@@ -140,7 +140,7 @@ def test_greedy_equals_plain_on_smollm2(smollm2_base, smollm2_tokenizer):
 
     template = get_template(smollm2_tokenizer)
     prompts = [q["turns"][0] for q in load_questions(default_question_file())][:20]
-    models = [make(smollm2_base, "clover2", "mc_sim_7b_63"), make(smollm2_base, "clover2", "dynamic", budget=16),
+    models = [make(smollm2_base, "clover2", "mc_sim_7b_63"), make(smollm2_base, "clover2", "dynamic", tree_budget=16),
               make(smollm2_base, "eagle", "mc_sim_7b_63")]
     for i, prompt in enumerate(prompts):
         ids = template.encode_prompt([{"role": "user", "content": prompt}])

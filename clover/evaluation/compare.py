@@ -1,10 +1,14 @@
 """Peers side by side on the same questions, machine and caps: transformers ``generate`` (plain), transformers
 prompt-lookup decoding, the project's plain decoding, its training-free sources (prompt lookup, token recycling, both
 in one tree), EAGLE-1 and Clover-2, alone and with both sources in their tree. Writes one answer file per method
-(resumable), a markdown table (tokens/s, speedup over the project's plain decoding, τ per group) and plots in figs/.
+(resumable), a markdown table and results.json (per method: questions answered, failed with the first error, and
+identical to plain decoding; tokens/s, speedup over the project's plain decoding and τ, overall and per group, over
+the questions every method answered) and the plots, all under --outdir.
 
-    python -m clover.evaluation.compare --draft runs/clover2 --draft runs/eagle \\
+    clover compare --draft runs/clover2 --draft runs/eagle \\
         [--question-file spec_bench_question.jsonl] [--max-new-tokens 128] [--outdir runs/compare]
+
+(``python -m clover.evaluation.compare`` is the same command.)
 """
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from clover.args import (CloverArgumentParser, add_base_model, add_max_new_tokens, add_questions, add_runtime,
-                         add_sampling, add_tree)
+from clover.args import (CloverArgumentParser, add_base_model, add_max_new_tokens, add_outdir, add_questions,
+                         add_runtime, add_sampling, add_tree)
 from clover.errors import CloverError, run_cli
 from clover.evaluation.answers import GROUPS, is_success, load_answers
 from clover.evaluation.gen_answer import METHODS, generate_answers, method_parts
@@ -59,12 +63,14 @@ def draft_checkpoints(drafts) -> dict[str, str]:
 
 
 def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=None, methods=None,
-                   max_new_token=128, temperature=0.0, tree="mc_sim_7b_63", total_token="auto", dtype="auto",
-                   device="cpu", figs="figs", question_begin=None, question_end=None, warmup=1, progress=True,
+                   max_new_tokens=128, temperature=0.0, tree="dynamic", tree_budget="auto", dtype="auto",
+                   device="cpu", figs=None, question_begin=None, question_end=None, warmup=1, progress=True,
                    per_group=None, compile=False) -> dict:
     """Answer the questions with every method (``methods``; default: the peers, the training-free sources alone and
     together, and per checkpoint in ``drafts`` its draft alone and with both sources), then write ``results.json``,
-    ``table.md`` and the plots. A method of a draft type that no checkpoint has is left out."""
+    ``table.md`` and the plots (into ``figs``, default ``outdir``). A method of a draft type that no checkpoint has is
+    left out. Speeds and τ are computed over the questions every method answered; each method's failures are
+    counted and its first error kept."""
     outdir = Path(outdir)
     checkpoints = draft_checkpoints(drafts)
     if methods is None:
@@ -78,65 +84,85 @@ def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=No
     files = {}
     for method in methods:
         files[method] = generate_answers(method, base_model, outdir / "answers" / f"{method}.jsonl", question_file,
-                                         checkpoints.get(draft_method(method)), temperature=temperature, max_new_token=max_new_token,
-                                         tree=tree, total_token=total_token, dtype=dtype, device=device,
-                                         question_begin=question_begin, question_end=question_end, warmup=warmup,
-                                         progress=progress, per_group=per_group, compile=compile)
-    base = load_answers(files["baseline"])
+                                         checkpoints.get(draft_method(method)), temperature=temperature,
+                                         max_new_tokens=max_new_tokens, tree=tree, tree_budget=tree_budget,
+                                         dtype=dtype, device=device, question_begin=question_begin,
+                                         question_end=question_end, warmup=warmup, progress=progress,
+                                         per_group=per_group, compile=compile)
+    answers = {method: load_answers(files[method]) for method in methods}
+    common = set.intersection(*({a["question_id"] for a in records if is_success(a)} for records in answers.values()))
+    checks = {method: answer_checks(records, answers["baseline"]) for method, records in answers.items()}
+    if not common:
+        failing = "; ".join(f"{m}: {c['first_error']}" for m, c in checks.items() if c["first_error"])
+        raise CloverError(f"no question was answered by every method, so no speed can be compared ({failing}); the "
+                          f"answer files are in {outdir / 'answers'}")
     questions = {"file": str(question_file or "shipped"), "begin": question_begin, "end": question_end,
-                 "per_group": per_group, "answered": len(base)}
+                 "per_group": per_group, "asked": len(answers["baseline"]), "answered_by_every_method": len(common)}
     results = {"date": datetime.date.today().isoformat(), "base_model": str(base_model), "device": device,
-               "dtype": dtype, "tree": tree, "total_token": total_token, "max_new_token": max_new_token,
+               "dtype": dtype, "tree": tree, "tree_budget": tree_budget, "max_new_tokens": max_new_tokens,
                "temperature": temperature, "questions": questions, "compiled_forwards": compile,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "methods": {}}
-    plain_turns = {a["question_id"]: a["choices"][0]["turns"] for a in base if is_success(a)}
-    for method in methods:
-        answers = load_answers(files[method])
-        results["methods"][method] = {"speed": speed_report(answers, base), "tau": tau_report(answers),
-                                      **answer_checks(answers, plain_turns)}
-    (outdir / "results.json").write_text(json.dumps(results, indent=2))
+    base = [a for a in answers["baseline"] if a["question_id"] in common]
+    for method, records in answers.items():
+        kept = [a for a in records if a["question_id"] in common]
+        results["methods"][method] = {**checks[method], "speed": speed_report(kept, base), "tau": tau_report(kept)}
+    (outdir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     table = markdown_table(results)
     (outdir / "table.md").write_text(table + "\n")
-    plot(results, Path(figs))
+    plot(results, Path(figs or outdir))
     return results
 
 
-def answer_checks(answers, plain_turns: dict) -> dict:
-    """Questions answered, answers identical to plain decoding's (greedy decoding must give the same text), and
-    for the project's speculative decoding the mean number of tokens verified per step after the prefill."""
+def answer_checks(answers, plain_answers) -> dict:
+    """Questions answered and failed (with the first error), answers identical to plain decoding's on the questions
+    both answered (greedy decoding must give the same text), and for the project's speculative decoding the mean
+    number of tokens verified per step after the prefill."""
+    plain_turns = {a["question_id"]: a["choices"][0]["turns"] for a in plain_answers if is_success(a)}
     done = [a for a in answers if is_success(a)]
+    failed = [a for a in answers if not is_success(a)]
     identical = sum(a["choices"][0]["turns"] == plain_turns.get(a["question_id"]) for a in done)
     verified = steps = 0
     for choice in (c for a in done for c in a["choices"] if "verified_tokens" in c):
         verified += sum(choice["verified_tokens"])
         steps += sum(n - 1 for n in choice["decoding_steps"])  # the prefill of each turn verifies no tree
-    return {"answered": len(done), "identical_to_plain": identical,
+    return {"answered": len(done), "failed": len(failed),
+            "first_error": f"question {failed[0]['question_id']}: {failed[0]['error']}" if failed else None,
+            "identical_to_plain": identical, "compared_with_plain": sum(a["question_id"] in plain_turns for a in done),
             "verified_per_step": verified / steps if steps else None}
 
 
 def markdown_table(results: dict) -> str:
     methods = results["methods"]
     groups = [g for g in GROUPS if g in methods["baseline"]["speed"]["groups"]]
-    lines = [f"| method | tokens/s | speedup | τ | tokens verified per step | identical to plain | " +
-             " | ".join(f"τ {g} | speedup {g}" for g in groups) + " |",
-             "|---|---:|---:|---:|---:|---:|" + "---:|---:|" * len(groups)]
+    lines = ["| method | answered | failed | identical to plain | tokens/s | speedup | τ | tokens verified per step | "
+             + " | ".join(f"τ {g} | speedup {g}" for g in groups) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(groups)]
     for method, r in methods.items():
         s, t = r["speed"], r["tau"]
-        nodes = r.get("verified_per_step")
-        cells = [label(method), f"{s['overall']['tokens_per_s_total']:.1f}", f"{s['overall']['speedup_total']:.2f}x",
-                 f"{t['overall']['tau']:.2f}", "–" if nodes is None else f"{nodes:.1f}",
-                 f"{r.get('identical_to_plain', '?')}/{r.get('answered', '?')}"]
+        nodes = r["verified_per_step"]
+        cells = [label(method), str(r["answered"]), str(r["failed"]),
+                 f"{r['identical_to_plain']}/{r['compared_with_plain']}",
+                 f"{s['overall']['tokens_per_s_total']:.1f}", f"{s['overall']['speedup_total']:.2f}x",
+                 f"{t['overall']['tau']:.2f}", "–" if nodes is None else f"{nodes:.1f}"]
         for g in groups:
             cells += [f"{t['groups'][g]['tau']:.2f}" if g in t["groups"] else "–",
                       f"{s['groups'][g]['speedup_total']:.2f}x" if g in s["groups"] else "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    q = results["questions"]
     lines.append("")
-    lines.append(f"speedup = total tokens / total time relative to clover plain decoding on the same questions; "
-                 f"τ = tokens per decoding step, bonus token included. {results['date']}, {results['base_model']}, "
-                 f"{results['device']} ({results['machine']}), dtype {results['dtype']}, tree {results['tree']}, "
-                 f"max {results['max_new_token']} new tokens, temperature {results['temperature']}"
+    lines.append(f"tokens/s, speedup and τ over the {q['answered_by_every_method']} of {q['asked']} questions every "
+                 f"method answered; speedup = total tokens / total time relative to clover plain decoding; τ = tokens "
+                 f"per decoding step, bonus token included; identical to plain = answers equal to plain decoding's, "
+                 f"of those both answered. {results['date']}, {results['base_model']}, {results['device']} "
+                 f"({results['machine']}), dtype {results['dtype']}, tree {results['tree']}, max "
+                 f"{results['max_new_tokens']} new tokens, temperature {results['temperature']}"
                  f"{', compiled forwards' if results.get('compiled_forwards') else ''}.")
+    failures = [(m, r) for m, r in methods.items() if r["failed"]]
+    if failures:
+        lines.append("")
+        lines += [f"- {label(m)} failed {r['failed']} question(s); first error: {r['first_error']}"
+                  for m, r in failures]
     return "\n".join(lines)
 
 
@@ -168,8 +194,7 @@ def plot(results: dict, figs: Path) -> None:
 
 
 def build_parser():
-    p = CloverArgumentParser(prog="python -m clover.evaluation.compare", description=__doc__,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CloverArgumentParser(prog="python -m clover.evaluation.compare", description=__doc__)
     add_base_model(p)
     p.add_argument("--draft", action="append", dest="drafts", default=[], metavar="FOLDER",
                    help="a draft checkpoint folder, its type read from its config.json; repeat for several drafts "
@@ -183,10 +208,11 @@ def build_parser():
                         "its draft alone and with lookup+recycle)")
     add_max_new_tokens(p, 128, help="cap per turn, the same for every method")
     add_sampling(p, top=False, seed_help=None)
-    add_tree(p, "mc_sim_7b_63")
+    add_tree(p)
     add_runtime(p, max_len=None)
-    p.add_argument("--outdir", default="runs/compare", help="answer files, table.md and results.json")
-    p.add_argument("--figs", default="figs", help="folder for the plots")
+    add_outdir(p, "answers/, table.md, results.json and the plots", default="runs/compare")
+    p.add_argument("--figs", default=None, metavar="FOLDER",
+                   help="write the plots here instead of --outdir (the README's figures: --figs figs)")
     return p
 
 

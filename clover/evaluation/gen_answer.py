@@ -10,8 +10,10 @@ the model's own earlier answers), the same ``--max-new-tokens`` cap and stop tok
 seed per (question, choice). Runs resume: questions already answered in the answer file are skipped; a failed
 question is recorded as a failure, never with numbers.
 
-    python -m clover.evaluation.gen_answer --method clover --base-model smollm2-135m-instruct \\
+    clover gen-answer --method clover --base-model smollm2-135m-instruct \\
         --draft runs/clover2 --answer-file answers/clover.jsonl
+
+(``python -m clover.evaluation.gen_answer`` is the same command.)
 """
 from __future__ import annotations
 
@@ -95,7 +97,7 @@ class Decoder:
         from clover.generate.loader import load_decoding
 
         self.decoding = load_decoding(base_model, [checkpoint] * (drafted is not None) + sources,
-                                      draft_type=drafted and drafted.draft_type, tree=tree, budget=budget,
+                                      draft_type=drafted and drafted.draft_type, tree=tree, tree_budget=budget,
                                       dtype=dtype, device=device, max_len=max_len, compile=compile)
 
     def decode(self, ids: list[int], seed: int) -> tuple[list[int], list[int], int | None]:
@@ -167,9 +169,9 @@ def answer_question(decoder: Decoder, template, tokenizer, question: dict, choic
     return texts, accepts, times, (None if None in verified else verified)
 
 
-def generate_answers(method: str, base_model_path: str, answer_file, question_file=None, draft_model_path=None,
+def generate_answers(method: str, base_model: str, answer_file, question_file=None, draft: str | None = None,
                      model_id: str | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                     max_new_token: int = 256, num_choices: int = 1, tree="mc_sim_7b_63", total_token="auto",
+                     max_new_tokens: int = 256, num_choices: int = 1, tree="dynamic", tree_budget="auto",
                      question_begin=None, question_end=None, dtype="auto", device="cpu", max_len: int = 4096,
                      template_name: str = "auto", seed: int = 0, warmup: int = 1, progress: bool = True,
                      per_group: int | None = None, compile: bool = False) -> Path:
@@ -182,17 +184,17 @@ def generate_answers(method: str, base_model_path: str, answer_file, question_fi
     answer_file = Path(answer_file)
     done = done_question_ids(answer_file)
     todo = [q for q in questions if q["question_id"] not in done]
-    tokenizer = load_tokenizer(base_model_path)
+    tokenizer = load_tokenizer(base_model)
     template = get_template(tokenizer, template_name)
-    model_id = model_id or f"{Path(str(base_model_path)).name}-{method}-temperature-{temperature}"
+    model_id = model_id or f"{Path(str(base_model)).name}-{method}-temperature-{temperature}"
     if not todo:
         print(f"{answer_file}: all {len(questions)} questions already answered")
         return answer_file
-    decoder = Decoder(method, base_model_path, draft_model_path, dtype, device, max_len, tree, total_token,
-                      temperature, top_p, top_k, max_new_token, template.stop_token_ids, compile)
+    decoder = Decoder(method, base_model, draft, dtype, device, max_len, tree, tree_budget,
+                      temperature, top_p, top_k, max_new_tokens, template.stop_token_ids, compile)
     for _ in range(warmup):  # warm-up: first question, untimed, discarded
         answer_question(decoder, template, tokenizer, questions[0], 0, seed)
-    header = dict(model_id=model_id, base_model=str(base_model_path), method=method)
+    header = dict(model_id=model_id, base_model=str(base_model), method=method)
     for question in tqdm(todo, desc=f"{method} answers", disable=not progress):
         qid, category = question["question_id"], question["category"]
         try:
@@ -207,8 +209,7 @@ def generate_answers(method: str, base_model_path: str, answer_file, question_fi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CloverArgumentParser(prog="python -m clover.evaluation.gen_answer", description=__doc__,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CloverArgumentParser(prog="python -m clover.evaluation.gen_answer", description=__doc__)
     p.add_argument("--method", required=True, type=method_type, metavar="METHOD",
                    help="one of " + ", ".join(METHODS) + ", or another '+' combination of one trained draft's method "
                         "and the sources")
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_max_new_tokens(p, 256, help="cap per turn, the same for every method")
     p.add_argument("--num-choices", type=positive_int, default=1, metavar="K",
                    help="answers per question (different seeds)")
-    add_tree(p, "mc_sim_7b_63")
+    add_tree(p)
     p.add_argument("--template", default="auto", help="chat template name (auto: from the model)")
     add_runtime(p)
     p.add_argument("--warmup", type=non_negative_int, default=1, metavar="N",

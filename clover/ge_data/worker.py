@@ -2,9 +2,9 @@
 into token ids, loss masks and pre-norm hidden states and write it atomically (see :mod:`clover.ge_data.dataset`
 for the format).
 
-Each conversation runs alone through a stateless full-sequence forward (batch 1, no padding). On CPU the forward
-runs in fp32 and the states are rounded to the storage dtype (bf16 matmuls are slower than fp32 on CPUs without
-native bf16 units, and rounding once is more accurate); on CUDA it runs in the storage dtype. In eval mode the
+Each conversation runs alone through a stateless full-sequence forward (batch 1, no padding) in the compute dtype
+(``--dtype``; auto: fp32 on CPU, where bf16 matmuls are slower, bf16 on CUDA) and the states are rounded once to the
+storage dtype (``--hidden-dtype``, bf16 by default). In eval mode the
 conversations hold only user turns, which are first answered greedily by the base model, turn by turn.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from clover.errors import CloverError
 from clover.ge_data.dataset import shard_path
 from clover.generate.plain import generate_plain
 from clover.io import save_safetensors
-from clover.model.base import DTYPES, BaseModel
+from clover.model.base import DTYPES, BaseModel, parse_dtype
 from clover.model.loading import load_tokenizer
 
 SKIP_NO_MASK = "no masked token after truncation"
@@ -33,7 +33,8 @@ class WorkerJob:
     worker: int  # index (also the tqdm bar's position)
     model: str  # base model as the user named it
     device: str  # "cpu" or "cuda:N"
-    dtype: str  # storage dtype: bf16 | fp16 | fp32
+    hidden_dtype: str  # storage dtype of the hidden states: bf16 | fp16 | fp32
+    compute_dtype: str  # dtype of the forward: fp32 | bf16 | fp16
     template: str
     max_len: int
     outdir: str
@@ -42,9 +43,10 @@ class WorkerJob:
     max_new_tokens: int | None = None  # eval mode: answer each user turn greedily with at most this many tokens
 
 
-def compute_dtype(storage: str, device: str) -> str:
-    """The dtype the forward runs in: fp32 on CPU, the storage dtype on CUDA."""
-    return "fp32" if torch.device(device).type == "cpu" else storage
+def compute_dtype(choice: str, device: str) -> str:
+    """The name of the dtype the forward runs in for ``--dtype choice`` (auto: fp32 on CPU, bf16 on CUDA)."""
+    chosen = parse_dtype(choice, torch.device(device))
+    return next(name for name, dtype in DTYPES.items() if dtype == chosen)
 
 
 def run_worker(job: WorkerJob, on_shard=None) -> dict:
@@ -54,7 +56,7 @@ def run_worker(job: WorkerJob, on_shard=None) -> dict:
         torch.set_num_threads(job.threads)
     template = get_template(load_tokenizer(job.model), job.template)
     cache = job.max_len + job.max_new_tokens if job.max_new_tokens else 1  # the dump forward does not use the cache
-    base = BaseModel.from_pretrained(job.model, dtype=compute_dtype(job.dtype, job.device), device=job.device,
+    base = BaseModel.from_pretrained(job.model, dtype=job.compute_dtype, device=job.device,
                                      max_len=cache)
     total = sum(len(convs) for _, convs in job.shards)
     tokens, start = 0, time.perf_counter()
@@ -74,7 +76,7 @@ def dump_shard(base: BaseModel, template: ChatTemplate, convs: list[Conversation
     """The shard tensors and metadata for ``convs``; conversations with no masked token are skipped and counted."""
     start = time.perf_counter()
     ids, masks, hiddens, kept = [], [], [], []
-    storage = DTYPES[job.dtype]
+    storage = DTYPES[job.hidden_dtype]
     for conv in convs:
         messages = conv.messages
         if job.max_new_tokens:
@@ -105,7 +107,7 @@ def dump_shard(base: BaseModel, template: ChatTemplate, convs: list[Conversation
         "conversation_ids": json.dumps([c.id for c in kept]),
         "base_model": job.model,
         "template": template.name,
-        "dtype": job.dtype,
+        "dtype": job.hidden_dtype,
         "conversations": str(len(kept)),
         "tokens": str(tensors["input_ids"].numel()),
         "masked_tokens": str(int(tensors["loss_mask"].sum())),

@@ -2,7 +2,7 @@
 (``python -m clover.cli``), the server (:mod:`clover.serve`) and the answer generator
 (:mod:`clover.evaluation.gen_answer`) choose between the two.
 
-    decoding = load_decoding("smollm2-135m-instruct", "runs/clover2/final", tree="dynamic", budget="auto")
+    decoding = load_decoding("smollm2-135m-instruct", "runs/clover2/final", tree="dynamic", tree_budget="auto")
     result = decoding.generate(ids, SamplingParams(temperature=0.7), max_new_tokens=128)
 """
 from __future__ import annotations
@@ -54,14 +54,14 @@ class Decoding:
             self.base.reset()
 
 
-def load_decoding(base_model, draft=None, *, draft_type: str | None = None, tree="mc_sim_7b_63",
-                  budget: int | str | None = "auto", dtype="auto", device="cpu",
+def load_decoding(base_model, draft=None, *, draft_type: str | None = None, tree="dynamic",
+                  tree_budget: int | str | None = "auto", dtype="auto", device="cpu",
                   max_len: int | None = None, compile: bool = False) -> Decoding:
     """Plain decoding of ``base_model`` (a built-in name, .gguf file or HF folder) when ``draft`` is empty, else
     speculative decoding with ``draft``: a draft checkpoint folder, a training-free source (``"lookup"``,
     ``"recycle"``), or a list of them (at most one checkpoint), whose candidates share one tree per step. ``tree`` is
     the trained draft's tree (a fixed tree name, ``"dynamic"`` or a list of node paths; with a source in the mix the
-    tree is always chosen by score), with node ``budget`` (a number or ``"auto"``: sized by this device's measured
+    tree is always chosen by score), with node budget ``tree_budget`` (a number or ``"auto"``: sized by this device's measured
     verification cost). ``draft_type`` (a registered draft type name, e.g. ``"clover2"``) makes a checkpoint of
     another type an error. ``compile`` compiles the base model's decoding forwards now
     (:meth:`BaseModel.compile_decode`: one token, and a tree's verification)."""
@@ -81,6 +81,6 @@ def load_decoding(base_model, draft=None, *, draft_type: str | None = None, tree
     from clover.generate.speculative import SpeculativeModel
 
     model = SpeculativeModel.from_pretrained(base_model, checkpoint, dtype=dtype, device=device, max_len=max_len,
-                                             tree=tree, budget=budget, expected_type=draft_type, compile=compile,
+                                             tree=tree, tree_budget=tree_budget, expected_type=draft_type, compile=compile,
                                              sources=sources)
     return Decoding(model.base, model)

@@ -33,8 +33,8 @@ MAX_CANDIDATES = 64  # per source and step: more than a CPU's verification pays 
 class SpeculativeModel:
     draft_class: type[DraftModel] = DraftModel  # subclasses accept only checkpoints of their own draft
 
-    def __init__(self, base: BaseModel, draft: DraftModel | None = None, tree="mc_sim_7b_63",
-                 budget: int | str | None = None, tokenizer=None, dynamic_width: int = 8, dynamic_expand: int = 8,
+    def __init__(self, base: BaseModel, draft: DraftModel | None = None, tree="dynamic",
+                 tree_budget: int | str | None = "auto", tokenizer=None, dynamic_width: int = 8, dynamic_expand: int = 8,
                  max_depth: int = 5, sources=()):
         self.base, self.draft, self.tokenizer = base, draft, tokenizer
         self.sources = [make_source(s, base) if isinstance(s, str) else s for s in sources]
@@ -52,7 +52,7 @@ class SpeculativeModel:
         self.step_overhead = 0.0  # seconds a step spends outside the verification forward (running mean, ``auto``)
         self.depth_policy, self.cost = None, None
         if self.dynamic:
-            if budget in (None, "auto"):
+            if tree_budget in (None, "auto"):
                 from clover.generate.budget import DepthPolicy, draft_costs, verification_cost
 
                 self.budget, self.cost = None, verification_cost(base)
@@ -60,31 +60,31 @@ class SpeculativeModel:
                     self.depth_policy = DepthPolicy(self.cost, *draft_costs(self.runner, base, dynamic_expand),
                                                     self.num_heads)
             else:
-                self.budget, self.cost = int(budget), None
+                self.budget, self.cost = int(tree_budget), None
                 if self.budget < 0:
-                    raise CloverError(f"tree budget must be >= 0 or 'auto', got {budget}")
+                    raise CloverError(f"tree budget must be >= 0 or 'auto', got {tree_budget}")
         else:
             self.spec = TreeSpec(tree, num_heads=heads).to(base.device)
 
     @classmethod
-    def from_pretrained(cls, base_model_path, draft_model_path=None, dtype="auto", device="cpu",
+    def from_pretrained(cls, base_model, draft=None, dtype="auto", device="cpu",
                         max_len: int | None = None, expected_type=None, compile: bool = False,
                         **kwargs) -> "SpeculativeModel":
-        """Load the base model and the draft checkpoint ``draft_model_path`` (of this class's draft, or of
+        """Load the base model and the draft checkpoint folder ``draft`` (of this class's draft, or of
         ``expected_type``: a draft class or type name; None: no trained draft, ``sources`` only) and bundle them
-        (``kwargs``: tree, budget, sources ...). ``compile`` compiles the base's decoding forwards first
+        (``kwargs``: tree, tree_budget, sources ...). ``compile`` compiles the base's decoding forwards first
         (:meth:`BaseModel.compile_decode`), so that the ``auto`` budget is measured on the compiled forwards."""
         from clover.model.checkpoint import load_draft
         from clover.model.loading import load_tokenizer
 
-        base = BaseModel.from_pretrained(base_model_path, dtype=dtype, device=device, max_len=max_len)
+        base = BaseModel.from_pretrained(base_model, dtype=dtype, device=device, max_len=max_len)
         if compile:
             base.compile_decode()
-        draft = None
-        if draft_model_path:
-            draft = load_draft(draft_model_path, base, expected_type=expected_type or cls.draft_class)
-            draft.allocate_cache(base.max_len)
-        return cls(base, draft, tokenizer=load_tokenizer(base_model_path), **kwargs)
+        model = None
+        if draft:
+            model = load_draft(draft, base, expected_type=expected_type or cls.draft_class)
+            model.allocate_cache(base.max_len)
+        return cls(base, model, tokenizer=load_tokenizer(base_model), **kwargs)
 
     @property
     def description(self) -> str:

@@ -1,4 +1,5 @@
-"""Command line: ``python -m clover.serve --base-model M [--draft D] ...`` — serve one model over OpenAI's API.
+"""Command line: ``clover serve --base-model M [--draft D] ...`` (or ``python -m clover.serve``) — serve one model
+over OpenAI's API.
 
 Argument parsing only; the model and its queue are :mod:`clover.serve.engine`, the routes :mod:`clover.serve.app`.
 """
@@ -16,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = CloverArgumentParser(prog="python -m clover.serve", description=__doc__)
     add_base_model(p)
     add_draft(p)
-    add_tree(p, "dynamic", node_paths=True)
+    add_tree(p, node_paths=True)
     add_runtime(p)
     p.add_argument("--template", default="auto", help="chat template: auto|tokenizer|vicuna|llama3|chatml")
     p.add_argument("--system", default=None, help="system prompt used when a conversation has none")

@@ -116,7 +116,7 @@ class Engine:
         chat = get_template(tokenizer, template, system_prompt=system)
         tree_arg = _parse_tree(tree) if draft and tree.lstrip().startswith("[") else tree
         budget = tree_budget if not draft or tree_budget == "auto" else _budget(tree_budget)
-        decoding = load_decoding(base_model, draft, tree=tree_arg, budget=budget, dtype=dtype, device=device,
+        decoding = load_decoding(base_model, draft, tree=tree_arg, tree_budget=budget, dtype=dtype, device=device,
                                  max_len=max_len, compile=compile)
         base = decoding.base
 

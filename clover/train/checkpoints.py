@@ -1,5 +1,5 @@
-"""The trainer's checkpoints: ``CKPT/epoch_{k}/`` after every completed epoch (the draft and the training state),
-``CKPT/final/`` (the draft generation loads), and what a ``--resume`` must match.
+"""The trainer's checkpoints: ``OUTDIR/epoch_{k}/`` after every completed epoch (the draft and the training state),
+``OUTDIR/final/`` (the draft generation loads), and what a ``--resume`` must match.
 
 Folders are written under a temporary name and renamed, so an interrupted run never leaves a half-written
 checkpoint; a resumed run continues after the last completed epoch.
@@ -20,7 +20,7 @@ PROGRESS = "trainer.json"  # epoch, optimizer step and data order, inside STATE
 
 
 def epoch_dirs(cpdir: Path) -> list[tuple[int, Path]]:
-    """Completed epoch checkpoints ``(k, CKPT/epoch_k)``, oldest first."""
+    """Completed epoch checkpoints ``(k, OUTDIR/epoch_k)``, oldest first."""
     found = []
     for path in cpdir.glob("epoch_*"):
         if path.name[6:].isdigit() and (path / STATE / PROGRESS).is_file():
@@ -35,7 +35,7 @@ def _fresh(tmp: Path) -> Path:
 
 
 def save_checkpoint(accelerator, model, cpdir: Path, progress: dict, keep_last: int) -> None:
-    """``CKPT/epoch_{k}/``: the draft (config.json + model.safetensors) and ``trainer_state/`` (accelerate state:
+    """``OUTDIR/epoch_{k}/``: the draft (config.json + model.safetensors) and ``trainer_state/`` (accelerate state:
     model, optimizer, scheduler, per-process RNG; plus trainer.json = ``progress``: epoch k, optimizer step and what
     fixes the data order and split), written to a temporary folder and renamed; then only the last ``keep_last``
     epoch folders are kept."""
@@ -56,7 +56,7 @@ def save_checkpoint(accelerator, model, cpdir: Path, progress: dict, keep_last: 
 
 
 def save_final(accelerator, model, cpdir: Path) -> None:
-    """``CKPT/final/``: the draft only, what generation loads."""
+    """``OUTDIR/final/``: the draft only, what generation loads."""
     if accelerator.is_main_process:
         tmp = _fresh(cpdir / ".final.tmp")
         save_draft(accelerator.unwrap_model(model), tmp)
@@ -78,7 +78,7 @@ def resume_point(args, cpdir: Path) -> Path | None:
     found = epoch_dirs(cpdir)
     if found and not args.resume:
         raise CloverError(f"{cpdir} already holds checkpoints up to epoch_{found[-1][0]}; pass --resume to continue "
-                          f"that run, or use another --ckpt-dir")
+                          f"that run, or use another --outdir")
     return found[-1][1] if found else None
 
 
@@ -92,9 +92,9 @@ def check_resumable(ckpt: Path, args, draft, base) -> None:
     block, now = draft.config_block, draft.config[draft.config_block]
     if saved.get(block) != now:
         raise CloverError(f"--resume: {ckpt} was trained with {block} config {saved.get(block)}, this run asks for "
-                          f"{now}; pass the same --configpath or use another --ckpt-dir")
+                          f"{now}; pass the same --configpath or use another --outdir")
     progress = read_progress(ckpt)
     changed = [f"--{k} {progress.get(k)} there, {v} now" for k, v in data_order(args).items() if progress.get(k) != v]
     if changed:
         raise CloverError(f"--resume: {ckpt} was trained on another train/test split ({'; '.join(changed)}); resume "
-                          f"with the same flags or use another --ckpt-dir")
+                          f"with the same flags or use another --outdir")

@@ -8,13 +8,13 @@ import argparse
 import json
 from pathlib import Path
 
-from clover.args import (CloverArgumentParser, add_base_model, add_ckpt_dir, add_data_dir, add_option,
-                         non_negative_float, non_negative_int, positive_int)
+from clover.args import (CloverArgumentParser, add_base_model, add_data_dir, add_dtype, add_max_len, add_option,
+                         add_outdir, add_seed, non_negative_float, non_negative_int, positive_int)
 from clover.errors import CloverError
 from clover.model.registry import draft_class
 
-EPILOG = ("Writes CKPT/epoch_{k}/ (config.json, model.safetensors, trainer_state/; the last --keep-last are kept), "
-          "CKPT/final/ (what generation loads) and CKPT/metrics.jsonl. Several processes: accelerate launch "
+EPILOG = ("Writes OUTDIR/epoch_{k}/ (config.json, model.safetensors, trainer_state/; the last --keep-last are kept), "
+          "OUTDIR/final/ (what generation loads) and OUTDIR/metrics.jsonl. Several processes: accelerate launch "
           "--num_processes K (on a machine without GPUs: accelerate launch --multi_gpu --num_processes K, DDP over "
           "gloo).")
 
@@ -23,12 +23,12 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
     cls = draft_class(draft_type)
     d = cls.train_defaults
     p = CloverArgumentParser(prog=f"accelerate launch -m {cls.train_module}",
-                             description=f"Train a {cls.label} draft on the hidden states of a base model.",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EPILOG)
-    add_base_model(p, required=True)
+                             description=f"Train a {cls.label} draft on the hidden states of a base model.", epilog=EPILOG)
+    add_base_model(p)
     add_data_dir(p)
-    add_ckpt_dir(p)
-    p.add_argument("--evaldata", default=None, help="monitoring data folder (allocation --eval) for chain accuracy")
+    add_outdir(p, "epoch_{k}/, final/ (the draft generation loads), metrics.jsonl", required=True,
+               also=("--ckpt-dir", "--cpdir"))
+    p.add_argument("--evaldata", default=None, help="monitoring data folder (clover data --eval) for chain accuracy")
     p.add_argument("--configpath", default=None,
                    help=f"JSON of draft config overrides (keys of the '{cls.config_block}' block)")
     add_option(p, "--draft-vocab-size", "--draft_vocab_size", type=non_negative_int, default=None, metavar="K",
@@ -52,27 +52,24 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=21, help="epochs to run (the original ran 21)")
     add_option(p, "--max-steps", "--max_steps", type=positive_int, default=None, metavar="N",
                help="stop after this many optimizer steps (smoke runs; the schedule still spans --epochs)")
-    add_option(p, "--max-len", "--max_len", type=positive_int, default=2048, metavar="N",
-               help="truncate conversations to this many tokens (at most the base's context window)")
+    add_max_len(p, 2048, "conversations are truncated to it")
     add_option(p, "--mask-alignment", "--mask_alignment", choices=("predicted", "eagle"), default="predicted",
                help="train a position when the predicted token is masked in (predicted) or, as the original, "
                     "the token two before it (eagle)")
     add_option(p, "--gradient-checkpointing", "--gradient_checkpointing", action="store_true",
                help="recompute activations in backward")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="autocast precision (master weights stay fp32); auto = bf16 on GPU and on CPUs with native "
-                        "bf16 matmuls, else fp32")
-    p.add_argument("--resume", action="store_true", help="continue after the last completed epoch in --ckpt-dir")
+    add_dtype(p, "; autocast, the master weights stay fp32", names=("fp32", "bf16"))
+    p.add_argument("--resume", action="store_true", help="continue after the last completed epoch in --outdir")
     add_option(p, "--keep-last", "--keep_last", type=positive_int, default=2, metavar="N",
                help="epoch checkpoints to keep")
     add_option(p, "--test-fraction", "--test_fraction", type=float, default=0.05, metavar="F",
                help="held-out share of the training data")
     add_option(p, "--eval-every", "--eval_every", type=non_negative_int, default=0, metavar="N",
                help="also evaluate the held-out split every this many optimizer steps and append the line to "
-                    "CKPT/evals.jsonl (learning curves; 0 = only at the end of each epoch)")
+                    "OUTDIR/evals.jsonl (learning curves; 0 = only at the end of each epoch)")
     add_option(p, "--chain-eval-batches", "--chain_eval_batches", type=non_negative_int, default=8, metavar="N",
                help="monitoring batches for chain accuracy")
-    p.add_argument("--seed", type=int, default=0, help="seeds initialisation, train/test split and data order")
+    add_seed(p, "seeds initialisation, train/test split and data order")
     add_option(p, "--num-workers", "--num_workers", type=non_negative_int, default=2, metavar="N",
                help="DataLoader workers per process")
     add_option(p, "--report-to", "--report_to", choices=("none", "tensorboard", "wandb"), default="none",

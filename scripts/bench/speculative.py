@@ -15,7 +15,6 @@ every method of the project on the compiled decoding forwards (``BaseModel.compi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -47,7 +46,7 @@ def configs(args):
 
 
 def main():
-    p = CloverArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CloverArgumentParser(description=__doc__)
     add_base_model(p)
     p.add_argument("--clover-draft", default=None, help="Clover-2 checkpoint (omit to leave it out)")
     p.add_argument("--eagle-draft", default=None, help="EAGLE-1 checkpoint (omit to leave it out)")
@@ -136,7 +135,7 @@ def breakdown(args):
             setups += [(label, draft, []), (f"{label} + lookup + recycling", draft, both)]
     for label, draft, sources in setups:
         model = SpeculativeModel.from_pretrained(args.base_model, draft, dtype="fp32", max_len=2048,
-                                                 tree="dynamic", budget="auto", compile=args.compile,
+                                                 tree="dynamic", tree_budget="auto", compile=args.compile,
                                                  sources=sources)
         template = get_template(model.tokenizer)
         questions = load_questions(args.question_file or default_question_file())[:args.breakdown_prompts]

@@ -12,7 +12,6 @@ folder.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import platform
@@ -108,12 +107,12 @@ def matmul_ms(h: int, runs: int) -> dict:
 
 
 def dump_data(model: str, folder: Path) -> None:
-    subprocess.run([sys.executable, "-m", "clover.ge_data.allocation", "--base-model", model, "--data-dir",
+    subprocess.run([sys.executable, "-m", "clover.ge_data.allocation", "--base-model", model, "--outdir",
                     str(folder), "--end", "16", "--max-len", "256"], check=True)
 
 
 def main():
-    parser = CloverArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CloverArgumentParser(description=__doc__)
     add_base_model(parser)
     add_data_dir(parser, required=False, also=("--data",),
                  help="hidden-state data folder of --base-model (default: dump 16 conversations)")

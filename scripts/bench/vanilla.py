@@ -11,7 +11,6 @@ Prints the CPU and the one-row kernel the runtime chose, a table, and writes fig
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -155,7 +154,7 @@ def forward_vs_bare(base, rounds, prefix=300, compiled=None, sizes=SIZES):
 
 
 def main():
-    parser = CloverArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CloverArgumentParser(description=__doc__)
     add_base_model(parser)
     parser.add_argument("--prompts", type=int, default=5, help="shipped questions to decode")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")

@@ -129,7 +129,7 @@ def check_greedy(ctx: Context, arch: str, kind: str, tree: str) -> dict:
 
     base = BaseModel.from_pretrained(ctx.tiny(arch), dtype="fp32", device=ctx.device, max_len=160)
     if tree == "auto":
-        model = ctx.h.make(base, kind, "dynamic", budget="auto")
+        model = ctx.h.make(base, kind, "dynamic", tree_budget="auto")
     else:
         model = ctx.h.make(base, kind, tree)
     n_prompts, new_tokens = (3, 32) if ctx.dry_run else (6, 48)

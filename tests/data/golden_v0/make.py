@@ -42,7 +42,7 @@ def main() -> None:
         with torch.no_grad():
             expected[f"{kind}_train"] = draft.forward_train(hidden, ids).contiguous()
         draft.allocate_cache(base.max_len)
-        model = cls(base, draft, tree="dynamic", budget=6)
+        model = cls(base, draft, tree="dynamic", tree_budget=6)
         expected[f"{kind}_tokens"] = torch.tensor(model.generate(prompt, max_new_tokens=24).tokens)
         expected["plain_tokens"] = torch.tensor(model.generate_plain(prompt, max_new_tokens=24).tokens)
     save_file(expected, str(HERE / "expected.safetensors"))
