@@ -30,7 +30,6 @@ COMMANDS = {
     "tau": ("clover.evaluation.tau_spe", "main", "mean accepted length of an answer file"),
     "pipeline": ("clover.pipeline", "main", "the main job: data, both drafts, the comparison"),
 }
-TRAIN_MODULES = {"clover2": "clover.train.main_clover2", "eagle": "clover.train.main"}
 
 
 def usage() -> str:
@@ -59,14 +58,15 @@ def main(argv=None) -> None:
               f" (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         raise SystemExit(2)
     if name == "train":
-        draft_type = rest[0] if rest else None
+        from clover.model.registry import draft_names
+
+        types, draft_type = "|".join(draft_names()), rest[0] if rest else None
         if draft_type in ("-h", "--help"):
-            print(f"usage: clover train {'|'.join(TRAIN_MODULES)} [flags]   (clover train clover2 --help lists the "
-                  f"flags)")
+            print(f"usage: clover train {types} [flags]   (clover train {draft_names()[0]} --help lists the flags)")
             return
-        if draft_type not in TRAIN_MODULES:
-            print(f"error: clover train needs the draft type first: clover train {'|'.join(TRAIN_MODULES)} "
-                  f"[flags] (got {draft_type!r})", file=sys.stderr)
+        if draft_type is None or draft_type.lower() not in draft_names():
+            print(f"error: clover train needs the draft type first: clover train {types} [flags] (got "
+                  f"{draft_type!r})", file=sys.stderr)
             raise SystemExit(2)
         from clover.train.trainer import main as train_main
 

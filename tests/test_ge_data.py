@@ -222,7 +222,8 @@ def test_bad_input_is_one_error_line(case, tmp_path, fp32_dump):
         "empty range": (["--start", "3", "--end", "3"], ["--start 3 --end 3"]),
         "gpu id": (["--gpus", "7"], ["GPU id 7 is out of range"]),
         "bad flag": (["--template", "nope"], ["--template: invalid choice: 'nope'"]),
-        "other config": (["--outdir", str(out), "--hidden-dtype", "bf16"], ["another configuration", "dtype: 'fp32'"]),
+        "other config": (["--outdir", str(out), "--hidden-dtype", "bf16"],
+                         ["another configuration", "dtype: 'fp32'"]),
     }[case]
     base = dump_args(data, tmp_path / "out", "--hidden-dtype", "fp32", "--shard_size", "2")
     assert_one_error_line(run_cli(*base, *args), *needles)

@@ -1,5 +1,6 @@
-"""The main job end to end (``clover pipeline --fast``, a few minutes on 2 CPU cores) on a clean checkout of this
-tree: it finishes, writes its table and figures under its own folder, and leaves ``git status`` clean."""
+"""The main job end to end: ``python -m clover pipeline --fast`` (the README's first command in its smoke size, a
+few minutes on 2 CPU cores) on a clean checkout of this tree finishes, writes its table and figures under its own
+folder, and leaves ``git status`` clean."""
 from __future__ import annotations
 
 import json
@@ -37,7 +38,7 @@ def checkout(tmp_path_factory) -> Path:
 
 
 def test_main_job_fast_leaves_the_checkout_clean(checkout):
-    proc = subprocess.run([sys.executable, "-m", "clover.pipeline", "--fast"], cwd=checkout, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "clover", "pipeline", "--fast"], cwd=checkout, capture_output=True,
                           text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = checkout / "runs" / "pipeline" / "fast"

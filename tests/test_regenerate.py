@@ -57,8 +57,9 @@ def write_sharegpt(path: Path, n: int, long_ids=()) -> Path:
 
 
 def regen_args(model: Path, data: Path, outdir: Path, *extra: str) -> list[str]:
-    return ["--model_path", str(model), "--dataset", str(data), "--outdir", str(outdir), "--max_len", str(MAX_LEN + 6),
-            "--max_new_tokens", "6", "--batch_size", "3", "--shard_size", "2", "--temperature", "0", "--top_p", "1", *extra]
+    return ["--model_path", str(model), "--dataset", str(data), "--outdir", str(outdir),
+            "--max_len", str(MAX_LEN + 6), "--max_new_tokens", "6", "--batch_size", "3", "--shard_size", "2",
+            "--temperature", "0", "--top_p", "1", *extra]
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -57,8 +57,8 @@ def dump(base_dir: Path, outdir: Path, n: int, seed: int, shard_size: int = 8) -
         convs.append(Conversation(f"c{i}", i, [{"role": "user", "content": prompt},
                                                {"role": "assistant", "content": answer}]))
     outdir.mkdir(parents=True)
-    job = WorkerJob(worker=0, model=str(base_dir), device="cpu", dtype="bf16", template="ids", max_len=128,
-                    outdir=str(outdir))
+    job = WorkerJob(worker=0, model=str(base_dir), device="cpu", hidden_dtype="bf16", compute_dtype="fp32",
+                    template="ids", max_len=128, outdir=str(outdir))
     for j in range(0, n, shard_size):
         tensors, metadata = dump_shard(base, IdTemplate(), convs[j:j + shard_size], job)
         write_shard(shard_path(outdir, j // shard_size), tensors, metadata)

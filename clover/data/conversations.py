@@ -191,7 +191,7 @@ def normalise_record(record) -> list[dict] | str:
 
 
 def select_conversations(conversations: list[Conversation], start: int, end: int | None,
-                         seed: int = 42) -> list[Conversation]:
+                         seed: int = 0) -> list[Conversation]:
     """Shuffle (by file order, with ``random.Random(seed)``) and return the ``[start, end)`` slice; deterministic."""
     if start < 0 or (end is not None and start >= end):
         raise CloverError(f"invalid conversation range [{start}, {end}): need 0 <= start < end "

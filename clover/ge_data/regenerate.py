@@ -21,7 +21,8 @@ length) and totals (skipped conversations by reason); when every shard is done t
 OUTDIR/regenerated.jsonl, the file to give ``clover data --dataset``.
 
 A turn is answered only when its prompt and --max-new-tokens fit in --max-len tokens: a conversation whose first
-prompt does not fit is skipped (counted); one whose later prompt does not, ends before that turn (counted). Replies stop at a stop token (eos) or after --max-new-tokens (length).
+prompt does not fit is skipped (counted); one whose later prompt does not, ends before that turn (counted). Replies
+stop at a stop token (eos) or after --max-new-tokens (length).
 """
 from __future__ import annotations
 

@@ -61,9 +61,9 @@ def load_decoding(base_model, draft=None, *, draft_type: str | None = None, tree
     speculative decoding with ``draft``: a draft checkpoint folder, a training-free source (``"lookup"``,
     ``"recycle"``), or a list of them (at most one checkpoint), whose candidates share one tree per step. ``tree`` is
     the trained draft's tree (a fixed tree name, ``"dynamic"`` or a list of node paths; with a source in the mix the
-    tree is always chosen by score), with node budget ``tree_budget`` (a number or ``"auto"``: sized by this device's measured
-    verification cost). ``draft_type`` (a registered draft type name, e.g. ``"clover2"``) makes a checkpoint of
-    another type an error. ``compile`` compiles the base model's decoding forwards now
+    tree is always chosen by score), with node budget ``tree_budget`` (a number or ``"auto"``: sized by this
+    device's measured verification cost). ``draft_type`` (a registered draft type name, e.g. ``"clover2"``) makes a
+    checkpoint of another type an error. ``compile`` compiles the base model's decoding forwards now
     (:meth:`BaseModel.compile_decode`: one token, and a tree's verification)."""
     from clover.generate.sources import split_drafts
 
@@ -81,6 +81,6 @@ def load_decoding(base_model, draft=None, *, draft_type: str | None = None, tree
     from clover.generate.speculative import SpeculativeModel
 
     model = SpeculativeModel.from_pretrained(base_model, checkpoint, dtype=dtype, device=device, max_len=max_len,
-                                             tree=tree, tree_budget=tree_budget, expected_type=draft_type, compile=compile,
-                                             sources=sources)
+                                             tree=tree, tree_budget=tree_budget, expected_type=draft_type,
+                                             compile=compile, sources=sources)
     return Decoding(model.base, model)

@@ -34,8 +34,8 @@ class SpeculativeModel:
     draft_class: type[DraftModel] = DraftModel  # subclasses accept only checkpoints of their own draft
 
     def __init__(self, base: BaseModel, draft: DraftModel | None = None, tree="dynamic",
-                 tree_budget: int | str | None = "auto", tokenizer=None, dynamic_width: int = 8, dynamic_expand: int = 8,
-                 max_depth: int = 5, sources=()):
+                 tree_budget: int | str | None = "auto", tokenizer=None, dynamic_width: int = 8,
+                 dynamic_expand: int = 8, max_depth: int = 5, sources=()):
         self.base, self.draft, self.tokenizer = base, draft, tokenizer
         self.sources = [make_source(s, base) if isinstance(s, str) else s for s in sources]
         if draft is None and not self.sources:

@@ -23,7 +23,8 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
     cls = draft_class(draft_type)
     d = cls.train_defaults
     p = CloverArgumentParser(prog=f"accelerate launch -m {cls.train_module}",
-                             description=f"Train a {cls.label} draft on the hidden states of a base model.", epilog=EPILOG)
+                             description=f"Train a {cls.label} draft on the hidden states of a base model.",
+                             epilog=EPILOG)
     add_base_model(p)
     add_data_dir(p)
     add_outdir(p, "epoch_{k}/, final/ (the draft generation loads), metrics.jsonl", required=True,

@@ -12,8 +12,8 @@ Read top to bottom: :func:`setup` builds a :class:`Run` (data, draft, optimizer,
 runs one epoch, :func:`end_epoch` evaluates, logs and checkpoints it, :func:`train` strings them together. Per
 epoch: train, evaluate the held-out split with the training loss (per-head top-1/2/3 summed exactly across
 processes), measure the top-1 chain accuracy on the monitoring set (``--evaldata``), print one summary line, append it
-to ``OUTDIR/metrics.jsonl``, and write ``OUTDIR/epoch_{k}/``; after the last epoch ``OUTDIR/final/`` holds the draft that
-generation loads.
+to ``OUTDIR/metrics.jsonl``, and write ``OUTDIR/epoch_{k}/``; after the last epoch ``OUTDIR/final/`` holds the draft
+that generation loads.
 """
 from __future__ import annotations
 
