@@ -15,7 +15,7 @@ from clover.generate.recycle import TokenRecycling
 from clover.generate.sampling import SamplingParams, processed_probs
 from clover.generate.sources import split_drafts
 from clover.generate.speculative import SpeculativeModel
-from clover.generate.tree import Candidates, merge_candidates, select_tree
+from clover.generate.tree import Candidates, cap_siblings, merge_candidates, select_tree
 from clover.generate.verify import verify_tree
 from clover.model.base import BaseModel
 from clover.model.checkpoint import init_draft
@@ -38,11 +38,14 @@ def test_lookup_proposes_the_continuations_of_the_longest_matches_first():
     assert chains[0] == (2, (7, 8, 9, 1))  # the longest match (2 tokens) first
     assert chains[1] == (1, (7, 2, 3, 4))  # a shorter, more recent one next
     found = lookup.propose(torch.tensor(6))
-    assert found.tokens.tolist() == [7, 8, 9, 1, 7, 2, 3, 4]
-    assert found.parents.tolist() == [-1, 0, 1, 2, -1, 4, 5, 6]
-    assert found.depths.tolist() == [1, 2, 3, 4, 1, 2, 3, 4]
-    assert (found.scores[1:4] < found.scores[0:3]).all()  # a child scores below its parent
-    assert found.scores[0] > found.scores[4]  # a longer match is trusted more (prior e / (e + 2))
+    assert found.tokens.tolist() == [7, 8, 9, 1, 2, 3, 4]  # both chains start with 7: one node for it
+    assert found.parents.tolist() == [-1, 0, 1, 2, 0, 4, 5]
+    assert found.depths.tolist() == [1, 2, 3, 4, 2, 3, 4]
+    assert (found.scores[1:4] < found.scores[0:3]).all() and (found.scores[4:] < found.scores[[0, 4, 5]]).all()
+    assert found.scores[1] > found.scores[4]  # a longer match is trusted more (prior e / (e + 2))
+    first = PromptLookup("cpu", branches=1, max_tokens=4)
+    first.begin(prompt[:-1], prompt[-1])
+    assert found.scores[0] == first.propose(torch.tensor(6)).scores[0]  # the shared node: the better chain's score
 
 
 def test_lookup_index_grows_with_committed_tokens_and_learns_its_hit_rate():
@@ -103,6 +106,19 @@ def test_merged_candidates_keep_one_node_per_path_with_the_best_score():
     assert tree.origin.tolist()[0] == 0 and set(tree.origin.tolist()[1:]) <= {1, 2, 3}
     small = select_tree(torch.tensor(1), [a, b], max_depth=4, budget=3)  # the best three, closed under parents
     assert {tuple(small.tokens[p[p >= 0]].tolist()) for p in small.paths} == {(1,), (1, 4), (1, 5), (1, 5, 6)}
+
+
+def test_children_that_claim_more_than_certainty_are_scaled_with_their_subtrees():
+    # the root's children: 0.8 and 0.8; the first has one child (0.5 given it), the second two (0.6 and 0.6 given it)
+    p = [0.8, 0.8, 0.8 * 0.5, 0.8 * 0.6, 0.8 * 0.6]
+    cands = Candidates(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([-1, -1, 0, 1, 1]), torch.tensor([1, 1, 2, 2, 2]),
+                       torch.tensor([math.log(x) for x in p]))
+    capped = cap_siblings(cands, max_depth=2)
+    assert capped.scores.exp().tolist() == pytest.approx([0.5, 0.5, 0.25, 0.25, 0.25])
+    # a distribution already (a softmax's top tokens): unchanged; unusable nodes stay unusable
+    fine = Candidates(torch.tensor([1, 2, 3]), torch.tensor([-1, -1, 0]), torch.tensor([1, 1, 2]),
+                      torch.tensor([math.log(0.6), math.log(0.3), -torch.inf]))
+    assert torch.equal(cap_siblings(fine, max_depth=2).scores, fine.scores)
 
 
 def test_the_cost_curve_decides_the_size_and_a_plain_step_when_nothing_pays():

@@ -250,11 +250,18 @@ class Candidates:
     def chains(cls, chains: Sequence[Sequence[int]], log_probs: Sequence[Sequence[float]],
                device) -> "Candidates":
         """Candidates from host lists: each chain a list of tokens after the root, with the log acceptance
-        probability of each of its nodes (the product along the path, already accumulated)."""
+        probability of each of its nodes (the product along the path, already accumulated). Chains that share a
+        prefix share its nodes (each with the best of their scores): one node per path."""
         tokens, parents, depths, scores = [], [], [], []
+        node_of: dict[tuple[int, ...], int] = {}
         for chain, logp in zip(chains, log_probs):
             for d, (tok, lp) in enumerate(zip(chain, logp)):
-                parents.append(-1 if d == 0 else len(tokens) - 1)
+                path = tuple(chain[:d + 1])
+                if path in node_of:
+                    scores[node_of[path]] = max(scores[node_of[path]], lp)
+                    continue
+                node_of[path] = len(tokens)
+                parents.append(-1 if d == 0 else node_of[path[:-1]])
                 tokens.append(tok)
                 depths.append(d + 1)
                 scores.append(lp)
@@ -317,9 +324,27 @@ def merge_candidates(sources: Sequence[Candidates], max_depth: int) -> tuple[Can
     return merged, origin
 
 
+def cap_siblings(cands: Candidates, max_depth: int) -> Candidates:
+    """The candidates with the children of every node made a distribution: a node's chance of being accepted given
+    its parent is ``exp(score - parent's score)``, and at most one child of a node can match the base model, so where
+    a node's children claim more than 1 in total (chains of one source that diverge, or two sources that disagree),
+    they are scaled down to sum to 1, and so is everything below them. Children that sum to at most 1 (a softmax's
+    top tokens, the ranks of a table row) are left as they are."""
+    scores, parents = cands.scores, cands.parents
+    usable = scores > -torch.inf
+    parent_score = torch.where(parents >= 0, scores[parents.clamp(min=0)], torch.zeros_like(scores))
+    cond = torch.where(usable, (scores - torch.where(usable, parent_score, 0)).exp(), torch.zeros_like(scores))
+    total = torch.zeros(cands.size + 1, dtype=cond.dtype, device=cond.device).index_add_(0, parents + 1, cond)
+    shift = total.clamp(min=1).log()[parents + 1]             # log excess of the node's own sibling group
+    for d in range(2, max_depth + 1):                         # plus every ancestor's, one depth at a time
+        shift = torch.where(cands.depths == d, shift + shift[parents.clamp(min=0)], shift)
+    return Candidates(cands.tokens, parents, cands.depths, scores - shift)
+
+
 def select_tree(root: torch.Tensor, sources: Sequence[Candidates], *, max_depth: int, budget: int | None,
                 cost_per_size: torch.Tensor | None = None) -> DraftTree:
-    """The tree of one step: the root and the best candidates of every source by score, duplicates merged.
+    """The tree of one step: the root and the best candidates of every source by score, duplicates merged, the
+    children of each node capped at a total probability of 1 (:func:`cap_siblings`).
 
     ``budget`` caps the number of nodes; with ``budget=None`` and ``cost_per_size`` (seconds of a verification
     forward of 1..K tokens) the size maximising the expected tokens per second ``(1 + Σ accept) / cost(size)`` is
@@ -332,6 +357,7 @@ def select_tree(root: torch.Tensor, sources: Sequence[Candidates], *, max_depth:
         origin = torch.ones(cands.size, 1, dtype=torch.bool, device=device)
     else:
         cands, origin = merge_candidates(sources, max_depth)
+    cands = cap_siblings(cands, max_depth)
     tok, parent, depth, score = cands.tokens, cands.parents, cands.depths, cands.scores
     order = (score - 1e-6 * depth).argsort(descending=True)  # a parent before a child of equal score
     valid = int((score > -torch.inf).sum())  # host sync: the number of usable nodes
