@@ -274,7 +274,7 @@ def add_dtype(p: argparse.ArgumentParser, use: str = "", names: tuple[str, ...] 
     means for this command, ``names`` narrows the dtypes it takes besides auto."""
     def dtype(text: str) -> str:
         value = runtime_dtype(text)
-        if value != "auto" and str(DTYPES[value]).removeprefix("torch.") not in (str(DTYPES[n])[6:] for n in names):
+        if value != "auto" and DTYPES[value] not in {DTYPES[n] for n in names}:
             raise argparse.ArgumentTypeError(f"must be auto, {', '.join(names)}, got {text!r}")
         return value
     return p.add_argument("--dtype", type=dtype, default=default, metavar="DTYPE",

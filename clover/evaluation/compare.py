@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from clover.args import (CloverArgumentParser, add_base_model, add_max_new_tokens, add_outdir, add_questions,
                          add_runtime, add_sampling, add_tree)
 from clover.errors import CloverError, run_cli
+from clover.io import write_json, write_text
 from clover.evaluation.answers import GROUPS, is_success, load_answers
 from clover.evaluation.gen_answer import METHODS, generate_answers, method_parts
 from clover.generate.sources import SOURCE_NAMES
@@ -107,9 +107,8 @@ def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=No
     for method, records in answers.items():
         kept = [a for a in records if a["question_id"] in common]
         results["methods"][method] = {**checks[method], "speed": speed_report(kept, base), "tau": tau_report(kept)}
-    (outdir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
-    table = markdown_table(results)
-    (outdir / "table.md").write_text(table + "\n")
+    write_json(outdir / "results.json", results, ensure_ascii=False)
+    write_text(outdir / "table.md", markdown_table(results) + "\n")
     plot(results, Path(figs or outdir))
     return results
 

@@ -57,8 +57,9 @@ DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.95
 MERGED = "regenerated.jsonl"
 FORMAT = "clover-regenerated/1"
 # a rerun into an existing folder must match the manifest on these keys
-CONFIG_KEYS = ("base_folder", "template", "dtype", "max_len", "max_new_tokens", "sampling", "seed", "dataset", "start",
-               "end", "shard_size", "selection_sha1")
+CONFIG_KEYS = ("base_folder", "template", "dtype", "max_len", "max_len_counts", "max_new_tokens", "sampling", "seed",
+               "dataset", "start", "end", "shard_size", "selection_sha1")
+MAX_LEN_COUNTS = "prompt + reply"  # what --max-len caps (earlier versions capped the prompt alone)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +159,7 @@ def describe_model(args, device: str) -> dict:
         parse_dtype(args.dtype, torch.device(device))]
     return {"format": FORMAT, "base_model": args.base_model, "base_folder": str(folder.resolve()),
             "architecture": architecture, "template": template.name, "dtype": dtype, "max_len": args.max_len,
+            "max_len_counts": MAX_LEN_COUNTS,
             "max_new_tokens": args.max_new_tokens,
             "sampling": {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
                          "greedy": params.greedy}}
