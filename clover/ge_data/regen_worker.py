@@ -21,9 +21,9 @@ from clover.io import write_json, write_text
 from clover.model.base import BaseModel
 from clover.model.loading import load_tokenizer
 
-SKIP_LONG_PROMPT = "prompt longer than --max-len"
+SKIP_LONG_PROMPT = "first prompt + --max-new-tokens over --max-len"
 SKIP_EMPTY_REPLY = "empty first reply"
-CUT_LONG_PROMPT = "later prompt longer than --max-len"
+CUT_LONG_PROMPT = "later prompt + --max-new-tokens over --max-len"
 CUT_EMPTY_REPLY = "empty later reply"
 SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 
