@@ -89,7 +89,7 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
         drafts += ["--draft", str(ckpt / "final")]
     cmd = py + ["clover.evaluation.compare", "--base-model", model, *drafts, "--outdir", str(workdir / "compare"),
                 "--max-new-tokens", str(s["max_new_tokens"]), "--tree", tree, "--tree-budget", str(budget),
-                "--methods", ",".join(METHODS), "--figs", str(workdir / "compare")]
+                "--methods", ",".join(METHODS)]
     if question_file:
         cmd += ["--question-file", question_file]
     if s["question_end"]:

@@ -22,10 +22,10 @@ import torch
 from clover.args import (CloverArgumentParser, add_base_model, add_max_new_tokens, add_outdir, add_questions,
                          add_runtime, add_sampling, add_tree)
 from clover.errors import CloverError, run_cli
-from clover.io import write_json, write_text
 from clover.evaluation.answers import GROUPS, is_success, load_answers
 from clover.evaluation.gen_answer import METHODS, generate_answers, method_parts
 from clover.generate.sources import SOURCE_NAMES
+from clover.io import write_json, write_text
 from clover.evaluation.speed_spe import speed_report
 from clover.evaluation.tau_spe import tau_report
 from clover.model.checkpoint import read_draft_config
@@ -91,7 +91,8 @@ def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=No
                                          per_group=per_group, compile=compile)
     answers = {method: load_answers(files[method]) for method in methods}
     common = set.intersection(*({a["question_id"] for a in records if is_success(a)} for records in answers.values()))
-    checks = {method: answer_checks(records, answers["baseline"]) for method, records in answers.items()}
+    plain_turns = {a["question_id"]: a["choices"][0]["turns"] for a in answers["baseline"] if is_success(a)}
+    checks = {method: answer_checks(records, plain_turns) for method, records in answers.items()}
     if not common:
         failing = "; ".join(f"{m}: {c['first_error']}" for m, c in checks.items() if c["first_error"])
         raise CloverError(f"no question was answered by every method, so no speed can be compared ({failing}); the "
@@ -113,11 +114,11 @@ def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=No
     return results
 
 
-def answer_checks(answers, plain_answers) -> dict:
+def answer_checks(answers, plain_turns: dict) -> dict:
     """Questions answered and failed (with the first error), answers identical to plain decoding's on the questions
     both answered (greedy decoding must give the same text), and for the project's speculative decoding the mean
-    number of tokens verified per step after the prefill."""
-    plain_turns = {a["question_id"]: a["choices"][0]["turns"] for a in plain_answers if is_success(a)}
+    number of tokens verified per step after the prefill. ``plain_turns``: ``{question_id: turns}`` of plain
+    decoding's answers."""
     done = [a for a in answers if is_success(a)]
     failed = [a for a in answers if not is_success(a)]
     identical = sum(a["choices"][0]["turns"] == plain_turns.get(a["question_id"]) for a in done)

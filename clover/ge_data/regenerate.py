@@ -35,8 +35,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from clover.args import (CloverArgumentParser, add_base_model, add_dtype, add_max_len, add_max_new_tokens, add_option,
                          add_outdir, add_sampling, add_seed, non_negative_int, positive_int)
 from clover.data.templates import get_template
@@ -44,9 +42,9 @@ from clover.errors import CloverError, run_cli
 from clover.ge_data.allocation import (TEMPLATE_CHOICES, code_version, load_selection, run_jobs, save_manifest,
                                        selection_hash, worker_devices)
 from clover.ge_data.regen_worker import SKIP_LONG_PROMPT, RegenJob, run_worker, shard_path  # noqa: F401
+from clover.ge_data.worker import compute_dtype
 from clover.generate.sampling import SamplingParams
 from clover.io import atomic_path, temp_files
-from clover.model.base import parse_dtype
 from clover.model.layers import LlamaArgs
 from clover.model.loading import check_architecture, load_tokenizer, read_config, resolve_model_path
 
@@ -155,12 +153,9 @@ def describe_model(args, device: str) -> dict:
     template = get_template(load_tokenizer(folder), args.template)
     template.encode_prompt([{"role": "user", "content": "Hi"}])
     params = SamplingParams(args.temperature, args.top_p, args.top_k)
-    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
-        parse_dtype(args.dtype, torch.device(device))]
     return {"format": FORMAT, "base_model": args.base_model, "base_folder": str(folder.resolve()),
-            "architecture": architecture, "template": template.name, "dtype": dtype, "max_len": args.max_len,
-            "max_len_counts": MAX_LEN_COUNTS,
-            "max_new_tokens": args.max_new_tokens,
+            "architecture": architecture, "template": template.name, "dtype": compute_dtype(args.dtype, device),
+            "max_len": args.max_len, "max_len_counts": MAX_LEN_COUNTS, "max_new_tokens": args.max_new_tokens,
             "sampling": {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
                          "greedy": params.greedy}}
 
