@@ -5,6 +5,7 @@ model's)."""
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def test_recycling_grows_candidates_from_its_table_and_refreshes_every_verified_
     assert found.parents[usable].tolist() == [-1, -1, 0, 0]
     # a verification: the tree 4 -> 7, the base model's tokens there were 8 (rank 1 of row 4) and 1 (rank 0 of row 7)
     tree = select_tree(torch.tensor(4), [Candidates(torch.tensor([7]), torch.tensor([-1]), torch.tensor([1]),
-                                                    torch.tensor([-0.1]))], max_depth=1, budget=1)
+                                                    torch.tensor([-0.1]), 1)], budget=1)
     hits_before = rec.hits.clone()
     fresh = torch.full((2, 10), -5.0)
     fresh[0, [1, 2, 3]] = torch.tensor([3.0, 2.0, 1.0])
@@ -90,21 +91,49 @@ def test_recycling_grows_candidates_from_its_table_and_refreshes_every_verified_
     assert rec.table[4].tolist() == [1, 2, 3] and rec.table[7].tolist() == [9, 8, 7]  # every verified node's row
 
 
+
+def test_recycling_candidates_follow_the_table_level_by_level():
+    """Against a plain walk: each depth's nodes are the table rows of the previous depth's ``expand`` best nodes."""
+    rec = TokenRecycling(vocab_size=50, device="cpu", k=4, width=3, expand=2, depth=4)
+    g = torch.Generator().manual_seed(0)
+    filled = torch.arange(0, 50, 2)  # odd tokens have no row
+    rec.refresh(filled, torch.randn(filled.numel(), 50, generator=g))
+    rec.hits = torch.tensor([3.0, 1.5, 0.5, 0.1])
+    found = rec.propose(torch.tensor(4))
+    rate = (rec.hits[:3] / rec.trials).log()
+    front = [(-1, 4, 0.0)]  # (candidate id, token, score)
+    want, seen = [], 0
+    for d in range(1, 5):
+        level = []
+        for cid, tok, score in front:
+            for r in range(3):
+                s = score + rate[r].item() if tok % 2 == 0 else -math.inf
+                level.append((seen + len(level), rec.table[tok, r].item(), s, cid))
+        want += [(t, p, d, s) for _, t, s, p in level]
+        seen += len(level)
+        best = sorted(level, key=lambda x: -x[2])[:2]  # ties: both -inf or distinct sums here
+        front = [(cid, tok, s) for cid, tok, s, _ in best]
+    got = list(zip(found.tokens.tolist(), found.parents.tolist(), found.depths.tolist(), found.scores.tolist()))
+    assert len(got) == len(want) and found.depth == 4
+    for (t, p, d, s), (wt, wp, wd, ws) in zip(got, want):
+        assert (t, d) == (wt, wd) and s == pytest.approx(ws)
+        assert p == wp or s == -math.inf  # below an empty row, which node was expanded does not matter
+
 # ---- merging -------------------------------------------------------------------------------------------------------
 def test_merged_candidates_keep_one_node_per_path_with_the_best_score():
     a = Candidates.chains([[5, 6, 7]], [[-0.1, -0.2, -0.3]], "cpu")
     b = Candidates.chains([[5, 6, 9], [4]], [[-0.5, -0.6, -0.7], [-0.05]], "cpu")
-    merged, origin = merge_candidates([a, b], max_depth=4)
+    merged, origin = merge_candidates([a, b])
     usable = merged.scores > -torch.inf
     assert int(usable.sum()) == 5  # 5, 5-6, 5-6-7, 5-6-9, 4
     assert merged.scores[0].item() == pytest.approx(-0.1)  # the best of the duplicates
     assert origin[0].tolist() == [True, True] and origin[2].tolist() == [True, False]
-    tree = select_tree(torch.tensor(1), [a, b], max_depth=4, budget=10)
+    tree = select_tree(torch.tensor(1), [a, b], budget=10)
     assert tree.size == 6
     paths = {tuple(tree.tokens[p[p >= 0]].tolist()) for p in tree.paths}
     assert paths == {(1,), (1, 5), (1, 5, 6), (1, 5, 6, 7), (1, 5, 6, 9), (1, 4)}
     assert tree.origin.tolist()[0] == 0 and set(tree.origin.tolist()[1:]) <= {1, 2, 3}
-    small = select_tree(torch.tensor(1), [a, b], max_depth=4, budget=3)  # the best three, closed under parents
+    small = select_tree(torch.tensor(1), [a, b], budget=3)  # the best three, closed under parents
     assert {tuple(small.tokens[p[p >= 0]].tolist()) for p in small.paths} == {(1,), (1, 4), (1, 5), (1, 5, 6)}
 
 
@@ -112,21 +141,21 @@ def test_children_that_claim_more_than_certainty_are_scaled_with_their_subtrees(
     # the root's children: 0.8 and 0.8; the first has one child (0.5 given it), the second two (0.6 and 0.6 given it)
     p = [0.8, 0.8, 0.8 * 0.5, 0.8 * 0.6, 0.8 * 0.6]
     cands = Candidates(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([-1, -1, 0, 1, 1]), torch.tensor([1, 1, 2, 2, 2]),
-                       torch.tensor([math.log(x) for x in p]))
-    capped = cap_siblings(cands, max_depth=2)
+                       torch.tensor([math.log(x) for x in p]), 2)
+    capped = cap_siblings(cands)
     assert capped.scores.exp().tolist() == pytest.approx([0.5, 0.5, 0.25, 0.25, 0.25])
     # a distribution already (a softmax's top tokens): unchanged; unusable nodes stay unusable
     fine = Candidates(torch.tensor([1, 2, 3]), torch.tensor([-1, -1, 0]), torch.tensor([1, 1, 2]),
-                      torch.tensor([math.log(0.6), math.log(0.3), -torch.inf]))
-    assert torch.equal(cap_siblings(fine, max_depth=2).scores, fine.scores)
+                      torch.tensor([math.log(0.6), math.log(0.3), -torch.inf]), 2)
+    assert torch.equal(cap_siblings(fine).scores, fine.scores)
 
 
 def test_the_cost_curve_decides_the_size_and_a_plain_step_when_nothing_pays():
     chain = Candidates.chains([[5, 6, 7, 8]], [[math.log(p) for p in (0.9, 0.8, 0.7, 0.2)]], "cpu")
     flat = torch.ones(65)  # verification costs the same for any size: take every useful node
-    assert select_tree(torch.tensor(1), [chain], max_depth=4, budget=None, cost_per_size=flat).size == 5
+    assert select_tree(torch.tensor(1), [chain], budget=None, cost_per_size=flat).size == 5
     steep = torch.arange(65, dtype=torch.float32).clamp(min=1)  # cost grows with every token: nothing pays
-    assert select_tree(torch.tensor(1), [chain], max_depth=4, budget=None, cost_per_size=steep).size == 1
+    assert select_tree(torch.tensor(1), [chain], budget=None, cost_per_size=steep).size == 1
 
 
 def test_draft_values_split_into_one_checkpoint_and_sources():
@@ -224,10 +253,65 @@ def test_sampling_with_sources_matches_the_base_distribution(tmp_path):
 def test_verification_reports_which_source_proposed_the_accepted_tokens():
     a = Candidates.chains([[5, 6]], [[-0.1, -0.2]], "cpu")
     b = Candidates.chains([[5, 7]], [[-0.3, -0.4]], "cpu")
-    tree = select_tree(torch.tensor(1), [a, b], max_depth=2, budget=10)
+    tree = select_tree(torch.tensor(1), [a, b], budget=10)
     logits = torch.full((tree.size, 10), -1.0)
     want = {1: 5, 5: 7}  # the base model: after 1 comes 5, after 5 comes 7
     for i, tok in enumerate(tree.tokens.tolist()):
         logits[i, want.get(tok, 0)] = 1.0
     verdict = verify_tree(tree, logits, SamplingParams())
     assert verdict.committed[:2] == [5, 7] and verdict.origins == [3, 2]  # 5: both sources; 7: the second
+
+
+def _random_candidates(rng: random.Random, size: int, max_depth: int) -> Candidates:
+    """A random candidate tree over the tokens 1-3 (so that sources often propose the same paths), parents first,
+    each score below its parent's."""
+    tokens, parents, depths, scores = [], [], [], []
+    for i in range(size):
+        parent = rng.choice([-1] + [j for j in range(i) if depths[j] < max_depth])
+        tokens.append(rng.randint(1, 3))
+        parents.append(parent)
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+        scores.append((0.0 if parent < 0 else scores[parent]) + math.log(rng.uniform(0.05, 0.99)))
+    return Candidates(torch.tensor(tokens), torch.tensor(parents), torch.tensor(depths), torch.tensor(scores),
+                      max(depths))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merging_and_capping_match_brute_force(seed):
+    rng = random.Random(seed)
+    sources = [_random_candidates(rng, rng.randint(1, 25), rng.randint(1, 9)) for _ in range(rng.randint(2, 3))]
+    nodes = []  # (path of tokens, score, source) in merge order
+    for s, c in enumerate(sources):
+        path_of = []
+        for tok, parent, score in zip(c.tokens.tolist(), c.parents.tolist(), c.scores.tolist()):
+            path_of.append((path_of[parent] if parent >= 0 else ()) + (tok,))
+            nodes.append((path_of[-1], score, s))
+    merged, origin = merge_candidates(sources)
+    first_of = {}
+    for i, (path, _, _) in enumerate(nodes):
+        first_of.setdefault(path, i)
+    for i, (path, _, _) in enumerate(nodes):
+        group = [j for j, node in enumerate(nodes) if node[0] == path]
+        assert origin[i].tolist() == [any(nodes[j][2] == s for j in group) for s in range(len(sources))]
+        if first_of[path] != i:
+            assert merged.scores[i] == -torch.inf  # a duplicate: unusable
+            continue
+        assert merged.scores[i].item() == pytest.approx(max(nodes[j][1] for j in group))
+        parent = merged.parents[i].item()
+        assert parent == (first_of[path[:-1]] if len(path) > 1 else -1)
+    # capping: every node's children share at most probability 1, their subtrees scaled with them
+    capped = cap_siblings(merged)
+    cond = {}  # node -> conditional probability given its parent, before capping
+    for i in range(merged.size):
+        if merged.scores[i] > -torch.inf:
+            p = merged.parents[i].item()
+            cond[i] = math.exp(merged.scores[i].item() - (merged.scores[p].item() if p >= 0 else 0.0))
+    excess = {}
+    for i, c in cond.items():
+        excess[merged.parents[i].item()] = excess.get(merged.parents[i].item(), 0.0) + c
+    for i in cond:
+        want, j = merged.scores[i].item(), i
+        while j >= 0:
+            want -= math.log(max(excess[merged.parents[j].item()], 1.0))
+            j = merged.parents[j].item()
+        assert capped.scores[i].item() == pytest.approx(want, abs=1e-5)

@@ -39,10 +39,6 @@ class PromptLookup:
         self.index: dict[tuple[int, ...], list[int]] = {}
         self.proposed: list[tuple[int, tuple[int, ...]]] = []
 
-    @property
-    def max_depth(self) -> int:
-        return self.max_tokens
-
     def begin(self, prompt: list[int], root: int, base=None, out=None) -> None:
         """A new request: the prompt's tokens and the first generated token (the root of the first tree)."""
         self.seq, self.index, self.proposed = [], {}, []

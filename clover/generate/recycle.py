@@ -5,7 +5,7 @@ recycling (Luo et al., 2024) keeps, for each token ``t``, the ``k`` most likely 
 the last context that ended with ``t`` (at the prefill, every prompt position; after each verification, every
 verified node, accepted or not). A step's candidates grow from the root through the table: the root's row gives its
 children, their rows the grandchildren, and so on, keeping the best few nodes per depth. The table (``V × k`` token
-ids, 1.5 MB for SmolLM2 at ``k = 8``) belongs to the loaded model and outlives requests, so it warms up over a
+ids, 1.5 MB for SmolLM2 at ``k = 4``) belongs to the loaded model and outlives requests, so it warms up over a
 session.
 
 A node's score is the product along its path of per-rank rates: how often the base model's token after ``t`` turned
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from clover.generate.tree import Candidates
+from clover.model.reduce import topk
 
 
 class TokenRecycling:
@@ -25,26 +26,23 @@ class TokenRecycling:
     name = "recycle"
     label = "token recycling"
 
-    def __init__(self, vocab_size: int, device, k: int = 8, width: int = 4, expand: int = 4, depth: int = 6,
+    def __init__(self, vocab_size: int, device, k: int = 4, width: int = 4, expand: int = 4, depth: int = 6,
                  prompt_rows: int = 1024, prior_weight: float = 4.0, decay: float = 0.995):
         device = torch.device(device)
         self.k, self.width, self.expand, self.depth = k, min(width, k), expand, depth
         self.prompt_rows, self.decay = prompt_rows, decay
-        self.table = torch.zeros(vocab_size, k, dtype=torch.int32, device=device)
-        self.filled = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.table = torch.zeros(vocab_size, k, dtype=torch.long, device=device)
+        self.row_log = torch.full((vocab_size, 1), -torch.inf, device=device)  # 0 where the row is filled, else -inf
+        self._shape_cache = None
         rank = torch.arange(k, dtype=torch.float32, device=device)
         self.trials = torch.full((), prior_weight, device=device)
         self.hits = prior_weight * 0.3 / (rank + 1)  # prior: rank r right 0.3 / (r + 1) of the time
 
-    @property
-    def max_depth(self) -> int:
-        return self.depth
-
     @torch.inference_mode()
     def refresh(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
         """Rows ``tokens [n]`` of the table become the top-``k`` of ``logits [n, V]`` (the base model after them)."""
-        self.table[tokens] = logits.topk(self.k, dim=-1).indices.to(self.table.dtype)
-        self.filled[tokens] = True
+        self.table[tokens] = topk(logits, self.k)[1]
+        self.row_log[tokens] = 0.0
 
     @torch.inference_mode()
     def begin(self, prompt: list[int], root: int, base, out) -> None:
@@ -59,33 +57,46 @@ class TokenRecycling:
     def propose(self, root: torch.Tensor) -> Candidates:
         """Grow the candidates from the root through the table: ``width`` children per node, the ``expand`` best
         nodes of a depth expanded in turn."""
-        device = self.table.device
         log_rate = (self.hits[:self.width] / self.trials).clamp(max=1 - 1e-6).log()
-        front_tok = root.reshape(1).long()
-        front_score = torch.zeros(1, device=device)
-        front_id = torch.full((1,), -1, dtype=torch.long, device=device)
-        toks, parents, depths, scores = [], [], [], []
-        seen = 0
+        front_tok, front_score = root.reshape(1), torch.zeros(1, 1, device=root.device)
+        toks, scores, expanded = [], [], []
         for d in range(1, self.depth + 1):
-            tok = self.table[front_tok, :self.width].long()                            # [R, W]
-            score = torch.where(self.filled[front_tok, None], front_score[:, None] + log_rate, -torch.inf)
-            r, w = tok.shape
+            tok = self.table[front_tok, :self.width]                                   # [R, W]
+            score = front_score + self.row_log[front_tok] + log_rate                   # -inf below an empty row
             toks.append(tok.reshape(-1))
-            parents.append(front_id[:, None].expand(r, w).reshape(-1))
-            depths.append(torch.full((r * w,), d, dtype=torch.long, device=device))
             scores.append(score.reshape(-1))
-            best_score, best = score.reshape(-1).topk(min(self.expand, r * w))
-            front_tok, front_score, front_id = tok.reshape(-1)[best], best_score, seen + best
-            seen += r * w
-        return Candidates(*(torch.cat(x) for x in (toks, parents, depths, scores)))
+            if d < self.depth:
+                best_score, best = scores[-1].topk(min(self.expand, scores[-1].numel()))
+                expanded.append(best)
+                front_tok, front_score = toks[-1][best], best_score[:, None]
+        shape = self._shape(root.device)
+        parents = torch.cat(expanded).add_(shape["expanded_offset"]).repeat_interleave(self.width) if expanded else None
+        parents = shape["first_parents"] if parents is None else torch.cat([shape["first_parents"], parents])
+        return Candidates(torch.cat(toks), parents, shape["depths"], torch.cat(scores), self.depth)
+
+    def _shape(self, device) -> dict:
+        """What every proposal shares (its sizes do not depend on the data): node depths, the root's children's
+        parent (-1), and the id of the first node of each expanded node's depth."""
+        if self._shape_cache is None or self._shape_cache["depths"].device != device:
+            sizes, rows = [], 1
+            for _ in range(self.depth):
+                sizes.append(rows * self.width)
+                rows = min(self.expand, sizes[-1])
+            starts = [sum(sizes[:d]) for d in range(self.depth)]
+            self._shape_cache = {
+                "depths": torch.repeat_interleave(torch.arange(1, self.depth + 1), torch.tensor(sizes)).to(device),
+                "first_parents": torch.full((self.width,), -1, dtype=torch.long, device=device),
+                "expanded_offset": torch.repeat_interleave(torch.tensor(starts[:-1]),
+                                                           torch.tensor(sizes[1:]) // self.width).to(device)}
+        return self._shape_cache
 
     @torch.inference_mode()
     def observe(self, tree, verdict, logits: torch.Tensor) -> None:
         """Count which rank of each verified node's row held the base model's token there, then refresh the rows
         from the verification's logits (accepted nodes and rejected ones alike)."""
         tokens = tree.tokens
-        known = self.filled[tokens]
-        hit = (self.table[tokens].long() == verdict.targets[:, None]) & known[:, None]
+        known = self.row_log[tokens, 0] == 0
+        hit = (self.table[tokens] == verdict.targets[:, None]) & known[:, None]
         self.hits.mul_(self.decay).add_(hit.sum(0))
         self.trials.mul_(self.decay).add_(known.sum())
         self.refresh(tokens, logits)

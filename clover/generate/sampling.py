@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from clover.errors import CloverError
+from clover.model.reduce import argmax, topk
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def _candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Ten
     the vocabulary in order."""
     logits = logits.float() / params.temperature
     if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        kth = topk(logits, min(params.top_k, logits.shape[-1]))[0][..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
     if params.top_p >= 1:
@@ -77,7 +78,7 @@ def select_tokens(logits: torch.Tensor, params: SamplingParams,
     """One token per row of ``logits [..., V]``: argmax when greedy, else an independent draw per row from
     :func:`processed_probs` (drawn among the nucleus candidates only, without building the full distribution)."""
     if params.greedy:
-        return logits.argmax(-1)
+        return argmax(logits)
     probs, index = _candidates(logits, params)
     flat = probs.reshape(-1, probs.shape[-1])
     # inverse-CDF draw (torch.multinomial costs ~0.25 ms per row on a CPU): u in [0, total), token i drawn when

@@ -1,7 +1,7 @@
 """Candidate sources that need no checkpoint, by name: the one place that maps ``lookup`` and ``recycle`` to their
 classes, and that tells a training-free source from a draft checkpoint folder in a list of ``--draft`` values.
 
-A source has ``name`` and ``label``, ``max_depth``, and three calls: ``begin(prompt, root, base, out)`` when a request
+A source has ``name`` and ``label`` and three calls: ``begin(prompt, root, base, out)`` when a request
 starts (after the prefill, whose output ``out`` it may read), ``propose(root) -> Candidates`` each step and
 ``observe(tree, verdict, logits)`` after the step's verification.
 """

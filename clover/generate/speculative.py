@@ -48,7 +48,6 @@ class SpeculativeModel:
         # with training-free sources every step's tree is chosen from scored candidates (a fixed shape has no scores)
         self.dynamic = tree == "dynamic" or bool(self.sources)
         self.dynamic_width, self.dynamic_expand = dynamic_width, dynamic_expand
-        self.tree_depth = max([self.num_heads] + [s.max_depth for s in self.sources])
         self.step_overhead = 0.0  # seconds a step spends outside the verification forward (running mean, ``auto``)
         self.depth_policy, self.cost = None, None
         if self.dynamic:
@@ -124,7 +123,7 @@ class SpeculativeModel:
             zero = torch.zeros(1, dtype=torch.long, device=root.device)
             return DraftTree.from_parents(root.reshape(1), zero, zero, 0)
         cost = None if self.cost is None else self.cost + self.step_overhead
-        return select_tree(root, candidates, max_depth=self.tree_depth, budget=self.budget, cost_per_size=cost)
+        return select_tree(root, candidates, budget=self.budget, cost_per_size=cost)
 
     def _draft_input(self, out, index):
         return getattr(out, self.hidden_attr)[:, index]

@@ -24,6 +24,7 @@ from typing import Protocol, Sequence
 import torch
 
 from clover.errors import CloverError
+from clover.model.reduce import topk
 
 # The 25-node tree of Medusa/EAGLE-1/Clover-2 experiments (26 verified positions with the root, depth 5).
 MC_SIM_7B_63 = (
@@ -67,11 +68,10 @@ class DraftTree:
         n = tokens.numel()
         rows = torch.arange(n, device=tokens.device)
         paths = torch.full((n, max_depth + 1), -1, dtype=torch.long, device=tokens.device)
-        cur = rows.clone()
-        for _ in range(max_depth + 1):
-            paths[rows, depths[cur]] = cur  # the root re-writes column 0 with itself once it is reached
-            cur = parents[cur]
-        paths = torch.where(torch.arange(max_depth + 1, device=tokens.device) <= depths[:, None], paths, -1)
+        paths[rows, depths] = rows
+        # each round copies in the path entries of the ancestor a span above (the root's parent is itself: stop there)
+        for has, at in _ancestor_rounds(torch.where(depths > 0, parents, -1), max_depth + 1):
+            paths = torch.where((paths < 0) & has[:, None], paths[at], paths)
         mask = torch.zeros(n, n + 1, dtype=torch.bool, device=tokens.device)
         mask.scatter_(1, torch.where(paths >= 0, paths, n), True)
         return cls(tokens, parents, depths, mask[:, :n], paths)
@@ -146,7 +146,7 @@ class TreeSpec:
         tokens[0] = root
         logits = root_logits.reshape(1, -1)
         for d, lvl in enumerate(self.levels, start=1):
-            top = as_tokens(logits.topk(lvl["k"], dim=-1).indices, draft.vocab)
+            top = as_tokens(topk(logits, lvl["k"])[1], draft.vocab)
             tokens[lvl["nodes"]] = top[lvl["parent_rows"], lvl["ranks"]]
             if d < self.depth and lvl["expanded"].numel():
                 logits = draft.expand(lvl["expanded_parent_rows"], tokens[lvl["expanded"]], d)
@@ -202,7 +202,9 @@ def dynamic_candidates(root_logits: torch.Tensor, draft: DraftExpander, *, max_d
     cand_tok, cand_parent, cand_score, cand_depth = [], [], [], []
     n_seen = 0  # candidate ids in order of creation
     for d in range(1, max_depth + 1):
-        probs, tok = logits.float().softmax(-1).topk(width, dim=-1)            # [R, W]
+        logits = logits.float()
+        best, tok = topk(logits, width)                                          # [R, W]
+        probs = (best - logits.logsumexp(-1, keepdim=True)).exp()               # their softmax probabilities
         tok = as_tokens(tok, draft.vocab)
         keep = (probs.cumsum(-1) <= top_p) & (probs >= min_ratio * probs[:, :1])
         keep[:, 0] = True
@@ -219,7 +221,7 @@ def dynamic_candidates(root_logits: torch.Tensor, draft: DraftExpander, *, max_d
         frontier_score, frontier_id = best_score, n_seen + best
         logits = draft.expand(best // w, tok.reshape(-1)[best], d)
         n_seen += r * w
-    return Candidates(*(torch.cat(x) for x in (cand_tok, cand_parent, cand_depth, cand_score)))
+    return Candidates(*(torch.cat(x) for x in (cand_tok, cand_parent, cand_depth, cand_score)), max_depth)
 
 
 def build_dynamic_tree(root: torch.Tensor, root_logits: torch.Tensor, draft: DraftExpander, *, max_depth: int,
@@ -229,7 +231,7 @@ def build_dynamic_tree(root: torch.Tensor, root_logits: torch.Tensor, draft: Dra
     probability (or, with ``budget=None``, the size that :func:`select_tree` finds best for ``cost_per_size``)."""
     candidates = dynamic_candidates(root_logits, draft, max_depth=max_depth, width=width, expand=expand,
                                     top_p=top_p, min_ratio=min_ratio)
-    return select_tree(root, [candidates], max_depth=max_depth, budget=budget, cost_per_size=cost_per_size)
+    return select_tree(root, [candidates], budget=budget, cost_per_size=cost_per_size)
 
 
 # ---- candidates from several sources, one tree ------------------------------------------------------------------
@@ -239,12 +241,14 @@ class Candidates:
 
     ``parents`` index into the same set (-1: the root), a parent listed before its children; ``scores`` are the log
     of the source's estimate that the node is accepted (the path from the root matches the base model), each
-    strictly below its parent's; -inf marks a node that must not be used."""
+    strictly below its parent's; -inf marks a node that must not be used. ``depth`` bounds ``depths`` on the host
+    (the source knows how deep it proposed), so that merging and sizing loop only over depths that occur."""
 
     tokens: torch.Tensor   # [N] token ids
     parents: torch.Tensor  # [N] index of the parent in this set, -1 = the root
     depths: torch.Tensor   # [N] depth (1 = a child of the root)
     scores: torch.Tensor   # [N] log estimated acceptance probability
+    depth: int             # no node is deeper than this
 
     @classmethod
     def chains(cls, chains: Sequence[Sequence[int]], log_probs: Sequence[Sequence[float]],
@@ -268,7 +272,7 @@ class Candidates:
         return cls(torch.tensor(tokens, dtype=torch.long, device=device),
                    torch.tensor(parents, dtype=torch.long, device=device),
                    torch.tensor(depths, dtype=torch.long, device=device),
-                   torch.tensor(scores, dtype=torch.float32, device=device))
+                   torch.tensor(scores, dtype=torch.float32, device=device), max(depths, default=0))
 
     @property
     def size(self) -> int:
@@ -284,47 +288,55 @@ class Candidates:
         position = torch.full((self.size + 1,), -1, dtype=torch.long, device=self.tokens.device)
         position[chosen + 1] = torch.arange(k, device=self.tokens.device)
         return Candidates(self.tokens[chosen], position[self.parents[chosen] + 1], self.depths[chosen],
-                          self.scores[chosen])
+                          self.scores[chosen], self.depth)
 
 
-def merge_candidates(sources: Sequence[Candidates], max_depth: int) -> tuple[Candidates, torch.Tensor]:
+def _ancestor_rounds(parents: torch.Tensor, max_depth: int):
+    """Pointer doubling over parent pointers (-1: none): round ``r`` yields ``(has, at)``, where ``at[i]`` is node
+    ``i``'s ancestor ``2**r`` levels up wherever ``has[i]``. A value folded in each round as ``value + value[at]``
+    (where ``has``) ends as the sum over the node and all its ancestors, after ``ceil(log2(max_depth))`` rounds for
+    paths of at most ``max_depth`` nodes."""
+    up, span = parents, 1
+    while span < max_depth:
+        has = up >= 0
+        at = up.clamp(min=0)
+        yield has, at
+        up = torch.where(has, up[at], -1)
+        span *= 2
+
+
+def merge_candidates(sources: Sequence[Candidates]) -> tuple[Candidates, torch.Tensor]:
     """One candidate set from several: nodes with the same path from the root (token by token) are one node, with the
     best of their scores. Returns the merged set (duplicates kept in place with score -inf, so that no size depends
     on the data) and ``origin [N, S]``: which sources proposed each node."""
     device = sources[0].tokens.device
-    starts = [0]
-    for c in sources[:-1]:
-        starts.append(starts[-1] + c.size)
-    offsets = torch.cat([torch.full((c.size,), s, dtype=torch.long, device=device) for c, s in zip(sources, starts)])
-    source = torch.cat([torch.full((c.size,), i, dtype=torch.long, device=device) for i, c in enumerate(sources)])
+    max_depth = max(c.depth for c in sources)
+    starts = torch.tensor([sum(c.size for c in sources[:i]) for i in range(len(sources))], device=device)
+    rows = torch.arange(sum(c.size for c in sources), device=device)
+    source = (rows[:, None] >= starts[1:]).sum(-1)                             # which source proposed each node
+    offsets = starts[source]
     tokens = torch.cat([c.tokens for c in sources])
     parents = torch.cat([c.parents for c in sources])
     parents = torch.where(parents >= 0, parents + offsets, -1)
     depths = torch.cat([c.depths for c in sources])  # each at most max_depth
     scores = torch.cat([c.scores.float() for c in sources])
     n = tokens.numel()
-    # every node's token path from the root, -1 padded (column max_depth takes the writes past the root): equal
-    # rows = the same node
-    path = torch.full((n, max_depth + 1), -1, dtype=torch.long, device=device)
-    rows, cur = torch.arange(n, device=device), torch.arange(n, device=device)
-    for _ in range(max_depth):
-        live = cur >= 0
-        at = cur.clamp(min=0)
-        path.scatter_(1, torch.where(live, depths[at] - 1, max_depth)[:, None],
-                      torch.where(live, tokens[at], -1)[:, None])
-        cur = torch.where(live, parents[at], -1)
-    path = path[:, :max_depth]
-    same = (path[:, None, :] == path[None, :, :]).all(-1)                      # [N, N]
-    first = same.int().argmax(-1)                                                # the group's first member
-    best = torch.where(same, scores[None, :], -torch.inf).amax(-1)
-    origin = same.float() @ (source[:, None] == torch.arange(len(sources), device=device)).float() > 0
+    # a number per node, equal for two nodes exactly when their token paths from the root are: (token, depth), then,
+    # doubling the span each round, (own number, the number of the ancestor a span above), renumbered densely
+    key = torch.unique(tokens * (max_depth + 1) + depths, return_inverse=True)[1]
+    for has, at in _ancestor_rounds(parents, max_depth):
+        key = torch.unique(key * (n + 1) + torch.where(has, key[at], -1) + 1, return_inverse=True)[1]
+    first = torch.full((n,), n, device=device).scatter_reduce_(0, key, rows, "amin")[key]  # the group's first node
+    best = torch.full((n,), -torch.inf, device=device).scatter_reduce_(0, key, scores, "amax")[key]
+    origin = torch.zeros(n, len(sources), dtype=torch.bool, device=device).index_put_((key, source),
+                                                                                      torch.tensor(True))[key]
     keep = first == rows
     merged = Candidates(tokens, torch.where(parents >= 0, first[parents.clamp(min=0)], -1), depths,
-                        torch.where(keep, best, -torch.inf))
+                        torch.where(keep, best, -torch.inf), max_depth)
     return merged, origin
 
 
-def cap_siblings(cands: Candidates, max_depth: int) -> Candidates:
+def cap_siblings(cands: Candidates) -> Candidates:
     """The candidates with the children of every node made a distribution: a node's chance of being accepted given
     its parent is ``exp(score - parent's score)``, and at most one child of a node can match the base model, so where
     a node's children claim more than 1 in total (chains of one source that diverge, or two sources that disagree),
@@ -336,12 +348,12 @@ def cap_siblings(cands: Candidates, max_depth: int) -> Candidates:
     cond = torch.where(usable, (scores - torch.where(usable, parent_score, 0)).exp(), torch.zeros_like(scores))
     total = torch.zeros(cands.size + 1, dtype=cond.dtype, device=cond.device).index_add_(0, parents + 1, cond)
     shift = total.clamp(min=1).log()[parents + 1]             # log excess of the node's own sibling group
-    for d in range(2, max_depth + 1):                         # plus every ancestor's, one depth at a time
-        shift = torch.where(cands.depths == d, shift + shift[parents.clamp(min=0)], shift)
-    return Candidates(cands.tokens, parents, cands.depths, scores - shift)
+    for has, at in _ancestor_rounds(parents, cands.depth):    # plus every ancestor's
+        shift = shift + torch.where(has, shift[at], 0.0)
+    return Candidates(cands.tokens, parents, cands.depths, scores - shift, cands.depth)
 
 
-def select_tree(root: torch.Tensor, sources: Sequence[Candidates], *, max_depth: int, budget: int | None,
+def select_tree(root: torch.Tensor, sources: Sequence[Candidates], *, budget: int | None,
                 cost_per_size: torch.Tensor | None = None) -> DraftTree:
     """The tree of one step: the root and the best candidates of every source by score, duplicates merged, the
     children of each node capped at a total probability of 1 (:func:`cap_siblings`).
@@ -356,8 +368,8 @@ def select_tree(root: torch.Tensor, sources: Sequence[Candidates], *, max_depth:
         cands = sources[0]
         origin = torch.ones(cands.size, 1, dtype=torch.bool, device=device)
     else:
-        cands, origin = merge_candidates(sources, max_depth)
-    cands = cap_siblings(cands, max_depth)
+        cands, origin = merge_candidates(sources)
+    cands = cap_siblings(cands)
     tok, parent, depth, score = cands.tokens, cands.parents, cands.depths, cands.scores
     order = (score - 1e-6 * depth).argsort(descending=True)  # a parent before a child of equal score
     valid = int((score > -torch.inf).sum())  # host sync: the number of usable nodes
@@ -376,7 +388,7 @@ def select_tree(root: torch.Tensor, sources: Sequence[Candidates], *, max_depth:
     parents = torch.cat([zero, position[parent[chosen] + 1]])
     depths = torch.cat([zero, depth[chosen]])
     bits = (origin[chosen].long() << torch.arange(origin.shape[1], device=device)).sum(-1)
-    tree = DraftTree.from_parents(tokens, parents, depths, max_depth)
+    tree = DraftTree.from_parents(tokens, parents, depths, min(cands.depth, n - 1))  # n - 1 nodes: no deeper
     tree.origin = torch.cat([zero, bits])
     return tree
 

@@ -46,6 +46,7 @@ from clover.model.base import BaseModel
 from clover.model.cache import KVCache, additive_mask, attention_mask
 from clover.model.kernels import PrepackedLinear
 from clover.model.layers import LlamaArgs, Rotary
+from clover.model.reduce import argmax
 
 BASE_KEYS = ("architecture", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads")
 
@@ -303,7 +304,7 @@ class DraftModel(nn.Module):
     def greedy_tokens(self, hidden: torch.Tensor, rows: int = 2048) -> torch.Tensor:
         """Argmax of the base LM head over ``hidden [..., H]``, in chunks of rows (no full ``[..., V]`` tensor)."""
         flat = hidden.reshape(-1, hidden.shape[-1])
-        return torch.cat([self.lm_logits(c).argmax(-1) for c in flat.split(rows)]).view(hidden.shape[:-1])
+        return torch.cat([argmax(self.lm_logits(c)) for c in flat.split(rows)]).view(hidden.shape[:-1])
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return nn.functional.embedding(ids, self.embed_weight).to(self.dtype)
