@@ -158,6 +158,24 @@ def probability(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """A number in [0, 1] (a share)."""
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
+def duration(text: str) -> float:
+    """Seconds of ``"90"``, ``"45s"``, ``"30m"``, ``"2h"`` or ``"1h30m"``."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if parts is None or not any(parts.groups()):
+        raise argparse.ArgumentTypeError(f"expected a duration: seconds (90, 45s), minutes (30m) or hours (2h, "
+                                         f"1h30m), got {text!r}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
 def tree_budget(text: str) -> int | str:
     """'auto' (the budget measured from this device's verification cost) or a node count >= 0."""
     text = str(text)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from clover import args as clover_args
-from clover.args import CloverArgumentParser
+from clover.args import CloverArgumentParser, duration, fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -266,7 +266,10 @@ def test_bad_values_are_one_error_line(entry, capsys):
     one_error_line(main, base + ["--no-such-flag", "3"], capsys, "unknown flag --no-such-flag")
     for flag in required:
         rest = [x for f, v in required.items() if f != flag for x in (f, v)]
-        one_error_line(main, rest, capsys, "the following arguments are required:", flag)
+        if required is TRAIN_REQUIRED and flag == "--data-dir":  # the trainer takes --conversations instead
+            one_error_line(main, rest, capsys, "either --data-dir", "--conversations", "not neither")
+        else:
+            one_error_line(main, rest, capsys, "the following arguments are required:", flag)
 
 
 def test_errors_name_the_old_spelling_the_user_typed(capsys):
@@ -405,3 +408,22 @@ def test_help_is_plain_text(entry, capsys):
 def test_plain_text_drops_rest_markup():
     doc = "Run ``clover data`` (see :mod:`clover.ge_data.allocation`, :func:`~clover.io.write_json`)."
     assert clover_args.plain_text(doc) == "Run clover data (see clover.ge_data.allocation, write_json)."
+
+
+@pytest.mark.parametrize("text,seconds", [("90", 90), ("45s", 45), ("30m", 1800), ("2h", 7200), ("1h30m", 5400),
+                                          ("0.5h", 1800), ("0", 0)])
+def test_durations(text, seconds):
+    assert duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "2d", "h", "-5m", "1m2h"])
+def test_bad_durations_name_the_accepted_forms(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a duration"):
+        duration(text)
+
+
+def test_fractions():
+    assert fraction("0") == 0 and fraction("0.25") == 0.25 and fraction("1") == 1
+    for text in ("-0.1", "1.5", "nan", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            fraction(text)

@@ -96,3 +96,18 @@ def test_prepacked_repacks_a_changed_weight(monkeypatch):
         kernel(x, weight)
         weight.mul_(2)  # in place: a new version of the same storage
         torch.testing.assert_close(kernel(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio,bf16", [(0.5, True), (0.9, False), (1.7, False)])
+def test_training_autocast_is_bf16_only_where_clearly_faster(monkeypatch, ratio, bf16):
+    monkeypatch.setattr(kernels, "_bf16_training", None)
+    monkeypatch.setattr(kernels, "training_measured", None)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(kernels, "measure_training_dtypes", lambda: {"bf16_over_fp32": ratio})
+    assert kernels.bf16_training_pays() is bf16
+    assert kernels.training_measured == {"bf16_over_fp32": ratio}
+
+
+def test_training_dtypes_are_measured_on_a_real_layer():
+    found = kernels.measure_training_dtypes(rows=64, hidden=32, rounds=1)
+    assert found["fp32_ms"] > 0 and found["bf16_ms"] > 0 and found["bf16_over_fp32"] > 0

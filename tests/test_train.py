@@ -115,7 +115,7 @@ def test_loss_goes_down_and_checkpoints(setup, module, draft_type):
     cpdir = s["root"] / f"ckpt_{draft_type}"
     result = ok(launch(module, *common(s, cpdir, "--epochs", "6", "--keep_last", "2", "--resume",
                                        "--evaldata", s["eval"])))
-    assert "no completed epoch" in result.stdout  # --resume without a checkpoint starts fresh, with a note
+    assert "no checkpoint in" in result.stdout  # --resume without a checkpoint starts fresh, with a note
     assert sorted(p.name for p in cpdir.glob("epoch_*")) == ["epoch_5", "epoch_6"]  # --keep_last 2
     assert json.loads((cpdir / "epoch_6" / "trainer_state" / "trainer.json").read_text())["epoch"] == 6
     history = [json.loads(line) for line in (cpdir / "metrics.jsonl").read_text().splitlines()]
@@ -192,21 +192,86 @@ def test_draft_vocabulary_from_the_training_replies(setup, module, draft_type):
     assert history[-1]["test_loss"] < history[0]["test_loss"]
 
 
-def test_resume_gives_the_same_weights(setup):
+def same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+@pytest.mark.parametrize("module", ["main_clover2", "main"])  # EAGLE-1 draws training noise: the RNG must resume too
+def test_resume_inside_an_epoch_gives_the_same_weights(setup, module):
     s = setup
-    straight, interrupted = s["root"] / "straight", s["root"] / "interrupted"
-    ok(launch("main_clover2", *common(s, straight, "--epochs", "2")))
+    straight, interrupted = s["root"] / f"straight_{module}", s["root"] / f"interrupted_{module}"
+    ok(launch(module, *common(s, straight, "--epochs", "2")))
     steps = json.loads((straight / "epoch_1" / "trainer_state" / "trainer.json").read_text())["global_step"]
-    # stop one optimizer step into epoch 2: only epoch_1 is a checkpoint
-    ok(launch("main_clover2", *common(s, interrupted, "--epochs", "2", "--max_steps", steps + 1)))
+    # stop two optimizer steps into epoch 2: epoch_1 and a step checkpoint inside epoch 2
+    ok(launch(module, *common(s, interrupted, "--epochs", "2", "--max_steps", steps + 2)))
     assert sorted(p.name for p in interrupted.glob("epoch_*")) == ["epoch_1"]
-    result = ok(launch("main_clover2", *common(s, interrupted, "--epochs", "2", "--resume")))
-    assert "resumed from" in result.stdout
+    progress = json.loads((interrupted / f"step_{steps + 2}" / "trainer_state" / "trainer.json").read_text())
+    assert progress["epoch"] == 1 and progress["batches_done"] == 2
+    result = ok(launch(module, *common(s, interrupted, "--epochs", "2", "--resume")))
+    assert f"resumed from {interrupted / f'step_{steps + 2}'}" in result.stdout
+    assert not list(interrupted.glob("step_*"))  # superseded by epoch_2
     for folder in ("epoch_2", "final"):
-        a, b = weights(straight / folder), weights(interrupted / folder)
-        assert a.keys() == b.keys()
-        for name in a:
-            assert torch.equal(a[name], b[name]), name
+        same_weights(straight / folder, interrupted / folder)
+    # the epoch's metrics line covers the whole epoch, the part before the stop included
+    lines = [json.loads(x) for x in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()][-1]
+    assert lines[-1]["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6)
+    # and from an epoch's end
+    again = s["root"] / f"again_{module}"
+    shutil.copytree(interrupted / "epoch_1", again / "epoch_1")
+    ok(launch(module, *common(s, again, "--epochs", "2", "--resume")))
+    same_weights(straight / "final", again / "final")
+
+
+def test_a_wsd_run_extends_from_its_stable_checkpoint(setup):
+    """Resuming a 2-epoch warmup-stable-decay run from stable/ with 3 epochs ends exactly where a 3-epoch run does."""
+    s = setup
+    two, three, extended = (s["root"] / name for name in ("wsd2", "wsd3", "wsd_extended"))
+    wsd = ["--schedule", "wsd", "--decay-fraction", "0.25"]
+    ok(launch("main", *common(s, two, "--epochs", "2", *wsd)))
+    progress = json.loads((two / "stable" / "trainer_state" / "trainer.json").read_text())
+    steps = 2 * json.loads((two / "epoch_1" / "trainer_state" / "trainer.json").read_text())["global_step"]
+    assert progress["global_step"] == steps - round(0.25 * steps)
+    ok(launch("main", *common(s, three, "--epochs", "3", *wsd)))
+    ok(launch("main", *common(s, extended, "--epochs", "3", *wsd, "--resume-from", two / "stable")))
+    same_weights(three / "final", extended / "final")
+
+
+def test_resuming_loads_no_pickle(setup, monkeypatch, tmp_path):
+    """Checkpoints hold safetensors and JSON only, and a resume (in this process) never unpickles anything."""
+    import pickle
+
+    from clover.train.cli import build_parser
+    from clover.train.trainer import train
+
+    s = setup
+    cpdir = tmp_path / "ckpt"
+    ok(launch("main", *common(s, cpdir, "--epochs", "2", "--max_steps", "3")))
+    files = [p for p in cpdir.rglob("*") if p.is_file() and "logs" not in p.parts]
+    assert files and {p.suffix for p in files} <= {".json", ".jsonl", ".safetensors"}, files
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resume unpickled something")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    args = build_parser("eagle").parse_args(list(map(str, common(s, cpdir, "--epochs", "2", "--resume"))))
+    history = train(args, "eagle")
+    assert history[-1]["epoch"] == 2 and (cpdir / "epoch_2").is_dir()
+
+
+def test_max_time_stops_with_a_checkpoint_to_resume(setup):
+    s = setup
+    cpdir = s["root"] / "timed"
+    result = ok(launch("main", *common(s, cpdir, "--epochs", "1", "--max-time", "0", "--snapshot-every", "1")))
+    assert "stopped by --max-time" in result.stdout
+    assert [p.name for p in cpdir.glob("step_*")] == ["step_1"] and (cpdir / "final").is_dir()
+    assert [p.name for p in (cpdir / "snapshots").iterdir()] == ["step_1"]
+    ok(launch("main", *common(s, cpdir, "--epochs", "1", "--resume")))
+    assert (cpdir / "epoch_1").is_dir() and not list(cpdir.glob("step_*"))
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -241,7 +306,9 @@ def test_bad_input_is_a_one_line_error(setup, tmp_path):
         "corrupt": (common(s, tmp_path / "c3", "--tmpdir", corrupt), "corrupt shard"),
         "other base": (common(s, tmp_path / "c4", "--tmpdir", other_data), "another base model"),
         "resume type": (common(s, eagle_ckpt, "--resume"), "holds a 'eagle' draft"),
-        "no resume": (common(s, eagle_ckpt), "already holds checkpoints up to epoch_1"),
+        "no resume": (common(s, eagle_ckpt), "already holds checkpoints (epoch_1)"),
+        "not a checkpoint": (common(s, tmp_path / "c6", "--resume-from", empty), "not a checkpoint folder"),
+        "bad time": (common(s, tmp_path / "c7", "--max-time", "soon"), "expected a duration"),
         "bad config": (common(s, tmp_path / "c5", "--configpath", tmp_path / "missing.json"), "--configpath"),
     }
     procs = {name: subprocess.Popen([sys.executable, "-m", "clover.train.main_clover2", *map(str, argv)],
@@ -266,8 +333,58 @@ def test_two_process_cpu_launch(setup):
     assert "2 process(es)" in result.stdout
     state = cpdir / "epoch_1" / "trainer_state"
     assert json.loads((state / "trainer.json").read_text())["global_step"] == 3
-    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in state.iterdir()}
+    assert {"rng_0.safetensors", "rng_1.safetensors"} <= {p.name for p in state.iterdir()}  # each process's RNG
     # the LR schedule advanced once per optimizer step, not once per process
-    assert torch.load(state / "scheduler.bin", weights_only=False)["last_epoch"] == 3
+    assert json.loads((state / "scheduler.json").read_text())["last_epoch"] == 3
     base = BaseModel.from_pretrained(s["base"], dtype="fp32", max_len=1)
     load_draft(cpdir / "final", base, expected_type="clover2")
+
+
+# ---- online training (SmolLM2 and its chat template) ---------------------------------------------------------------
+def conversations_file(path: Path) -> Path:
+    """A few short ShareGPT-schema conversations, one of them two turns long."""
+    records = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"Count from {i} to {i + 5}."},
+                                                 {"from": "gpt", "value": ", ".join(str(i + k) for k in range(6))}]}
+               for i in range(10)]
+    records[0]["conversations"] += [{"from": "human", "value": "And back?"},
+                                    {"from": "gpt", "value": "5, 4, 3, 2, 1, 0."}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_online_hidden_states_equal_the_dump(smollm2_base, smollm2_tokenizer, tmp_path):
+    from clover.data.conversations import load_conversations
+    from clover.data.templates import get_template
+    from clover.train.data import ConversationDataset, encode
+
+    conversations, _ = load_conversations(conversations_file(tmp_path / "c.jsonl"))
+    template = get_template(smollm2_tokenizer)
+    job = WorkerJob(worker=0, model="smollm2-135m-instruct", device="cpu", hidden_dtype="fp32",
+                    compute_dtype="fp32", template=template.name, max_len=64, outdir=str(tmp_path))
+    dumped, _ = dump_shard(smollm2_base, template, conversations, job)
+    online = ConversationDataset(encode(conversations, template, 64), smollm2_base, split="all")
+    batch = online.collate([online[i] for i in range(len(online))])  # right-padded, one forward
+    offsets = dumped["offsets"].tolist()
+    for row in range(len(online)):
+        a, b = offsets[row], offsets[row + 1]
+        n = int(batch["attention_mask"][row].sum())
+        assert n == b - a
+        assert torch.equal(batch["input_ids"][row, :n], dumped["input_ids"][a:b].long())
+        assert torch.equal(batch["loss_mask"][row, :n], dumped["loss_mask"][a:b].long())
+        online_h, dumped_h = batch["hidden_prenorm"][row, :n], dumped["hidden_prenorm"][a:b]
+        assert (online_h - dumped_h).norm() <= 1e-5 * dumped_h.norm()  # fp32, batched and padded vs one at a time
+    assert not batch["hidden_prenorm"].is_inference()  # autograd may use it
+
+
+def test_online_training_trains_and_resumes(tmp_path):
+    data = conversations_file(tmp_path / "c.jsonl")
+    args = ["--conversations", data, "--outdir", tmp_path / "ckpt", "--max-len", "64", "--bs", "2",
+            "--num_workers", "0", "--test_fraction", "0.2", "--warmup_steps", "1"]
+    result = ok(launch("main", *args, "--epochs", "2", "--max_steps", "3"))
+    assert "training a EAGLE-1 draft" in result.stdout and "on 8 conversations (2 held out)" in result.stdout
+    ok(launch("main", *args, "--epochs", "2", "--resume"))
+    history = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history][-2:] == [1, 2] and history[-1]["step"] == 8
+    assert history[-1]["tokens"] > 0 and "test_top1_0" in history[-1]
+    error = launch("main", *args, "--data-dir", tmp_path)
+    assert error.returncode == 2 and "not both" in error.stderr

@@ -33,7 +33,7 @@ import torch
 from clover.args import (CloverArgumentParser, add_base_model, add_dtype, add_max_len, add_max_new_tokens, add_option,
                          add_outdir, add_questions, add_seed, non_negative_int, positive_int)
 from clover.data.conversations import Conversation, load_conversations, select_conversations
-from clover.data.templates import TEMPLATE_ALIASES, get_template
+from clover.data.templates import TEMPLATE_ALIASES, TEMPLATE_CHOICES, get_template
 from clover.errors import CloverError, run_cli
 from clover.evaluation.answers import default_question_file, load_questions
 from clover.ge_data.dataset import MANIFEST, open_shard, read_manifest, shard_files, shard_path
@@ -46,7 +46,6 @@ from clover.model.loading import check_architecture, load_tokenizer, read_config
 CONFIG_KEYS = ("base_folder", "template", "dtype", "max_len", "mode", "dataset", "start", "end", "seed",
                "max_new_tokens", "shard_size", "selection_sha1")
 REFRESH_SECONDS = 15  # how often the parent rewrites the manifest while worker processes run
-TEMPLATE_CHOICES = ("auto", "tokenizer", "vicuna", "llama3", "chatml")
 SCRIPT_NAMES = ("ge_data_all_vicuna_nonnorm.py", "ge_data_all_llama3_nonnorm.py")
 
 

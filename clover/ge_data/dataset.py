@@ -81,10 +81,7 @@ class HiddenStateDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder: str | os.PathLike, max_len: int = 2048, split: str = "all",
                  test_fraction: float = 0.05, seed: int = 0):
-        if split not in SPLITS:
-            raise CloverError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-        if not 0 <= test_fraction <= 1:
-            raise CloverError(f"test_fraction must be in [0, 1], got {test_fraction}")
+        split_indices(0, split, test_fraction, seed)  # checks the split's arguments before any file is read
         self.folder = Path(folder)
         self.max_len = max_len
         manifest = read_manifest(self.folder) if self.folder.is_dir() else None
@@ -98,11 +95,7 @@ class HiddenStateDataset(torch.utils.data.Dataset):
         for number, path in enumerate(self.files):
             offsets = open_shard(path).get_tensor("offsets").tolist()
             items += [(number, a, b) for a, b in zip(offsets[:-1], offsets[1:])]
-        order = list(range(len(items)))
-        random.Random(seed).shuffle(order)
-        test = set(order[:math.ceil(test_fraction * len(items))])
-        keep = {"all": lambda i: True, "train": lambda i: i not in test, "test": lambda i: i in test}[split]
-        self.items = [item for i, item in enumerate(items) if keep(i)]
+        self.items = [items[i] for i in split_indices(len(items), split, test_fraction, seed)]
 
     @property
     def manifest(self) -> dict:
@@ -161,6 +154,19 @@ class HiddenStateDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_handles": {}}
 
 
+def split_indices(n: int, split: str, test_fraction: float, seed: int) -> list[int]:
+    """The items of ``split`` among ``n`` in storage order: a seeded permutation puts ``ceil(test_fraction * n)`` of
+    them in ``test``, the rest in ``train``; ``all`` is every item."""
+    if split not in SPLITS:
+        raise CloverError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if not 0 <= test_fraction <= 1:
+        raise CloverError(f"test_fraction must be in [0, 1], got {test_fraction}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    test = set(order[:math.ceil(test_fraction * n)])
+    return [i for i in range(n) if split == "all" or (i in test) == (split == "test")]
+
+
 def _resolved(name_or_path) -> str | None:
     try:
         return str(resolve_model_path(name_or_path).resolve())
@@ -169,17 +175,20 @@ def _resolved(name_or_path) -> str | None:
 
 
 def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Right-pad items to the longest one (ids 0, mask 0, hidden 0); adds ``attention_mask`` (1 = real token)."""
+    """Right-pad items to the longest one (ids 0, mask 0, hidden 0, where items have hidden states); adds
+    ``attention_mask`` (1 = real token)."""
     longest = max(item["input_ids"].shape[0] for item in batch)
-    first = batch[0]["hidden_prenorm"]
     out = {"input_ids": torch.zeros(len(batch), longest, dtype=torch.long),
            "loss_mask": torch.zeros(len(batch), longest, dtype=torch.long),
-           "attention_mask": torch.zeros(len(batch), longest, dtype=torch.long),
-           "hidden_prenorm": torch.zeros(len(batch), longest, first.shape[-1], dtype=first.dtype)}
+           "attention_mask": torch.zeros(len(batch), longest, dtype=torch.long)}
+    first = batch[0].get("hidden_prenorm")
+    if first is not None:
+        out["hidden_prenorm"] = torch.zeros(len(batch), longest, first.shape[-1], dtype=first.dtype)
     for row, item in enumerate(batch):
         n = item["input_ids"].shape[0]
         out["input_ids"][row, :n] = item["input_ids"]
         out["loss_mask"][row, :n] = item["loss_mask"]
-        out["hidden_prenorm"][row, :n] = item["hidden_prenorm"]
+        if first is not None:
+            out["hidden_prenorm"][row, :n] = item["hidden_prenorm"]
         out["attention_mask"][row, :n] = 1
     return out

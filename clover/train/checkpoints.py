@@ -1,30 +1,43 @@
-"""The trainer's checkpoints: ``OUTDIR/epoch_{k}/`` after every completed epoch (the draft and the training state),
-``OUTDIR/final/`` (the draft generation loads), and what a ``--resume`` must match.
+"""The trainer's checkpoints and what a resume must match.
 
-Folders are written under a temporary name and renamed, so an interrupted run never leaves a half-written
-checkpoint; a resumed run continues after the last completed epoch.
+* ``OUTDIR/epoch_{k}/`` after every completed epoch (the last ``--keep-last`` are kept),
+* ``OUTDIR/step_{n}/`` every ``--save-every`` of training time and when ``--max-time`` or ``--max-steps`` stops a run
+  inside an epoch (only the newest is kept),
+* ``OUTDIR/stable/`` when a warmup-stable-decay schedule leaves its stable phase: the point to extend a run from,
+* ``OUTDIR/final/``: the draft generation loads.
+
+Each checkpoint holds the draft (``config.json`` + ``model.safetensors``) and ``trainer_state/``
+(:mod:`clover.train.state`: weights, optimizer, schedule, RNG and data position, no pickle). Folders are written under
+a temporary name and renamed, so an interrupted run never leaves a half-written checkpoint; ``--resume`` continues
+from the checkpoint with the most optimizer steps, ``--resume-from DIR`` from the one named.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from clover.errors import CloverError
-from clover.io import replace_dir, write_json
+from clover.io import replace_dir
 from clover.model.checkpoint import read_draft_config, save_draft
 from clover.model.draft import check_base
+from clover.train.state import PROGRESS, read_progress, save_state
 
-STATE = "trainer_state"  # accelerate's state folder inside an epoch checkpoint
-PROGRESS = "trainer.json"  # epoch, optimizer step and data order, inside STATE
+STATE = "trainer_state"  # the training state's folder inside a checkpoint
+
+
+def _complete(path: Path) -> bool:
+    return (path / STATE / PROGRESS).is_file()
 
 
 def epoch_dirs(cpdir: Path) -> list[tuple[int, Path]]:
     """Completed epoch checkpoints ``(k, OUTDIR/epoch_k)``, oldest first."""
-    found = []
-    for path in cpdir.glob("epoch_*"):
-        if path.name[6:].isdigit() and (path / STATE / PROGRESS).is_file():
-            found.append((int(path.name[6:]), path))
+    found = [(int(p.name[6:]), p) for p in cpdir.glob("epoch_*") if p.name[6:].isdigit() and _complete(p)]
+    return sorted(found)
+
+
+def step_dirs(cpdir: Path) -> list[tuple[int, Path]]:
+    """Checkpoints taken inside an epoch ``(n, OUTDIR/step_n)``, oldest first."""
+    found = [(int(p.name[5:]), p) for p in cpdir.glob("step_*") if p.name[5:].isdigit() and _complete(p)]
     return sorted(found)
 
 
@@ -34,25 +47,27 @@ def _fresh(tmp: Path) -> Path:
     return tmp
 
 
-def save_checkpoint(accelerator, model, cpdir: Path, progress: dict, keep_last: int) -> None:
-    """``OUTDIR/epoch_{k}/``: the draft (config.json + model.safetensors) and ``trainer_state/`` (accelerate state:
-    model, optimizer, scheduler, per-process RNG; plus trainer.json = ``progress``: epoch k, optimizer step and what
-    fixes the data order and split), written to a temporary folder and renamed; then only the last ``keep_last``
-    epoch folders are kept."""
-    epoch = progress["epoch"]
-    tmp = cpdir / f".epoch_{epoch}.tmp"
+def save_checkpoint(run, name: str, progress: dict, extra=None) -> Path:
+    """``OUTDIR/{name}/``: the draft and its training state (``progress``: where the run stands; ``extra``: tensors to
+    restore with it), written to a temporary folder and renamed. Then the retention rules: the newest
+    ``--keep-last`` epoch folders, and only the newest step folder, none once an epoch folder is newer."""
+    accelerator, cpdir = run.accelerator, run.cpdir
+    tmp = cpdir / f".{name}.tmp"
     if accelerator.is_main_process:
         _fresh(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / STATE))  # every process writes its RNG state
-    accelerator.wait_for_everyone()
+    save_state(tmp / STATE, accelerator, run.model, run.optimizer, run.scheduler, progress, extra)
     if accelerator.is_main_process:
-        save_draft(accelerator.unwrap_model(model), tmp)
-        write_json(tmp / STATE / PROGRESS, progress, indent=None)
-        replace_dir(tmp, cpdir / f"epoch_{epoch}")
-        for _, old in epoch_dirs(cpdir)[:-keep_last]:
+        save_draft(accelerator.unwrap_model(run.model), tmp)
+        replace_dir(tmp, cpdir / name)
+        for _, old in epoch_dirs(cpdir)[:-run.args.keep_last]:
             shutil.rmtree(old)
+        if name != "stable":  # a newer checkpoint than any step checkpoint there
+            for _, old in step_dirs(cpdir):
+                if old.name != name:
+                    shutil.rmtree(old)
     accelerator.wait_for_everyone()
+    return cpdir / name
 
 
 def save_final(accelerator, model, cpdir: Path) -> None:
@@ -64,37 +79,53 @@ def save_final(accelerator, model, cpdir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def read_progress(ckpt: Path) -> dict:
-    return json.loads((ckpt / STATE / PROGRESS).read_text())
+def save_snapshot(accelerator, model, cpdir: Path, step: int) -> None:
+    """``OUTDIR/snapshots/step_{n}/``: the draft alone at optimizer step ``n`` (points of a learning curve)."""
+    if accelerator.is_main_process:
+        final = cpdir / "snapshots" / f"step_{step}"
+        tmp = _fresh(final.parent / f".step_{step}.tmp")
+        save_draft(accelerator.unwrap_model(model), tmp)
+        replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
 
 
 def data_order(args) -> dict:
-    """What fixes the train/test split and each epoch's order (the sampler seeds ``seed + epoch``)."""
-    return {"seed": args.seed, "test_fraction": args.test_fraction}
+    """What fixes the train/test split and each epoch's order (the sampler seeds ``seed + epoch``) and the batches."""
+    return {"seed": args.seed, "test_fraction": args.test_fraction, "bs": args.bs, "grad_accum": args.grad_accum}
 
 
 def resume_point(args, cpdir: Path) -> Path | None:
-    """The checkpoint to resume from (None: start fresh); refuses to start afresh over completed epochs."""
-    found = epoch_dirs(cpdir)
+    """The checkpoint to resume from (None: start fresh); refuses to start afresh over existing checkpoints."""
+    if args.resume_from:
+        folder = Path(args.resume_from)
+        if not _complete(folder):
+            raise CloverError(f"--resume-from {folder}: not a checkpoint folder (no {STATE}/{PROGRESS}); name an "
+                              f"epoch_k, step_n or stable folder of a training run")
+        return folder
+    found = [(read_progress(p / STATE)["global_step"], kind, p)
+             for kind, dirs in ((1, epoch_dirs(cpdir)), (0, step_dirs(cpdir))) for _, p in dirs]
     if found and not args.resume:
-        raise CloverError(f"{cpdir} already holds checkpoints up to epoch_{found[-1][0]}; pass --resume to continue "
-                          f"that run, or use another --outdir")
-    return found[-1][1] if found else None
+        raise CloverError(f"{cpdir} already holds checkpoints ({', '.join(sorted(p.name for *_, p in found))}); "
+                          f"pass --resume to continue that run, or use another --outdir")
+    return max(found)[2] if found else None
 
 
-def check_resumable(ckpt: Path, args, draft, base) -> None:
-    """CloverError unless ``ckpt`` was trained with the same draft type, base model, draft config and data split."""
+def check_resumable(ckpt: Path, args, draft, base) -> dict:
+    """The checkpoint's progress; CloverError unless it was trained with the same draft type, base model, draft
+    config, data split and batches."""
     saved = read_draft_config(ckpt)
     if saved["draft_type"] != draft.draft_type:
         raise CloverError(f"--resume: {ckpt} holds a {saved['draft_type']!r} draft, but this run trains "
-                          f"{draft.draft_type!r}; use another --ckpt-dir or the trainer for {saved['draft_type']}")
+                          f"{draft.draft_type!r}; use another --outdir or the trainer for {saved['draft_type']}")
     check_base(saved, base, where=f"--resume checkpoint {ckpt}")
     block, now = draft.config_block, draft.config[draft.config_block]
     if saved.get(block) != now:
         raise CloverError(f"--resume: {ckpt} was trained with {block} config {saved.get(block)}, this run asks for "
                           f"{now}; pass the same --configpath or use another --outdir")
-    progress = read_progress(ckpt)
-    changed = [f"--{k} {progress.get(k)} there, {v} now" for k, v in data_order(args).items() if progress.get(k) != v]
+    progress = read_progress(ckpt / STATE)
+    changed = [f"--{k} {progress.get(k)} there, {v} now" for k, v in data_order(args).items()
+               if k in progress and progress[k] != v]
     if changed:
-        raise CloverError(f"--resume: {ckpt} was trained on another train/test split ({'; '.join(changed)}); resume "
+        raise CloverError(f"--resume: {ckpt} was trained on other data or batches ({'; '.join(changed)}); resume "
                           f"with the same flags or use another --outdir")
+    return progress

@@ -9,12 +9,16 @@ import json
 from pathlib import Path
 
 from clover.args import (CloverArgumentParser, add_base_model, add_data_dir, add_dtype, add_max_len, add_option,
-                         add_outdir, add_seed, non_negative_float, non_negative_int, positive_int)
+                         add_outdir, add_seed, duration, fraction, non_negative_float, non_negative_int,
+                         positive_int)
+from clover.data.templates import TEMPLATE_CHOICES
 from clover.errors import CloverError
 from clover.model.registry import draft_class
 
 EPILOG = ("Writes OUTDIR/epoch_{k}/ (config.json, model.safetensors, trainer_state/; the last --keep-last are kept), "
-          "OUTDIR/final/ (what generation loads) and OUTDIR/metrics.jsonl. Several processes: accelerate launch "
+          "OUTDIR/step_{n}/ (timed checkpoints and stops inside an epoch; the newest is kept), OUTDIR/stable/ (wsd), "
+          "OUTDIR/final/ (what generation loads) and OUTDIR/metrics.jsonl. Checkpoints hold no pickle. "
+          "Several processes: accelerate launch "
           "--num_processes K (on a machine without GPUs: accelerate launch --multi_gpu --num_processes K, DDP over "
           "gloo).")
 
@@ -26,7 +30,14 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
                              description=f"Train a {cls.label} draft on the hidden states of a base model.",
                              epilog=EPILOG)
     add_base_model(p)
-    add_data_dir(p)
+    add_data_dir(p, required=False, help="training data folder written by clover data (or give --conversations)")
+    p.add_argument("--conversations", default=None, metavar="FILE",
+                   help="train online instead: ShareGPT JSON/JSONL conversations (e.g. the main job's "
+                        "regenerated.jsonl), whose hidden states the base model computes in the training loop")
+    p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
+                   help="chat template (default auto: the tokenizer's own, else vicuna) of --conversations")
+    p.add_argument("--max-conversations", type=positive_int, default=None, metavar="N",
+               help="train on N of --conversations, drawn with --seed (default: all)")
     add_outdir(p, "epoch_{k}/, final/ (the draft generation loads), metrics.jsonl", required=True,
                also=("--ckpt-dir", "--cpdir"))
     p.add_argument("--evaldata", default=None, help="monitoring data folder (clover data --eval) for chain accuracy")
@@ -44,8 +55,12 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
                help="AdamW weight decay, applied to weight matrices only (never to norms or biases)")
     add_option(p, "--warmup-steps", "--warmup_steps", type=non_negative_int, default=d["warmup_steps"], metavar="N",
                help="linear warm-up, in optimizer steps")
-    p.add_argument("--schedule", choices=("linear", "constant", "cosine"), default="linear",
-                   help="LR after warm-up; linear/cosine decay to 0 at the run's last optimizer step (--epochs)")
+    p.add_argument("--schedule", choices=("linear", "constant", "cosine", "wsd"), default="linear",
+                   help="LR after warm-up; linear/cosine decay to 0 at the run's last optimizer step (--epochs); wsd "
+                        "(warmup-stable-decay) stays constant until the last --decay-fraction of the steps, then "
+                        "decays linearly, and saves OUTDIR/stable/ to extend the run from")
+    p.add_argument("--decay-fraction", type=fraction, default=0.2, metavar="F",
+               help="share of the optimizer steps the wsd schedule spends decaying")
     add_option(p, "--grad-clip", "--grad_clip", type=non_negative_float, default=0.5, metavar="C",
                help="clip gradients by global norm (0 = off)")
     add_option(p, "--grad-clip-value", "--grad_clip_value", action="store_true",
@@ -59,8 +74,21 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
                     "the token two before it (eagle)")
     add_option(p, "--gradient-checkpointing", "--gradient_checkpointing", action="store_true",
                help="recompute activations in backward")
-    add_dtype(p, "; autocast, the master weights stay fp32", names=("fp32", "bf16"))
-    p.add_argument("--resume", action="store_true", help="continue after the last completed epoch in --outdir")
+    add_dtype(p, "; autocast, the master weights stay fp32 (auto on a CPU: bf16 only where it measures clearly "
+                 "faster, which no CPU seen so far did)", names=("fp32", "bf16"))
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --outdir with the most optimizer steps")
+    p.add_argument("--resume-from", default=None, metavar="DIR",
+               help="continue from this checkpoint folder (epoch_k, step_n or stable/ of a run), e.g. a wsd run's "
+                    "stable/ with more --epochs")
+    p.add_argument("--max-time", type=duration, default=None, metavar="T",
+               help="stop after this much training (90m, 2h, 1h30m, seconds), with a checkpoint --resume continues "
+                    "from")
+    p.add_argument("--save-every", type=duration, default=duration("30m"), metavar="T",
+               help="also checkpoint every this much training time (OUTDIR/step_{n}/; 0 = only at epoch ends)")
+    p.add_argument("--snapshot-every", type=non_negative_int, default=0, metavar="N",
+               help="save the draft alone every N optimizer steps to OUTDIR/snapshots/step_{n}/ (learning curves; "
+                    "0 = never)")
     add_option(p, "--keep-last", "--keep_last", type=positive_int, default=2, metavar="N",
                help="epoch checkpoints to keep")
     add_option(p, "--test-fraction", "--test_fraction", type=float, default=0.05, metavar="F",
@@ -76,6 +104,14 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
     add_option(p, "--report-to", "--report_to", choices=("none", "tensorboard", "wandb"), default="none",
                help="accelerate tracker for per-step and per-epoch metrics")
     return p
+
+
+def check_data_source(args) -> None:
+    """Exactly one of ``--data-dir`` and ``--conversations``."""
+    if bool(args.data_dir) == bool(args.conversations):
+        raise CloverError("give the training data as either --data-dir (a folder clover data wrote) or "
+                          "--conversations (a conversations file, trained online), not "
+                          f"{'both' if args.data_dir else 'neither'}")
 
 
 def read_overrides(args) -> dict:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from clover.ge_data.dataset import collate
 from clover.model.losses import Metrics, target_from_prenorm
+from clover.train.data import collate_for
 
 
 def ahead(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ def shard(dataset, rank: int, world: int, limit: int | None = None) -> torch.uti
 
 
 def batches(dataset, batch_size: int, device):
-    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_for(dataset)):
         yield {k: v.to(device) for k, v in batch.items()}
 
 

@@ -1,26 +1,28 @@
-"""The draft trainer behind ``clover.train.main_clover2`` (Clover-2) and ``clover.train.main`` (EAGLE-1).
+"""The draft trainer behind ``clover train clover2`` / ``clover.train.main_clover2`` (Clover-2) and ``clover train
+eagle`` / ``clover.train.main`` (EAGLE-1).
 
-Reads the hidden-state shards written by ``python -m clover.ge_data.allocation`` and trains a draft against the
-frozen base model with Hugging Face accelerate: one process, DDP (NCCL on GPUs, gloo on CPUs), or DeepSpeed/FSDP
+Reads the hidden-state shards written by ``clover data`` (or, online, conversations whose hidden states the base
+computes as batches are assembled: :mod:`clover.train.data`) and trains a draft against the frozen base model with Hugging Face accelerate: one process, DDP (NCCL on GPUs, gloo on CPUs), or DeepSpeed/FSDP
 through an accelerate config as long as parameters are not sharded (the draft is exported from the unwrapped module).
-The schedule is defined in optimizer steps and advances exactly once per optimizer step, whatever the number of
-processes; weight decay applies to matrices only; the same loss function serves training and evaluation; the
-train/test split is sorted and seeded; a run trains exactly ``--epochs`` epochs; a checkpoint holds weights and
-config together, and a resume continues after the last completed epoch.
+The schedule (:mod:`clover.train.schedule`) is defined in optimizer steps and advances exactly once per optimizer
+step, whatever the number of processes; weight decay applies to matrices only; the same loss function serves training
+and evaluation; the train/test split is sorted and seeded; checkpoints (:mod:`clover.train.checkpoints`) hold the draft
+and its whole training state without pickle, and a resumed run continues bit for bit where the checkpoint stood, inside
+an epoch too.
 
 Read top to bottom: :func:`setup` builds a :class:`Run` (data, draft, optimizer, accelerator), :func:`train_epoch`
 runs one epoch, :func:`end_epoch` evaluates, logs and checkpoints it, :func:`train` strings them together. Per
 epoch: train, evaluate the held-out split with the training loss (per-head top-1/2/3 summed exactly across
 processes), measure the top-1 chain accuracy on the monitoring set (``--evaldata``), print one summary line, append it
-to ``OUTDIR/metrics.jsonl``, and write ``OUTDIR/epoch_{k}/``; after the last epoch ``OUTDIR/final/`` holds the draft
-that generation loads.
+to ``OUTDIR/metrics.jsonl``, and write ``OUTDIR/epoch_{k}/``; after the last epoch (or a ``--max-time`` /
+``--max-steps`` stop) ``OUTDIR/final/`` holds the draft that generation loads.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -28,56 +30,36 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (DistributedDataParallelKwargs, ProjectConfiguration, is_tensorboard_available,
                               is_wandb_available, set_seed)
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from clover.errors import CloverError, run_cli
-from clover.ge_data.dataset import HiddenStateDataset, collate
+from clover.ge_data.dataset import HiddenStateDataset
 from clover.model.base import BaseModel, parse_dtype
 from clover.model.checkpoint import init_draft, top_tokens
+from clover.model.kernels import bf16_training_pays
 from clover.model.losses import TOPK, Metrics
 from clover.model.registry import draft_class
-from clover.train.checkpoints import (check_resumable, data_order, read_progress, resume_point, save_checkpoint,
-                                      save_final)
-from clover.train.cli import build_parser, read_overrides
+from clover.train.checkpoints import (STATE, check_resumable, data_order, resume_point, save_checkpoint, save_final,
+                                      save_snapshot)
+from clover.train.cli import build_parser, check_data_source, read_overrides
+from clover.train.data import collate_for, hidden_sample, load_data
 from clover.train.evaluate import batch_loss, chain_counts, evaluate, shard
+from clover.train.schedule import Clock, EpochSampler, decay_start, lr_factor
+from clover.train.state import load_rng, load_state
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------------------
 def autocast_dtype(choice: str, device: torch.device) -> str:
-    """accelerate ``mixed_precision`` for ``--dtype``, whose auto means what it means everywhere: bf16 on CUDA (where
-    supported), fp32 on CPU: even on CPUs that list native bf16 instructions, the draft's forward + backward measured
-    slower in bf16 autocast than in fp32 (75 vs 44 ms a draft-shaped layer on an Intel Xeon with avx512_bf16)."""
-    if choice == "auto" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "no"
+    """accelerate ``mixed_precision`` for ``--dtype``, whose auto means bf16 on CUDA (where supported) and, on a CPU,
+    whichever trains faster here, measured (:func:`clover.model.kernels.bf16_training_pays`): fp32 on every CPU seen
+    so far, even those that list native bf16 instructions."""
+    if choice == "auto":
+        if device.type == "cpu":
+            return "bf16" if bf16_training_pays() else "no"
+        if not torch.cuda.is_bf16_supported():
+            return "no"
     return "bf16" if parse_dtype(choice, device) == torch.bfloat16 else "no"
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """LR multiplier at optimizer step ``step`` (0-based): linear warm-up, then constant, linear or cosine decay that
-    reaches 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A permutation of ``range(n)`` seeded by ``seed + epoch``: epoch ``e`` sees the same order whether the run was
-    resumed or not. accelerate's prepared loader calls :meth:`set_epoch` and shards the batches over processes."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def make_accelerator(args, unused_parameters: bool, cpdir: Path) -> Accelerator:
@@ -95,28 +77,6 @@ def make_accelerator(args, unused_parameters: bool, cpdir: Path) -> Accelerator:
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)])
 
 
-def load_data(args, base) -> tuple[HiddenStateDataset, HiddenStateDataset, HiddenStateDataset | None]:
-    """Train and held-out splits of the data folder and the monitoring set, checked against the base model."""
-    max_len = min(args.max_len, base.args.max_position_embeddings)
-    split = dict(max_len=max_len, test_fraction=args.test_fraction, seed=args.seed)
-    train_set = HiddenStateDataset(args.data_dir, split="train", **split)
-    train_set.check_compatible(base.args.hidden_size, base.args.vocab_size, args.base_model)
-    if len(train_set) == 0:
-        raise CloverError(f"{args.data_dir} has no training conversations left after holding out --test_fraction "
-                          f"{args.test_fraction}; dump more data or lower --test_fraction")
-    test_set = HiddenStateDataset(args.data_dir, split="test", **split)
-    monitor = None
-    if args.evaldata:  # an empty string means "none"
-        monitor = HiddenStateDataset(args.evaldata, max_len=max_len, split="all")
-        monitor.check_compatible(base.args.hidden_size, base.args.vocab_size, args.base_model)
-    return train_set, test_set, monitor
-
-
-def hidden_sample(dataset, conversations: int = 32) -> torch.Tensor:
-    """Pre-norm states of the first conversations of ``dataset``: what a draft measures its initial scales on."""
-    return torch.cat([dataset[i]["hidden_prenorm"] for i in range(min(conversations, len(dataset)))])
-
-
 # ---- setup ----------------------------------------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -129,13 +89,30 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     loader: object
-    train_set: HiddenStateDataset
-    test_set: HiddenStateDataset
+    train_set: Dataset  # HiddenStateDataset (dumped shards) or, online, ConversationDataset
+    test_set: Dataset
     monitor: HiddenStateDataset | None
     cpdir: Path
     steps_per_epoch: int
+    clock: Clock
     start_epoch: int = 0
     global_step: int = 0
+    skip_batches: int = 0                 # batches of the first epoch already trained (a resume inside an epoch)
+    resume_state: Path | None = None      # restore its RNG states once the first epoch's data loader has started
+    resume_extra: dict = field(default_factory=dict)  # the interrupted epoch's running metrics
+    stop_reason: str | None = None        # why the run stopped before its last epoch ended (--max-time)
+    tokens_seen: float = 0.0              # training tokens so far: every session, every process
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.args.epochs
+
+    @property
+    def stable_end(self) -> int | None:
+        """The optimizer step at which a wsd schedule starts decaying (None: another schedule)."""
+        if self.args.schedule != "wsd":
+            return None
+        return decay_start(self.args.warmup_steps, self.total_steps, self.args.decay_fraction)
 
     def total(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over processes (on the device: NCCL reduces CUDA tensors)."""
@@ -157,6 +134,7 @@ class Run:
 def setup(args, draft_type: str) -> Run:
     """Data, draft (new, or restored from the last completed epoch with ``--resume``), optimizer and schedule."""
     cls = draft_class(draft_type)
+    check_data_source(args)
     overrides = read_overrides(args)
     cpdir = Path(args.outdir)
     resume_from = resume_point(args, cpdir)
@@ -175,38 +153,38 @@ def setup(args, draft_type: str) -> Run:
     draft = init_draft(draft_type, base, draft_vocab=draft_vocab, hidden_sample=hidden_sample(train_set),
                        **overrides)
     draft.gradient_checkpointing = args.gradient_checkpointing
-    if resume_from is not None:
-        check_resumable(resume_from, args, draft, base)
-    elif args.resume:
-        accelerator.print(f"--resume: no completed epoch in {cpdir}; starting from scratch")
-    del base  # the draft keeps references to the frozen tensors it needs
+    progress = check_resumable(resume_from, args, draft, base) if resume_from is not None else None
+    if resume_from is None and args.resume:
+        accelerator.print(f"--resume: no checkpoint in {cpdir}; starting from scratch")
+    del base  # the draft keeps references to the frozen tensors it needs (online, the datasets keep the base)
 
     params = [p for p in draft.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.bs, sampler=EpochSampler(len(train_set), args.seed),
-                                         collate_fn=collate, num_workers=args.num_workers,
+                                         collate_fn=collate_for(train_set),  # online: the base runs in this process
+                                         num_workers=0 if args.conversations else args.num_workers,
                                          pin_memory=device.type == "cuda")
     world = accelerator.num_processes
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / (args.bs * world)) / args.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_factor, warmup=args.warmup_steps, total=steps_per_epoch * args.epochs, schedule=args.schedule))
+        lr_factor, warmup=args.warmup_steps, total=steps_per_epoch * args.epochs, schedule=args.schedule,
+        decay_fraction=args.decay_fraction))
     model, optimizer, loader, scheduler = accelerator.prepare(draft, optimizer, loader, scheduler)
     run = Run(args, accelerator, draft, model, optimizer, scheduler, loader, train_set, test_set, monitor, cpdir,
-              steps_per_epoch)
+              steps_per_epoch, Clock(accelerator, args.max_time, args.save_every))
 
-    if resume_from is not None:
-        try:  # model, optimizer, scheduler and RNG states
-            accelerator.load_state(str(resume_from / "trainer_state"))
-        except Exception as err:  # accelerate/torch raise many types for missing or damaged files
-            raise CloverError(f"cannot restore the training state from {resume_from / 'trainer_state'}: "
-                              f"{type(err).__name__}: {err}".splitlines()[0]) from None
-        progress = read_progress(resume_from)
-        run.start_epoch, run.global_step = progress["epoch"], progress["global_step"]
-        accelerator.print(f"resumed from {resume_from} (epoch {run.start_epoch}, optimizer step {run.global_step})")
-    elif accelerator.is_main_process:  # a fresh run starts fresh metrics logs
+    if accelerator.is_main_process:
         cpdir.mkdir(parents=True, exist_ok=True)
+    if progress is not None:  # weights, optimizer and schedule now; RNG states when the data flows again
+        run.resume_extra = load_state(resume_from / STATE, accelerator, model, optimizer, scheduler)
+        run.start_epoch, run.global_step = progress["epoch"], progress["global_step"]
+        run.skip_batches, run.resume_state = progress.get("batches_done", 0), resume_from / STATE
+        run.tokens_seen = progress.get("tokens_seen", 0.0)
+        accelerator.print(f"resumed from {resume_from} (epoch {run.start_epoch + 1}, batch {run.skip_batches}, "
+                          f"optimizer step {run.global_step})")
+    elif accelerator.is_main_process:  # a fresh run starts fresh metrics logs
         (cpdir / "metrics.jsonl").unlink(missing_ok=True)
         (cpdir / "evals.jsonl").unlink(missing_ok=True)
     if run.trackers:
@@ -221,19 +199,62 @@ def setup(args, draft_type: str) -> Run:
 
 # ---- one epoch ------------------------------------------------------------------------------------------------------
 def _stopped(run: Run) -> bool:
-    return run.args.max_steps is not None and run.global_step >= run.args.max_steps
+    return run.stop_reason is not None or (run.args.max_steps is not None and run.global_step >= run.args.max_steps)
 
 
-def train_epoch(run: Run, epoch: int) -> tuple[Metrics, torch.Tensor, int]:
-    """One pass over the training split (or up to ``--max_steps``); returns the summed training metrics, the tokens
-    seen and the number of batches done. With ``--eval_every`` the held-out split is evaluated along the way."""
+def _seen(run: Run, fresh: torch.Tensor) -> float:
+    """Training tokens of the whole run so far (earlier sessions included), ``fresh`` of them not yet counted
+    (collective)."""
+    return run.tokens_seen + run.total(fresh).item()
+
+
+def _progress(run: Run, epoch: int, done: int, tokens_seen: float) -> dict:
+    """Where the run stands after ``done`` batches of epoch ``epoch`` (0-based), as a checkpoint records it."""
+    if done == len(run.loader):
+        epoch, done = epoch + 1, 0
+    return {"epoch": epoch, "batches_done": done, "global_step": run.global_step, "tokens_seen": tokens_seen,
+            **data_order(run.args)}
+
+
+def _checkpoint(run: Run, name: str, epoch: int, done: int, sums: Metrics, tokens: torch.Tensor,
+                fresh: torch.Tensor) -> None:
+    """A checkpoint inside an epoch, with the epoch's running metrics summed over processes (collective)."""
+    extra = {"epoch_metrics": run.total(sums.vector()), "epoch_tokens": run.total(tokens).reshape(1)}
+    save_checkpoint(run, name, _progress(run, epoch, done, _seen(run, fresh)), extra)
+    run.clock.saved_now()
+
+
+def _resumed_sums(run: Run) -> tuple[Metrics, torch.Tensor]:
+    """The interrupted epoch's metrics so far (on the main process; the others start from zero)."""
+    heads, device = run.draft.train_heads, run.draft.device
+    extra = run.resume_extra
+    if not extra or not run.accelerator.is_main_process:
+        return Metrics.zeros(heads, device), torch.zeros(())
+    return Metrics.from_vector(extra["epoch_metrics"].to(device), heads), extra["epoch_tokens"][0]
+
+
+def train_epoch(run: Run, epoch: int) -> tuple[Metrics, torch.Tensor, int, torch.Tensor]:
+    """One pass over the training split (the rest of it after a resume inside the epoch; up to ``--max-steps`` or
+    ``--max-time``); returns the epoch's summed training metrics and tokens, the batches done, and the tokens of this
+    call. Along the way: held-out evaluations (``--eval-every``), snapshots (``--snapshot-every``), timed checkpoints
+    (``--save-every``) and, for a wsd schedule, ``stable/``."""
     args, accelerator, model, draft = run.args, run.accelerator, run.model, run.draft
     model.train()
     run.loader.set_epoch(epoch)
-    sums, tokens, done = Metrics.zeros(draft.train_heads, draft.device), torch.zeros(()), 0
+    skip, run.skip_batches = run.skip_batches, 0
+    loader = accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
+    sums, tokens = _resumed_sums(run) if skip else (Metrics.zeros(draft.train_heads, draft.device), torch.zeros(()))
+    done, fresh = skip, torch.zeros(())
+    if run.resume_state is not None and not skip:  # saved before its epoch's loader started: restore before it does
+        load_rng(run.resume_state, accelerator.process_index)
+        run.resume_state = None
     noise = draft.training_noise
-    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process)
+    bar = tqdm(loader, total=len(run.loader), initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}",
+               disable=not accelerator.is_local_main_process)
     for batch in bar:
+        if run.resume_state is not None:  # saved inside the epoch, after its loader drew its seed: restore now
+            load_rng(run.resume_state, accelerator.process_index)
+            run.resume_state = None
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 loss, metrics = batch_loss(model, draft, batch, args.mask_alignment, noise)
@@ -248,33 +269,53 @@ def train_epoch(run: Run, epoch: int) -> tuple[Metrics, torch.Tensor, int]:
                 run.scheduler.step()  # once per optimizer step, whatever the number of processes
             run.optimizer.zero_grad(set_to_none=True)
         sums = sums + metrics
-        tokens += batch["attention_mask"].sum().item()
-        done += 1
-        if accelerator.sync_gradients:
-            run.global_step += 1
-            lr = run.scheduler.get_last_lr()[0]
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-            if run.trackers:
-                accelerator.log({"train/loss": loss.item(), "train/lr": lr}, step=run.global_step)
-            if args.eval_every and run.global_step % args.eval_every == 0 and len(run.test_set):
-                with accelerator.autocast():
-                    point = {"epoch": epoch + 1, "step": run.global_step, **run.held_out().summary("test_")}
-                model.train()
-                if accelerator.is_main_process:
-                    with open(run.cpdir / "evals.jsonl", "a") as f:
-                        f.write(json.dumps(point) + "\n")
-            if _stopped(run):
-                break
+        n = batch["attention_mask"].sum().item()
+        tokens, fresh, done = tokens + n, fresh + n, done + 1
+        if not accelerator.sync_gradients:
+            continue
+        run.global_step += 1
+        lr = run.scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+        if run.trackers:
+            accelerator.log({"train/loss": loss.item(), "train/lr": lr}, step=run.global_step)
+        if args.eval_every and run.global_step % args.eval_every == 0 and len(run.test_set):
+            with accelerator.autocast():
+                point = {"epoch": epoch + 1, "step": run.global_step, "tokens": _seen(run, fresh),
+                         **run.held_out().summary("test_")}
+            model.train()
+            if accelerator.is_main_process:
+                with open(run.cpdir / "evals.jsonl", "a") as f:
+                    f.write(json.dumps(point) + "\n")
+        if args.snapshot_every and run.global_step % args.snapshot_every == 0:
+            save_snapshot(accelerator, model, run.cpdir, run.global_step)
+        if run.global_step == run.stable_end and run.stable_end < run.total_steps:
+            _checkpoint(run, "stable", epoch, done, sums, tokens, fresh)
+            accelerator.print(f"\nstable phase over at optimizer step {run.global_step}: {run.cpdir / 'stable'} "
+                              f"extends the run (--resume-from it with more --epochs)")
+        stop, save = run.clock.check()
+        if stop:
+            run.stop_reason = f"--max-time {args.max_time:g} s"
+        if _stopped(run):
+            break
+        if save and done < len(run.loader):
+            _checkpoint(run, f"step_{run.global_step}", epoch, done, sums, tokens, fresh)
     bar.close()
-    return sums, tokens, done
+    run.tokens_seen = _seen(run, fresh)
+    return sums, tokens, done, fresh
 
 
 # ---- end of an epoch ------------------------------------------------------------------------------------------------
-def end_epoch(run: Run, epoch: int, sums: Metrics, tokens: torch.Tensor, seconds: float, complete: bool) -> dict:
-    """Evaluate (held-out split, chain accuracy), log one summary line and checkpoint a complete epoch."""
+def end_epoch(run: Run, epoch: int, sums: Metrics, tokens: torch.Tensor, fresh: torch.Tensor, seconds: float,
+              done: int) -> dict:
+    """Evaluate (held-out split, chain accuracy), log one summary line, and checkpoint: ``epoch_{k}/`` after a
+    complete epoch, ``step_{n}/`` after a stop inside one."""
     args, accelerator, draft = run.args, run.accelerator, run.draft
-    summary = {"epoch": epoch + 1, "step": run.global_step, **run.total_metrics(sums).summary("train_"),
-               "tokens_per_s": run.total(tokens).item() / seconds}
+    if done < len(run.loader):  # stopped inside the epoch: a checkpoint --resume continues from, taken before the
+        # evaluation below draws from the random number generators (the uninterrupted run does not evaluate here)
+        _checkpoint(run, f"step_{run.global_step}", epoch, done, sums, tokens, torch.zeros(()))
+    summary = {"epoch": epoch + 1, "step": run.global_step, "tokens": run.tokens_seen,
+               **run.total_metrics(sums).summary("train_"),
+               "tokens_per_s": run.total(fresh).item() / seconds}
     with accelerator.autocast():
         if len(run.test_set):
             summary |= run.held_out().summary("test_")
@@ -289,9 +330,8 @@ def end_epoch(run: Run, epoch: int, sums: Metrics, tokens: torch.Tensor, seconds
             f.write(json.dumps(summary) + "\n")
     if run.trackers:
         accelerator.log({f"epoch/{k}": v for k, v in summary.items() if not isinstance(v, list)}, step=run.global_step)
-    if complete:  # a --max_steps stop inside an epoch is only saved as final/
-        save_checkpoint(accelerator, run.model, run.cpdir, {"epoch": epoch + 1, "global_step": run.global_step,
-                                                            **data_order(args)}, args.keep_last)
+    if done == len(run.loader):  # after the evaluation, as the uninterrupted run's next epoch starts after it
+        save_checkpoint(run, f"epoch_{epoch + 1}", _progress(run, epoch, done, run.tokens_seen))
     return summary
 
 
@@ -323,9 +363,11 @@ def train(args, draft_type: str) -> list[dict]:
         if _stopped(run):
             break
         start = time.perf_counter()
-        sums, tokens, done = train_epoch(run, epoch)
-        history.append(end_epoch(run, epoch, sums, tokens, time.perf_counter() - start, done == len(run.loader)))
+        sums, tokens, done, fresh = train_epoch(run, epoch)
+        history.append(end_epoch(run, epoch, sums, tokens, fresh, time.perf_counter() - start, done))
     save_final(run.accelerator, run.model, run.cpdir)
+    if run.stop_reason:
+        run.accelerator.print(f"stopped by {run.stop_reason} at optimizer step {run.global_step}; --resume continues")
     run.accelerator.print(f"final draft: {run.cpdir / 'final'}")
     run.accelerator.end_training()
     return history

@@ -1,0 +1,117 @@
+"""What the trainer trains on: the shards ``clover data`` dumped, or conversations whose hidden states the frozen base
+model computes in the training loop (online training).
+
+Online, instead of reading shards that ``clover data`` dumped, ``clover train --conversations FILE`` tokenizes the
+conversations (ShareGPT JSON / JSONL, e.g. the main job's ``regenerated.jsonl``) with their loss masks once, and
+each batch's pre-norm hidden states come from the base model as the batch is collated (:class:`OnlineCollate`): the
+same stateless full-sequence forward the dump runs, on the batch right-padded (positions after a row's end never
+reach its real tokens under causal attention). Nothing is written to disk, so nothing has to outlive the machine,
+and the hidden states are fp32 rather than the dump's bf16 storage.
+
+The split into training and held-out conversations is the dump's (:func:`clover.ge_data.dataset.split_indices`, the
+same seed and fraction), so a draft trained online and one trained offline on the same conversations see the same
+conversations in each split.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from clover.data.conversations import Conversation, load_conversations, select_conversations
+from clover.data.templates import get_template
+from clover.errors import CloverError
+from clover.ge_data.dataset import HiddenStateDataset, collate, split_indices
+from clover.model.base import BaseModel
+from clover.model.loading import load_tokenizer
+
+
+def encode(conversations: list[Conversation], template, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input_ids, loss_mask)`` of each conversation, truncated to ``max_len``; conversations without a reply
+    token after truncation are left out (as the dump leaves them out)."""
+    encoded = []
+    for conv in tqdm(conversations, desc="tokenizing", unit="conv", leave=False):
+        try:
+            ids, mask = template.encode_with_mask(conv.messages, max_len)
+        except CloverError as err:
+            raise CloverError(f"conversation {conv.id!r} (record {conv.index}): {err}") from None
+        if any(mask):
+            encoded.append((torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)))
+    return encoded
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """One item per encoded conversation (:func:`encode`) of ``split``: ``input_ids`` and ``loss_mask``
+    (LongTensor ``[L]``); ``collate`` batches items and adds the base model's hidden states."""
+
+    def __init__(self, encoded: list[tuple[torch.Tensor, torch.Tensor]], base: BaseModel, split: str = "all",
+                 test_fraction: float = 0.05, seed: int = 0):
+        self.items = [encoded[i] for i in split_indices(len(encoded), split, test_fraction, seed)]
+        self.collate = OnlineCollate(base)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, mask = self.items[i]
+        return {"input_ids": ids, "loss_mask": mask}
+
+    def token_counts(self, vocab_size: int) -> torch.Tensor:
+        """``[vocab_size]`` occurrences of each token id among the reply tokens (loss mask 1)."""
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        for ids, mask in self.items:
+            counts += torch.bincount(ids[mask.bool()], minlength=vocab_size)
+        return counts
+
+
+class OnlineCollate:
+    """:func:`clover.ge_data.dataset.collate`, then the base model's pre-norm hidden states of the padded batch
+    (``hidden_prenorm [B, T, H]``, in the base's dtype, a tensor autograd may use)."""
+
+    def __init__(self, base: BaseModel):
+        self.base = base
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = collate(items)
+        out = self.base(batch["input_ids"].to(self.base.device), use_cache=False, logits_to_keep=0)
+        batch["hidden_prenorm"] = out.hidden_prenorm.clone().cpu()  # clone: out of inference mode
+        return batch
+
+
+def collate_for(dataset):
+    """The collate function of ``dataset`` (or of the dataset a ``Subset`` takes its items from)."""
+    inner = getattr(dataset, "dataset", dataset)
+    return getattr(inner, "collate", collate)
+
+
+def load_data(args, base) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, HiddenStateDataset | None]:
+    """Train and held-out splits of the data folder (checked against the base model) or, online, of the
+    conversations, and the monitoring set."""
+    max_len = min(args.max_len, base.args.max_position_embeddings)
+    split = dict(test_fraction=args.test_fraction, seed=args.seed)
+    if args.conversations:
+        conversations, _ = load_conversations(args.conversations)
+        if args.max_conversations:
+            conversations = select_conversations(conversations, 0, args.max_conversations, args.seed)
+        encoded = encode(conversations, get_template(load_tokenizer(args.base_model), args.template), max_len)
+        train_set = ConversationDataset(encoded, base, split="train", **split)
+        test_set = ConversationDataset(encoded, base, split="test", **split)
+        source = args.conversations
+    else:
+        train_set = HiddenStateDataset(args.data_dir, split="train", max_len=max_len, **split)
+        train_set.check_compatible(base.args.hidden_size, base.args.vocab_size, args.base_model)
+        test_set = HiddenStateDataset(args.data_dir, split="test", max_len=max_len, **split)
+        source = args.data_dir
+    if len(train_set) == 0:
+        raise CloverError(f"{source} has no training conversations left after holding out --test-fraction "
+                          f"{args.test_fraction}; use more data or lower --test-fraction")
+    monitor = None
+    if args.evaldata:  # an empty string means "none"
+        monitor = HiddenStateDataset(args.evaldata, max_len=max_len, split="all")
+        monitor.check_compatible(base.args.hidden_size, base.args.vocab_size, args.base_model)
+    return train_set, test_set, monitor
+
+
+def hidden_sample(dataset, conversations: int = 32) -> torch.Tensor:
+    """Pre-norm states of the first conversations of ``dataset``: what a draft measures its initial scales on."""
+    batch = collate_for(dataset)([dataset[i] for i in range(min(conversations, len(dataset)))])
+    return batch["hidden_prenorm"][batch["attention_mask"].bool()]
