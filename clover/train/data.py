@@ -2,15 +2,15 @@
 model computes in the training loop (online training).
 
 Online, instead of reading shards that ``clover data`` dumped, ``clover train --conversations FILE`` tokenizes the
-conversations (ShareGPT JSON / JSONL, e.g. the main job's ``regenerated.jsonl``) with their loss masks once, and
-each batch's pre-norm hidden states come from the base model as the batch is collated (:class:`OnlineCollate`): the
-same stateless full-sequence forward the dump runs, on the batch right-padded (positions after a row's end never
-reach its real tokens under causal attention). Nothing is written to disk, so nothing has to outlive the machine,
-and the hidden states are fp32 rather than the dump's bf16 storage.
+conversations (ShareGPT JSON / JSONL, e.g. the main job's ``regenerated.jsonl``) with their loss masks once, and each
+batch's pre-norm hidden states come from the base model as the batch is collated (:class:`OnlineCollate`): the same
+stateless full-sequence forward the dump runs, one conversation at a time. Nothing is written to disk, so nothing has
+to outlive the machine, and the hidden states are fp32 rather than the dump's bf16 storage.
 
-The split into training and held-out conversations is the dump's (:func:`clover.ge_data.dataset.split_indices`, the
-same seed and fraction), so a draft trained online and one trained offline on the same conversations see the same
-conversations in each split.
+The conversations are shuffled with ``--seed`` and split into training and held-out ones as ``clover data`` and the
+offline trainer do (:func:`clover.data.conversations.select_conversations`,
+:func:`clover.ge_data.dataset.split_indices`), so a draft trained online and one trained offline on a dump of the same
+file (same seed) see the same conversations in each split.
 """
 from __future__ import annotations
 
@@ -64,16 +64,21 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 class OnlineCollate:
-    """:func:`clover.ge_data.dataset.collate`, then the base model's pre-norm hidden states of the padded batch
-    (``hidden_prenorm [B, T, H]``, in the base's dtype, a tensor autograd may use)."""
+    """:func:`clover.ge_data.dataset.collate`, then the base model's pre-norm hidden states (``hidden_prenorm [B, T,
+    H]``, zero past each row's end, a tensor autograd may use): each conversation alone through the dump's stateless
+    full-sequence forward, so no padding is computed and the states are the dump's."""
 
     def __init__(self, base: BaseModel):
         self.base = base
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         batch = collate(items)
-        out = self.base(batch["input_ids"].to(self.base.device), use_cache=False, logits_to_keep=0)
-        batch["hidden_prenorm"] = out.hidden_prenorm.clone().cpu()  # clone: out of inference mode
+        hidden = torch.zeros(*batch["input_ids"].shape, self.base.args.hidden_size, dtype=self.base.dtype)
+        for row, item in enumerate(items):
+            ids = item["input_ids"]
+            out = self.base(ids[None].to(self.base.device), use_cache=False, logits_to_keep=0)
+            hidden[row, :ids.numel()] = out.hidden_prenorm[0].cpu()
+        batch["hidden_prenorm"] = hidden
         return batch
 
 
@@ -90,8 +95,8 @@ def load_data(args, base) -> tuple[torch.utils.data.Dataset, torch.utils.data.Da
     split = dict(test_fraction=args.test_fraction, seed=args.seed)
     if args.conversations:
         conversations, _ = load_conversations(args.conversations)
-        if args.max_conversations:
-            conversations = select_conversations(conversations, 0, args.max_conversations, args.seed)
+        # the dump's order (clover data shuffles with --seed), so that the held-out split is the dump's too
+        conversations = select_conversations(conversations, 0, args.max_conversations, args.seed)
         encoded = encode(conversations, get_template(load_tokenizer(args.base_model), args.template), max_len)
         train_set = ConversationDataset(encoded, base, split="train", **split)
         test_set = ConversationDataset(encoded, base, split="test", **split)
