@@ -15,7 +15,6 @@ from clover.errors import CloverError
 TEMPLATE_NAMES = ("auto", "tokenizer", "vicuna", "llama3", "chatml")
 # the data-generation scripts of the original Clover/EAGLE code name their format through the script name
 TEMPLATE_ALIASES = {"ge_data_all_vicuna_nonnorm.py": "vicuna", "ge_data_all_llama3_nonnorm.py": "llama3"}
-TEMPLATE_CHOICES = ("auto", "tokenizer", "vicuna", "llama3", "chatml")  # what a --template flag takes
 ROLES = ("system", "user", "assistant")
 
 

@@ -33,7 +33,7 @@ import torch
 from clover.args import (CloverArgumentParser, add_base_model, add_dtype, add_max_len, add_max_new_tokens, add_option,
                          add_outdir, add_questions, add_seed, non_negative_int, positive_int)
 from clover.data.conversations import Conversation, load_conversations, select_conversations
-from clover.data.templates import TEMPLATE_ALIASES, TEMPLATE_CHOICES, get_template
+from clover.data.templates import TEMPLATE_ALIASES, TEMPLATE_NAMES, get_template
 from clover.errors import CloverError, run_cli
 from clover.evaluation.answers import default_question_file, load_questions
 from clover.ge_data.dataset import MANIFEST, open_shard, read_manifest, shard_files, shard_path
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the first GPU of its group (the others stay idle: use 1 unless the GPUs are shared)")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="CPU worker processes (default 1); each gets cores // workers torch threads")
-    p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
+    p.add_argument("--template", default="auto", choices=TEMPLATE_NAMES,
                    help="chat template (default auto: the tokenizer's own, else vicuna)")
     add_option(p, "--python-name", "--python_name", default=None, choices=SCRIPT_NAMES,
                help="the original data script's name, selecting its template (vicuna or llama3)")

@@ -81,7 +81,7 @@ class HiddenStateDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder: str | os.PathLike, max_len: int = 2048, split: str = "all",
                  test_fraction: float = 0.05, seed: int = 0):
-        split_indices(0, split, test_fraction, seed)  # checks the split's arguments before any file is read
+        check_split(split, test_fraction)  # before any file is read
         self.folder = Path(folder)
         self.max_len = max_len
         manifest = read_manifest(self.folder) if self.folder.is_dir() else None
@@ -154,13 +154,17 @@ class HiddenStateDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_handles": {}}
 
 
-def split_indices(n: int, split: str, test_fraction: float, seed: int) -> list[int]:
-    """The items of ``split`` among ``n`` in storage order: a seeded permutation puts ``ceil(test_fraction * n)`` of
-    them in ``test``, the rest in ``train``; ``all`` is every item."""
+def check_split(split: str, test_fraction: float) -> None:
     if split not in SPLITS:
         raise CloverError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if not 0 <= test_fraction <= 1:
         raise CloverError(f"test_fraction must be in [0, 1], got {test_fraction}")
+
+
+def split_indices(n: int, split: str, test_fraction: float, seed: int) -> list[int]:
+    """The items of ``split`` among ``n`` in storage order: a seeded permutation puts ``ceil(test_fraction * n)`` of
+    them in ``test``, the rest in ``train``; ``all`` is every item."""
+    check_split(split, test_fraction)
     order = list(range(n))
     random.Random(seed).shuffle(order)
     test = set(order[:math.ceil(test_fraction * n)])

@@ -37,9 +37,9 @@ from pathlib import Path
 
 from clover.args import (CloverArgumentParser, add_base_model, add_dtype, add_max_len, add_max_new_tokens, add_option,
                          add_outdir, add_sampling, add_seed, non_negative_int, positive_int)
-from clover.data.templates import get_template
+from clover.data.templates import TEMPLATE_NAMES, get_template
 from clover.errors import CloverError, run_cli
-from clover.ge_data.allocation import (TEMPLATE_CHOICES, code_version, load_selection, run_jobs, save_manifest,
+from clover.ge_data.allocation import (code_version, load_selection, run_jobs, save_manifest,
                                        selection_hash, worker_devices)
 from clover.ge_data.regen_worker import SKIP_LONG_PROMPT, RegenJob, run_worker, shard_path  # noqa: F401
 from clover.ge_data.worker import compute_dtype
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU worker processes (default 1: one process decoding a whole batch uses the cores best)")
     add_option(p, "--batch-size", "--batch_size", type=positive_int, default=32, metavar="B",
                help="conversations decoded at once per worker (default %(default)s)")
-    p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
+    p.add_argument("--template", default="auto", choices=TEMPLATE_NAMES,
                    help="chat template (default auto: the tokenizer's own, else vicuna)")
     p.add_argument("--start", type=non_negative_int, default=0, help="first selected conversation (after the shuffle)")
     p.add_argument("--end", type=positive_int, default=None, help="end of the selection, exclusive (default: all)")

@@ -33,7 +33,16 @@ class TokenRecycling:
         self.prompt_rows, self.decay = prompt_rows, decay
         self.table = torch.zeros(vocab_size, k, dtype=torch.long, device=device)
         self.row_log = torch.full((vocab_size, 1), -torch.inf, device=device)  # 0 where the row is filled, else -inf
-        self._shape_cache = None
+        # what every proposal shares (its sizes do not depend on the data): each node's depth and, for the nodes a
+        # depth expands, the id of that depth's first node (a child's parent is that id plus the expanded node's rank)
+        sizes, rows = [], 1
+        for _ in range(depth):
+            sizes.append(rows * self.width)
+            rows = min(expand, sizes[-1])
+        starts = [sum(sizes[:d]) for d in range(depth)]
+        self.node_depths = torch.repeat_interleave(torch.arange(1, depth + 1), torch.tensor(sizes)).to(device)
+        self.expanded_offset = torch.repeat_interleave(torch.tensor(starts[:-1]),
+                                                       torch.tensor(sizes[1:]) // self.width).to(device)
         rank = torch.arange(k, dtype=torch.float32, device=device)
         self.trials = torch.full((), prior_weight, device=device)
         self.hits = prior_weight * 0.3 / (rank + 1)  # prior: rank r right 0.3 / (r + 1) of the time
@@ -69,26 +78,11 @@ class TokenRecycling:
                 best_score, best = scores[-1].topk(min(self.expand, scores[-1].numel()))
                 expanded.append(best)
                 front_tok, front_score = toks[-1][best], best_score[:, None]
-        shape = self._shape(root.device)
-        parents = torch.cat(expanded).add_(shape["expanded_offset"]).repeat_interleave(self.width) if expanded else None
-        parents = shape["first_parents"] if parents is None else torch.cat([shape["first_parents"], parents])
-        return Candidates(torch.cat(toks), parents, shape["depths"], torch.cat(scores), self.depth)
-
-    def _shape(self, device) -> dict:
-        """What every proposal shares (its sizes do not depend on the data): node depths, the root's children's
-        parent (-1), and the id of the first node of each expanded node's depth."""
-        if self._shape_cache is None or self._shape_cache["depths"].device != device:
-            sizes, rows = [], 1
-            for _ in range(self.depth):
-                sizes.append(rows * self.width)
-                rows = min(self.expand, sizes[-1])
-            starts = [sum(sizes[:d]) for d in range(self.depth)]
-            self._shape_cache = {
-                "depths": torch.repeat_interleave(torch.arange(1, self.depth + 1), torch.tensor(sizes)).to(device),
-                "first_parents": torch.full((self.width,), -1, dtype=torch.long, device=device),
-                "expanded_offset": torch.repeat_interleave(torch.tensor(starts[:-1]),
-                                                           torch.tensor(sizes[1:]) // self.width).to(device)}
-        return self._shape_cache
+        parents = torch.full((self.width,), -1, dtype=torch.long, device=root.device)    # the root's children
+        if expanded:
+            below = (torch.cat(expanded) + self.expanded_offset).repeat_interleave(self.width)
+            parents = torch.cat([parents, below])
+        return Candidates(torch.cat(toks), parents, self.node_depths, torch.cat(scores), self.depth)
 
     @torch.inference_mode()
     def observe(self, tree, verdict, logits: torch.Tensor) -> None:

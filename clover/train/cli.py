@@ -11,7 +11,7 @@ from pathlib import Path
 from clover.args import (CloverArgumentParser, add_base_model, add_data_dir, add_dtype, add_max_len, add_option,
                          add_outdir, add_seed, duration, fraction, non_negative_float, non_negative_int,
                          positive_int)
-from clover.data.templates import TEMPLATE_CHOICES
+from clover.data.templates import TEMPLATE_NAMES
 from clover.errors import CloverError
 from clover.model.registry import draft_class
 
@@ -34,10 +34,10 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
     p.add_argument("--conversations", default=None, metavar="FILE",
                    help="train online instead: ShareGPT JSON/JSONL conversations (e.g. the main job's "
                         "regenerated.jsonl), whose hidden states the base model computes in the training loop")
-    p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
+    p.add_argument("--template", default="auto", choices=TEMPLATE_NAMES,
                    help="chat template (default auto: the tokenizer's own, else vicuna) of --conversations")
     p.add_argument("--max-conversations", type=positive_int, default=None, metavar="N",
-               help="train on N of --conversations, drawn with --seed (default: all)")
+                   help="train on N of --conversations, drawn with --seed (default: all)")
     add_outdir(p, "epoch_{k}/, final/ (the draft generation loads), metrics.jsonl", required=True,
                also=("--ckpt-dir", "--cpdir"))
     p.add_argument("--evaldata", default=None, help="monitoring data folder (clover data --eval) for chain accuracy")
@@ -60,7 +60,7 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
                         "(warmup-stable-decay) stays constant until the last --decay-fraction of the steps, then "
                         "decays linearly, and saves OUTDIR/stable/ to extend the run from")
     p.add_argument("--decay-fraction", type=fraction, default=0.2, metavar="F",
-               help="share of the optimizer steps the wsd schedule spends decaying")
+                   help="share of the optimizer steps the wsd schedule spends decaying")
     add_option(p, "--grad-clip", "--grad_clip", type=non_negative_float, default=0.5, metavar="C",
                help="clip gradients by global norm (0 = off)")
     add_option(p, "--grad-clip-value", "--grad_clip_value", action="store_true",
@@ -79,16 +79,16 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --outdir with the most optimizer steps")
     p.add_argument("--resume-from", default=None, metavar="DIR",
-               help="continue from this checkpoint folder (epoch_k, step_n or stable/ of a run), e.g. a wsd run's "
-                    "stable/ with more --epochs")
+                   help="continue from this checkpoint folder (epoch_k, step_n or stable/ of a run), e.g. a wsd "
+                        "run's stable/ with more --epochs")
     p.add_argument("--max-time", type=duration, default=None, metavar="T",
-               help="stop after this much training (90m, 2h, 1h30m, seconds), with a checkpoint --resume continues "
-                    "from")
+                   help="stop after this much training (90m, 2h, 1h30m, seconds), with a checkpoint --resume "
+                        "continues from")
     p.add_argument("--save-every", type=duration, default=duration("30m"), metavar="T",
-               help="also checkpoint every this much training time (OUTDIR/step_{n}/; 0 = only at epoch ends)")
+                   help="also checkpoint every this much training time (OUTDIR/step_{n}/; 0 = only at epoch ends)")
     p.add_argument("--snapshot-every", type=non_negative_int, default=0, metavar="N",
-               help="save the draft alone every N optimizer steps to OUTDIR/snapshots/step_{n}/ (learning curves; "
-                    "0 = never)")
+                   help="save the draft alone every N optimizer steps to OUTDIR/snapshots/step_{n}/ (learning "
+                        "curves; 0 = never)")
     add_option(p, "--keep-last", "--keep_last", type=positive_int, default=2, metavar="N",
                help="epoch checkpoints to keep")
     add_option(p, "--test-fraction", "--test_fraction", type=float, default=0.05, metavar="F",

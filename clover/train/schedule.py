@@ -14,7 +14,6 @@ import time
 import torch
 
 
-
 def decay_start(warmup: int, total: int, decay_fraction: float) -> int:
     """The first optimizer step of a wsd schedule's decay."""
     return max(warmup, total - round(decay_fraction * total))

@@ -132,7 +132,8 @@ class Run:
 
 
 def setup(args, draft_type: str) -> Run:
-    """Data, draft (new, or restored from the last completed epoch with ``--resume``), optimizer and schedule."""
+    """Data, draft (new, or restored from a checkpoint with ``--resume`` / ``--resume-from``), optimizer and
+    schedule."""
     cls = draft_class(draft_type)
     check_data_source(args)
     overrides = read_overrides(args)
