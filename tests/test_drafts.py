@@ -312,7 +312,7 @@ def test_checkpoint_errors(llama_base, tmp_path):
                                       dtype="fp32", max_len=64)
     with pytest.raises(CloverError, match="hidden_size=64.*hidden_size=32"):
         load_draft(folder, other)
-    with pytest.raises(CloverError, match="does not exist"):
+    with pytest.raises(CloverError, match="neither a checkpoint folder nor a shipped draft"):
         load_draft(tmp_path / "nowhere", llama_base)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "draft_type": "medusa"}))

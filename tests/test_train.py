@@ -240,6 +240,21 @@ def test_a_wsd_run_extends_from_its_stable_checkpoint(setup):
     same_weights(three / "final", extended / "final")
 
 
+def test_a_run_starts_from_a_given_draft(setup):
+    """--init-draft: the run starts from that draft's weights and config (with lr 0 it ends exactly there), whose draft
+    vocabulary it keeps; the run's own result can then be continued the same way."""
+    s = setup
+    first, still, further = (s["root"] / name for name in ("init_first", "init_still", "init_further"))
+    ok(launch("main_clover2", *common(s, first, "--epochs", "1", "--draft-vocab-size", "50")))
+    ok(launch("main_clover2", *common(s, still, "--epochs", "1", "--init-draft", first / "final", "--lr", "0")))
+    same_weights(first / "final", still / "final")
+    ok(launch("main_clover2", *common(s, further, "--epochs", "2", "--init-draft", first / "final")))
+    before, after = (json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (first, further))
+    assert after["test_loss"] < before["test_loss"]
+    assert json.loads((further / "final" / "config.json").read_text()) == \
+        json.loads((first / "final" / "config.json").read_text())
+
+
 def test_resuming_loads_no_pickle(setup, monkeypatch, tmp_path):
     """Checkpoints hold safetensors and JSON only, and a resume (in this process) never unpickles anything."""
     import pickle
@@ -310,6 +325,12 @@ def test_bad_input_is_a_one_line_error(setup, tmp_path):
         "not a checkpoint": (common(s, tmp_path / "c6", "--resume-from", empty), "not a checkpoint folder"),
         "bad time": (common(s, tmp_path / "c7", "--max-time", "soon"), "expected a duration"),
         "bad config": (common(s, tmp_path / "c5", "--configpath", tmp_path / "missing.json"), "--configpath"),
+        "init with config": (common(s, tmp_path / "c8", "--init-draft", eagle_ckpt / "epoch_1", "--draft-vocab-size",
+                                    "50"), "brings its own config and weights; drop --draft-vocab-size"),
+        "init of another type": (common(s, tmp_path / "c9", "--init-draft", eagle_ckpt / "epoch_1"),
+                                 "'eagle' draft but a 'clover2' draft is needed"),
+        "init nowhere": (common(s, tmp_path / "c10", "--init-draft", "no-such-draft"),
+                         "neither a checkpoint folder nor a shipped draft"),
     }
     procs = {name: subprocess.Popen([sys.executable, "-m", "clover.train.main_clover2", *map(str, argv)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)

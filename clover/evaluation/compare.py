@@ -37,29 +37,52 @@ SOURCE_LABELS = {"lookup": "lookup", "recycle": "recycling"}
 TRAINING_FREE = (*SOURCE_NAMES, "+".join(SOURCE_NAMES))  # compared by default, with or without a checkpoint
 
 
+def split_tag(method: str) -> tuple[str, str | None]:
+    """``(method without its draft's tag, tag or None)``: a second draft of a type is compared under a tagged method,
+    its draft's name after ``@`` (``clover@clover2-smollm2-135m-instruct+lookup+recycle``)."""
+    parts = method.split("+")
+    tags = [part.partition("@")[2] for part in parts if "@" in part]
+    if not tags:
+        return method, None
+    if len(tags) > 1 or not tags[0]:
+        raise CloverError(f"method {method!r}: at most one draft, tagged as <method>@<name>")
+    return "+".join(part.partition("@")[0] for part in parts), tags[0]
+
+
 def label(method: str) -> str:
     if method in PEER_LABELS:
         return PEER_LABELS[method]
-    drafted, sources = method_parts(method)
-    return " + ".join(([drafted.label] if drafted else []) + [SOURCE_LABELS[s] for s in sources])
+    untagged, tag = split_tag(method)
+    drafted, sources = method_parts(untagged)
+    name = [drafted.label + (f" ({tag})" if tag else "")] if drafted else []
+    return " + ".join(name + [SOURCE_LABELS[s] for s in sources])
 
 
 def draft_method(method: str) -> str | None:
-    """The method of the trained draft inside ``method`` (None: none)."""
-    parts = method_parts(method)
-    return parts[0].method if parts and parts[0] else None
+    """The key of the trained draft inside ``method`` in :func:`draft_checkpoints` (its method, tagged for a second
+    draft of a type; None: no trained draft)."""
+    untagged, tag = split_tag(method)
+    parts = method_parts(untagged)
+    if not parts or not parts[0]:
+        return None
+    return parts[0].method + (f"@{tag}" if tag else "")
 
 
 def draft_checkpoints(drafts) -> dict[str, str]:
-    """``{method: checkpoint folder}`` for draft checkpoint folders, each method named by its draft's type."""
-    by_method = {}
-    for folder in drafts or ():
-        cls = draft_class(read_draft_config(folder)["draft_type"], f"{folder}/config.json")
-        if cls.method in by_method:
-            raise CloverError(f"two {cls.label} drafts given ({by_method[cls.method]} and {folder}); compare one "
-                              f"draft of each type per run")
-        by_method[cls.method] = str(folder)
-    return by_method
+    """``{key: checkpoint folder or shipped name}`` for ``drafts``: the first draft of a type under its type's method
+    (``clover``), every further one under that method tagged with its name (``clover@<name>``: a shipped draft's
+    name, else its folder's)."""
+    by_key = {}
+    for draft in drafts or ():
+        cls = draft_class(read_draft_config(draft)["draft_type"], f"{draft}/config.json")
+        key = cls.method
+        if key in by_key:
+            key = f"{cls.method}@{Path(str(draft)).name}"
+            if key in by_key or "+" in key or "@" in key[len(cls.method) + 1:]:
+                raise CloverError(f"two {cls.label} drafts named {Path(str(draft)).name!r} ({by_key.get(key)} and "
+                                  f"{draft}); give each draft a folder name of its own without '+' or '@'")
+        by_key[key] = str(draft)
+    return by_key
 
 
 def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=None, methods=None,
@@ -77,14 +100,16 @@ def run_comparison(outdir, base_model=DEFAULT_MODEL, drafts=(), question_file=No
         methods = [*PEER_LABELS, *TRAINING_FREE, *checkpoints,
                    *("+".join((m, *SOURCE_NAMES)) for m in checkpoints)]
     for m in methods:
-        method_parts(m)  # unknown names are errors
+        method_parts(split_tag(m)[0])  # unknown names are errors
     methods = [m for m in methods if draft_method(m) is None or draft_method(m) in checkpoints]
     if "baseline" not in methods:
         raise CloverError("the comparison needs the 'baseline' method (the project's plain decoding) as reference")
     files = {}
     for method in methods:
-        files[method] = generate_answers(method, base_model, outdir / "answers" / f"{method}.jsonl", question_file,
+        untagged, tag = split_tag(method)
+        files[method] = generate_answers(untagged, base_model, outdir / "answers" / f"{method}.jsonl", question_file,
                                          checkpoints.get(draft_method(method)), temperature=temperature,
+                                         model_id=f"{Path(str(base_model)).name}-{method}-temperature-{temperature}",
                                          max_new_tokens=max_new_tokens, tree=tree, tree_budget=tree_budget,
                                          dtype=dtype, device=device, question_begin=question_begin,
                                          question_end=question_end, warmup=warmup, progress=progress,
@@ -196,9 +221,9 @@ def plot(results: dict, figs: Path) -> None:
 def build_parser():
     p = CloverArgumentParser(prog="python -m clover.evaluation.compare", description=__doc__)
     add_base_model(p)
-    p.add_argument("--draft", action="append", dest="drafts", default=[], metavar="FOLDER",
-                   help="a draft checkpoint folder, its type read from its config.json; repeat for several drafts "
-                        "(one of each type)")
+    p.add_argument("--draft", action="append", dest="drafts", default=[], metavar="FOLDER|NAME",
+                   help="a draft checkpoint folder or shipped draft name, its type read from its config.json; repeat "
+                        "for several drafts (a second draft of a type is compared as <method>@<its name>)")
     for old in ("--clover-draft", "--eagle-draft"):  # the old spellings, one flag per draft
         p.add_argument(old, action="append", dest="drafts", help=argparse.SUPPRESS)
     add_questions(p)

@@ -93,7 +93,7 @@ class Decoder:
             raise CloverError(f"--draft {named[0]}: name the training-free sources in --method (e.g. "
                               f"--method lookup+recycle); --draft is the checkpoint folder of a trained draft")
         if drafted is not None and not checkpoint:
-            raise CloverError(f"--method {method} needs --draft (a {drafted.label} checkpoint folder)")
+            raise CloverError(f"--method {method} needs --draft (a {drafted.label} checkpoint folder or shipped name)")
         from clover.generate.loader import load_decoding
 
         self.decoding = load_decoding(base_model, [checkpoint] * (drafted is not None) + sources,
@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one of " + ", ".join(METHODS) + ", or another '+' combination of one trained draft's method "
                         "and the sources")
     add_base_model(p)
-    add_draft(p, help="draft checkpoint folder (the methods with clover or eagle in them)")
+    add_draft(p, help="draft checkpoint folder or shipped draft name, e.g. clover2-smollm2-135m-instruct (the methods "
+                      "with clover or eagle in them)")
     add_questions(p)
     add_answer_file(p, help="JSONL to append to (questions already in it are skipped)")
     p.add_argument("--model-id", default=None,

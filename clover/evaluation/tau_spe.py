@@ -60,6 +60,22 @@ def tau_report(answers: Sequence[dict]) -> dict:
             "excluded": {"failed": len(answers) - len(successes)}}
 
 
+def measure_tau(method: str, draft, answer_file, *, base_model: str, question_end: int, max_new_tokens: int,
+                tree: str, question_file=None) -> float:
+    """τ of ``method`` with ``draft`` (a checkpoint folder or shipped name) on the first ``question_end`` questions
+    (default: the shipped set), greedy, fp32, no warm-up, answers written to ``answer_file``: a shipped draft's
+    acceptance floor is measured and checked with this."""
+    from clover.evaluation.gen_answer import generate_answers
+
+    generate_answers(method, base_model, answer_file, question_file, draft, max_new_tokens=max_new_tokens, tree=tree,
+                     question_end=question_end, dtype="fp32", warmup=0, progress=False)
+    report = tau_report(load_answers(answer_file))
+    if report["excluded"]["failed"]:
+        raise CloverError(f"{method} with {draft} failed {report['excluded']['failed']} question(s); see "
+                          f"{answer_file}")
+    return report["overall"]["tau"]
+
+
 def format_tau_report(report: dict) -> str:
     """The report as an aligned table with a legend."""
     keys = ["questions", "new_tokens", "steps", "tau", "tau_minus_1"]

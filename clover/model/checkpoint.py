@@ -5,6 +5,10 @@ the base model, the base's ``llama`` args and the draft's own block) and ``model
 trainable draft weights. :func:`init_draft` builds a draft from a base model for training from scratch (the only
 place where weights are initialised from the base); :func:`load_draft` rebuilds one from a folder with strict key
 checks and never runs that initialisation, so a loaded draft is exactly the one that was saved.
+
+The drafts shipped with the library are such folders under ``clover/drafts/``, each with a training record
+(``training.json``); wherever a checkpoint folder is taken, a shipped draft's name (its folder's name, e.g.
+``clover2-smollm2-135m-instruct``) names it too (:func:`resolve_draft`).
 """
 from __future__ import annotations
 
@@ -21,6 +25,29 @@ from clover.model.registry import draft_class, draft_names
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+RECORD_NAME = "training.json"  # a shipped draft's training record: data, commands, machine, curve, acceptance floor
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "drafts"
+
+
+def shipped_drafts() -> dict[str, Path]:
+    """``{name: folder}`` of the drafts shipped with the library."""
+    if not SHIPPED_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(SHIPPED_DIR.iterdir()) if (p / CONFIG_NAME).is_file()}
+
+
+def resolve_draft(name_or_folder) -> Path:
+    """The checkpoint folder of ``name_or_folder``: an existing folder as it is (a local folder wins over a shipped
+    name), else the shipped draft of that name."""
+    folder = Path(name_or_folder).expanduser()
+    if folder.is_dir():
+        return folder
+    shipped = shipped_drafts()
+    if str(name_or_folder) in shipped:
+        return shipped[str(name_or_folder)]
+    names = ", ".join(shipped) or "none installed"
+    raise CloverError(f"draft {str(name_or_folder)!r} is neither a checkpoint folder nor a shipped draft ({names}); "
+                      f"pass a folder written by training (config.json + {WEIGHTS_NAME}) or a shipped name")
 
 
 # ---- construction, saving, loading ---------------------------------------------------------------------------------
@@ -66,11 +93,24 @@ def save_draft(model: DraftModel, folder) -> Path:
     return folder
 
 
+def export_draft(folder, target, dtype: torch.dtype = torch.bfloat16, record: dict | None = None) -> Path:
+    """Copy the checkpoint ``folder`` to ``target`` with its floating-point weights cast to ``dtype`` (a shipped
+    draft: half the bytes; loading casts back to the base's dtype) and ``record`` as its training record."""
+    folder, target = resolve_draft(folder), Path(target)
+    config = read_draft_config(folder)
+    state = {k: v.to(dtype) if v.is_floating_point() else v
+             for k, v in _read_weights(folder / WEIGHTS_NAME, torch.device("cpu")).items()}
+    target.mkdir(parents=True, exist_ok=True)
+    save_safetensors(target / WEIGHTS_NAME, state, metadata={"format": "pt", "draft_type": config["draft_type"]})
+    write_json(target / CONFIG_NAME, config)
+    if record is not None:
+        write_json(target / RECORD_NAME, record)
+    return target
+
+
 def read_draft_config(folder) -> dict:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CloverError(f"draft checkpoint folder {folder} does not exist; pass a folder written by training "
-                          f"(config.json + {WEIGHTS_NAME})")
+    """The draft config of a checkpoint folder or shipped draft name."""
+    folder = resolve_draft(folder)
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CloverError(f"{folder} has no {CONFIG_NAME}; it is not a draft checkpoint folder")
@@ -86,10 +126,10 @@ def read_draft_config(folder) -> dict:
 
 def load_draft(folder, base: BaseModel, device=None, dtype=None,
                expected_type: type[DraftModel] | str | None = None) -> DraftModel:
-    """Rebuild a draft from a checkpoint folder for ``base``; weights are loaded with strict key checks and cast to
+    """Rebuild a draft from a checkpoint folder (or shipped draft name) for ``base``; weights are loaded with strict key checks and cast to
     ``dtype`` (default: the base's) on ``device`` (default: the base's). ``expected_type`` (a draft class or type
     name) refuses a checkpoint of another type. The draft is returned in eval mode."""
-    folder = Path(folder)
+    folder = resolve_draft(folder)
     config = read_draft_config(folder)
     cls = draft_class(config["draft_type"], str(folder / CONFIG_NAME))
     if expected_type is not None:

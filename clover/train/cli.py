@@ -13,6 +13,7 @@ from clover.args import (CloverArgumentParser, add_base_model, add_data_dir, add
                          positive_int)
 from clover.data.templates import TEMPLATE_NAMES
 from clover.errors import CloverError
+from clover.model.checkpoint import read_draft_config
 from clover.model.registry import draft_class
 
 EPILOG = ("Writes OUTDIR/epoch_{k}/ (config.json, model.safetensors, trainer_state/; the last --keep-last are kept), "
@@ -43,6 +44,10 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
     p.add_argument("--evaldata", default=None, help="monitoring data folder (clover data --eval) for chain accuracy")
     p.add_argument("--configpath", default=None,
                    help=f"JSON of draft config overrides (keys of the '{cls.config_block}' block)")
+    p.add_argument("--init-draft", default=None, metavar="NAME|FOLDER",
+                   help="start from this draft's weights and config instead of a new draft, with a fresh optimizer "
+                        "and schedule: a shipped draft's name (e.g. clover2-smollm2-135m-instruct) or a checkpoint "
+                        "folder (a run's final/); how a shipped draft is trained further")
     add_option(p, "--draft-vocab-size", "--draft_vocab_size", type=non_negative_int, default=None, metavar="K",
                help="draft vocabulary: the K most frequent reply tokens of the training split (0 = the whole "
                     "vocabulary, the default); several times cheaper heads for a base with a large vocabulary, "
@@ -114,9 +119,17 @@ def check_data_source(args) -> None:
                           f"{'both' if args.data_dir else 'neither'}")
 
 
-def read_overrides(args) -> dict:
+def read_overrides(args, cls) -> dict:
     """Draft-block keys from the ``--configpath`` JSON (a flat object; unknown keys are rejected by ``init_draft``)
-    and ``--draft-vocab-size``."""
+    and ``--draft-vocab-size``; with ``--init-draft``, that draft's own block of draft class ``cls`` (and neither
+    of the two)."""
+    if args.init_draft:
+        given = [flag for flag, value in (("--configpath", args.configpath), ("--draft-vocab-size",
+                                          args.draft_vocab_size), ("--resume-from", args.resume_from)) if value]
+        if given:
+            raise CloverError(f"--init-draft {args.init_draft} brings its own config and weights; drop "
+                              f"{' and '.join(given)}")
+        return dict(read_draft_config(args.init_draft).get(cls.config_block, {}))
     overrides = _read_config_file(args.configpath)
     if args.draft_vocab_size is not None:
         if overrides.get("draft_vocab_size", args.draft_vocab_size) != args.draft_vocab_size:

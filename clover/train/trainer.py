@@ -36,7 +36,7 @@ from tqdm import tqdm
 from clover.errors import CloverError, run_cli
 from clover.ge_data.dataset import HiddenStateDataset
 from clover.model.base import BaseModel, parse_dtype
-from clover.model.checkpoint import init_draft, top_tokens
+from clover.model.checkpoint import init_draft, load_draft, top_tokens
 from clover.model.kernels import bf16_training_pays
 from clover.model.losses import TOPK, Metrics
 from clover.model.registry import draft_class
@@ -131,12 +131,27 @@ class Run:
         return bool(self.accelerator.log_with)
 
 
+def new_draft(args, draft_type: str, base, train_set, overrides: dict, accelerator):
+    """The draft a run starts from: ``--init-draft``'s (fp32 master weights), else a new one initialised from the
+    base (its draft vocabulary the training split's most frequent reply tokens)."""
+    if args.init_draft:
+        accelerator.print(f"starting from the draft {args.init_draft}")
+        return load_draft(args.init_draft, base, dtype=torch.float32, expected_type=draft_type).train()
+    vocab_size, draft_vocab = overrides.get("draft_vocab_size", 0), None
+    if vocab_size:
+        counts = train_set.token_counts(base.args.vocab_size)
+        draft_vocab = top_tokens(counts, vocab_size)
+        accelerator.print(f"draft vocabulary: the {vocab_size} most frequent reply tokens cover "
+                          f"{counts[draft_vocab].sum() / counts.sum().clamp(min=1):.2%} of the training replies")
+    return init_draft(draft_type, base, draft_vocab=draft_vocab, hidden_sample=hidden_sample(train_set), **overrides)
+
+
 def setup(args, draft_type: str) -> Run:
     """Data, draft (new, or restored from a checkpoint with ``--resume`` / ``--resume-from``), optimizer and
     schedule."""
     cls = draft_class(draft_type)
     check_data_source(args)
-    overrides = read_overrides(args)
+    overrides = read_overrides(args, cls)
     cpdir = Path(args.outdir)
     resume_from = resume_point(args, cpdir)
     accelerator = make_accelerator(args, cls.ddp_unused_parameters(overrides), cpdir)
@@ -145,14 +160,7 @@ def setup(args, draft_type: str) -> Run:
     set_seed(args.seed)
     base = BaseModel.from_pretrained(args.base_model, dtype="bf16" if bf16 else "fp32", device=device, max_len=1)
     train_set, test_set, monitor = load_data(args, base)
-    vocab_size, draft_vocab = overrides.get("draft_vocab_size", 0), None
-    if vocab_size:
-        counts = train_set.token_counts(base.args.vocab_size)
-        draft_vocab = top_tokens(counts, vocab_size)
-        accelerator.print(f"draft vocabulary: the {vocab_size} most frequent reply tokens cover "
-                          f"{counts[draft_vocab].sum() / counts.sum().clamp(min=1):.2%} of the training replies")
-    draft = init_draft(draft_type, base, draft_vocab=draft_vocab, hidden_sample=hidden_sample(train_set),
-                       **overrides)
+    draft = new_draft(args, draft_type, base, train_set, overrides, accelerator)
     draft.gradient_checkpointing = args.gradient_checkpointing
     progress = check_resumable(resume_from, args, draft, base) if resume_from is not None else None
     if resume_from is None and args.resume:

