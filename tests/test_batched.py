@@ -199,6 +199,51 @@ def test_tree_rows_match_batch_one(tiny_bases):
         assert torch.allclose(out.logits[row], expected, atol=1e-5)
 
 
+def test_rows_commit_their_own_accepted_nodes(tiny_bases):
+    """Trees of different sizes per row (padded), each row keeping its own accepted path: the next forward of every
+    row equals batch 1 after the same tree and commit."""
+    base = tiny_bases["llama"]
+    gen = torch.Generator().manual_seed(18)
+    prompts = random_prompts(4, seed=19, longest=20)
+    sizes = [7, 1, 4, 6]
+    cache = base.batch_cache(4, 64)
+    for row, p in enumerate(prompts):
+        base.forward_batch(torch.tensor([p]), cache, rows=row, logits_to_keep=0)
+    trees = [random_tree(n, gen) for n in sizes]
+    t = max(sizes)
+    tokens = torch.randint(3, VOCAB, (4, t), generator=gen)
+    masks = torch.eye(t, dtype=torch.bool).repeat(4, 1, 1)
+    positions = torch.tensor([len(p) for p in prompts])[:, None].repeat(1, t)
+    paths = []
+    for row, (parents, depths, mask) in enumerate(trees):
+        n = sizes[row]
+        masks[row, :n, :n] = mask
+        positions[row, :n] += depths
+        deepest = int(torch.argmax(depths))  # keep the path from the root to the deepest node
+        path = [deepest]
+        while path[-1] != 0:
+            path.append(parents[path[-1]])
+        paths.append(path[::-1])
+    starts = cache.lengths.numpy().copy()
+    base.forward_batch(tokens, cache, n_new=sizes, position_ids=positions, tree_mask=masks, logits_to_keep=0)
+    keep = torch.zeros(4, t, dtype=torch.long)
+    for row, path in enumerate(paths):
+        keep[row, :len(path)] = torch.tensor(path)
+    cache.commit_rows(starts, keep, [len(path) for path in paths])
+    assert cache.lengths.tolist() == [len(p) + len(path) for p, path in zip(prompts, paths)]
+    nxt = torch.randint(3, VOCAB, (4, 1), generator=gen)
+    out = base.forward_batch(nxt, cache).logits[:, 0]
+    for row, p in enumerate(prompts):
+        base.reset()
+        base(torch.tensor([p]))
+        _, depths, mask = trees[row]
+        n = sizes[row]
+        base(tokens[row:row + 1, :n], position_ids=len(p) + depths, tree_mask=mask)
+        base.commit(len(p), torch.tensor(paths[row]))
+        expected = base(nxt[row:row + 1]).logits[0, -1]
+        assert torch.allclose(out[row], expected, atol=1e-5), row
+
+
 def test_sampling_is_reproducible(tiny_bases):
     base = tiny_bases["llama"]
     prompts = random_prompts(5, seed=10)

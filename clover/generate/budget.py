@@ -41,29 +41,80 @@ def measure_cost_curve(base: BaseModel, sizes=SIZES, prefix: int = 256, repeats:
     return curve
 
 
-def verification_cost(base: BaseModel, max_size: int = 64) -> torch.Tensor:
-    """``cost[s]`` = seconds to verify ``s`` tokens, for s = 0..max_size (index 0 unused), linearly interpolated
-    from the measured curve; the curve is cached under ``$CLOVER_CACHE/cost_curves``."""
+def measure_batched_cost_curve(base: BaseModel, batch: int, sizes=SIZES, prefix: int = 256, repeats: int = 3,
+                               max_tokens: int = 512) -> dict[int, float]:
+    """Median seconds per row of a batched forward of ``batch`` rows, ``s`` tree-masked tokens each, after a
+    ``prefix``-token cache per row; sizes past ``max_tokens`` tokens in all are not measured (the cost grows
+    linearly there: :func:`_interpolate` extends the last two points)."""
+    prefix = min(prefix, base.max_len // 2)
+    sizes = [s for s in sizes if prefix + s <= base.max_len and (s == sizes[0] or batch * s <= max_tokens)]
+    cache = base.batch_cache(batch, prefix + max(sizes))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.args.vocab_size, (batch, prefix + max(sizes)), generator=gen).to(base.device)
+    base.forward_batch(ids[:, :prefix], cache, logits_to_keep=0)
+    curve = {}
+    for s in sizes:
+        mask = torch.ones(s, s, dtype=torch.bool, device=base.device).tril()
+        positions = torch.arange(prefix, prefix + s, device=base.device)
+        times = []
+        for _ in range(repeats + 1):
+            with device_timer(base.device) as timer:
+                if s == 1:
+                    base.forward_batch(ids[:, prefix:prefix + 1], cache, logits_to_keep=None)
+                else:
+                    base.forward_batch(ids[:, prefix:prefix + s], cache, position_ids=positions, tree_mask=mask,
+                                       logits_to_keep=None)
+            cache.truncate_rows(None, prefix)
+            times.append(timer.seconds / batch)
+        curve[s] = sorted(times[1:])[repeats // 2]
+    return curve
+
+
+def _curve_key(base: BaseModel) -> str:
     chosen = (f"|one-row {one_row_kernel()}|few-rows {few_rows_choice()}"  # the kernels measured for this machine
               if base.device.type == "cpu" and base.dtype == torch.float32 else "")  # (fp32 CPU products only)
-    key = (f"{getattr(base, 'folder', base.name_or_path)}|{base.dtype}|{base.device}|{torch.get_num_threads()}|"
-           f"v{RUNTIME_VERSION}{'|compiled' if base.compiled_decode is not None else ''}{chosen}")
+    return (f"{getattr(base, 'folder', base.name_or_path)}|{base.dtype}|{base.device}|{torch.get_num_threads()}|"
+            f"v{RUNTIME_VERSION}{'|compiled' if base.compiled_decode is not None else ''}{chosen}")
+
+
+def _cached_curve(key: str, measure) -> dict[int, float]:
+    """The curve stored under ``$CLOVER_CACHE/cost_curves`` for ``key``, else ``measure()`` stored there."""
     path = cache_dir() / "cost_curves" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
-    curve = None
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
-            curve = {int(k): v for k, v in stored["curve"].items()}
-    if curve is None:
-        curve = measure_cost_curve(base)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"key": key, "curve": curve}, indent=None)
+            return {int(k): v for k, v in stored["curve"].items()}
+    curve = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"key": key, "curve": curve}, indent=None)
+    return curve
+
+
+def verification_cost(base: BaseModel, max_size: int = 64) -> torch.Tensor:
+    """``cost[s]`` = seconds to verify ``s`` tokens, for s = 0..max_size (index 0 unused), linearly interpolated
+    from the measured curve; the curve is cached under ``$CLOVER_CACHE/cost_curves``."""
+    return _interpolate(_cached_curve(_curve_key(base), lambda: measure_cost_curve(base)), max_size)
+
+
+def batched_verification_cost(base: BaseModel, batch: int, max_size: int = 64) -> torch.Tensor:
+    """``cost[s]`` = seconds per row of a batched forward of ``batch`` rows of ``s`` tokens each, s = 0..max_size
+    (index 0 unused); batch 1 is :func:`verification_cost`. Measured once per batch size and cached."""
+    if batch == 1:
+        return verification_cost(base, max_size)
+    curve = _cached_curve(f"{_curve_key(base)}|batch {batch}", lambda: measure_batched_cost_curve(base, batch))
+    return _interpolate(curve, max_size)
+
+
+def _interpolate(curve: dict[int, float], max_size: int) -> torch.Tensor:
+    """``cost[s]`` for s = 0..max_size from measured points: linear between them, the last slope past the last."""
     xs = torch.tensor(sorted(curve), dtype=torch.float32)
     ys = torch.tensor([curve[int(x)] for x in xs], dtype=torch.float32)
-    sizes = torch.arange(max_size + 1, dtype=torch.float32).clamp(min=1, max=float(xs[-1]))
+    if len(xs) == 1:
+        return torch.full((max_size + 1,), float(ys[0]))
+    sizes = torch.arange(max_size + 1, dtype=torch.float32).clamp(min=1)
     idx = torch.searchsorted(xs, sizes).clamp(1, len(xs) - 1)
     x0, x1, y0, y1 = xs[idx - 1], xs[idx], ys[idx - 1], ys[idx]
-    cost = y0 + (y1 - y0) * ((sizes - x0) / (x1 - x0)).clamp(0, 1)
+    cost = y0 + (y1 - y0) * ((sizes - x0) / (x1 - x0)).clamp(min=0)  # past the last point: its slope goes on
     return torch.where(sizes <= xs[0], ys[0], cost)
 
 

@@ -10,7 +10,10 @@ over between calls), depth 0 being a plain decoding step, and each step's node c
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -28,6 +31,21 @@ from clover.model.draft import DraftModel
 from clover.model.eagle import EagleDraft
 
 MAX_CANDIDATES = 64  # per source and step: more than a CPU's verification pays for
+DRAFT_HEADROOM = 128  # draft cache positions past a sequence's capacity: the tree nodes one step drafts into it
+
+
+@dataclass
+class DraftState:
+    """What drafting carries from one step of a sequence to the next: the trained draft's runner and its own KV cache
+    for this sequence, the committed (hidden state, next token) pairs the draft has not been fed yet (after plain
+    steps, several steps' worth), the candidate sources (those with per-request state are the sequence's own;
+    token recycling's table is shared by every sequence of a model) and the depth policy of the ``auto`` tree."""
+
+    runner: object | None
+    cache: object | None  # None: the draft's own cache (the model's single sequence)
+    sources: list
+    depth_policy: object | None = None
+    pending: list = field(default_factory=list)
 
 
 class SpeculativeModel:
@@ -41,7 +59,6 @@ class SpeculativeModel:
         if draft is None and not self.sources:
             raise CloverError("speculative decoding needs a draft checkpoint or a candidate source "
                               f"({', '.join(SOURCE_NAMES)})")
-        self.runner = draft.runner() if draft is not None else None
         self.hidden_attr = "hidden_prenorm" if draft is not None and draft.hidden_kind == "prenorm" else "hidden"
         heads = draft.max_depth if draft is not None else None  # the draft's own depth limit, if it has one
         self.num_heads = (heads if heads is not None else max_depth) if draft is not None else 0
@@ -49,15 +66,17 @@ class SpeculativeModel:
         self.dynamic = tree == "dynamic" or bool(self.sources)
         self.dynamic_width, self.dynamic_expand = dynamic_width, dynamic_expand
         self.step_overhead = 0.0  # seconds a step spends outside the verification forward (running mean, ``auto``)
-        self.depth_policy, self.cost = None, None
+        self.cost, self.draft_costs = None, None
+        # the sequence that generate/stream decode: the draft's own cache, statistics kept from call to call
+        self.state = DraftState(draft.runner() if draft is not None else None, None, self.sources)
         if self.dynamic:
             if tree_budget in (None, "auto"):
-                from clover.generate.budget import DepthPolicy, draft_costs, verification_cost
+                from clover.generate.budget import draft_costs, verification_cost
 
                 self.budget, self.cost = None, verification_cost(base)
                 if self.runner is not None:
-                    self.depth_policy = DepthPolicy(self.cost, *draft_costs(self.runner, base, dynamic_expand),
-                                                    self.num_heads)
+                    self.draft_costs = draft_costs(self.runner, base, dynamic_expand)
+                    self.state.depth_policy = self.new_depth_policy(self.cost)
             else:
                 self.budget, self.cost = int(tree_budget), None
                 if self.budget < 0:
@@ -97,36 +116,118 @@ class SpeculativeModel:
         if self.runner is not None:
             self.runner.reset()
 
-    # ------------------------------------------------------------------------------------------------------------
-    def _next_depth(self) -> int:
+    @property
+    def runner(self):
+        """The trained draft's runner of :attr:`state` (None without a trained draft)."""
+        return self.state.runner
+
+    @property
+    def depth_policy(self):
+        return self.state.depth_policy
+
+    @depth_policy.setter
+    def depth_policy(self, policy) -> None:
+        self.state.depth_policy = policy
+
+    def new_depth_policy(self, cost: torch.Tensor):
+        """A depth policy for verification costs ``cost[s]`` (seconds a step spends verifying ``s`` nodes)."""
+        from clover.generate.budget import DepthPolicy
+
+        return DepthPolicy(cost, *self.draft_costs, self.num_heads)
+
+    def new_state(self, max_len: int, cost: torch.Tensor | None = None) -> DraftState:
+        """Drafting state for one more sequence (a row of a batch): a runner with its own draft cache for a
+        sequence of ``max_len`` positions (and the nodes of a step's tree), its own copies of the sources that keep per-request state, and (``auto`` tree) a depth policy
+        for the verification costs ``cost``."""
+        cache = runner = policy = None
+        if self.draft is not None:
+            own = self.draft.cache
+            self.draft.allocate_cache(max_len + DRAFT_HEADROOM)
+            cache, self.draft.cache = self.draft.cache, own
+            runner = self.draft.runner()
+            if self.draft_costs is not None:
+                policy = self.new_depth_policy(cost if cost is not None else self.cost)
+        sources = [s if getattr(s, "shared", False) else copy.deepcopy(s) for s in self.sources]
+        return DraftState(runner, cache, sources, policy)
+
+    # ---- one step of one sequence: propose a tree, learn from its verdict ---------------------------------------
+    def begin(self, state: DraftState, prompt: torch.Tensor, root: torch.Tensor, out, hidden: torch.Tensor) -> None:
+        """A request starts after its prefill of ``prompt [1, P]``: the sources see it (and the prefill's output
+        ``out``), the draft will be fed its hidden states ``hidden [1, P, H]`` paired with the tokens that follow."""
+        if state.runner is not None:
+            with self._drafting(state):
+                state.runner.reset()
+            state.pending = [(hidden, torch.cat([prompt[:, 1:], root.reshape(1, 1)], dim=1))]
+        if state.sources:
+            ids, first = prompt[0].tolist(), int(root)
+            for source in state.sources:
+                source.begin(ids, first, self.base, out)
+
+    def propose(self, state: DraftState, root: torch.Tensor, cost: torch.Tensor | None = None) -> tuple[DraftTree, int]:
+        """The next step's tree after the token ``root`` and how deep the trained draft drafted it (0: not at all);
+        ``cost`` (seconds to verify s nodes; default the model's own curve) sizes a dynamic tree."""
+        depth = self._next_depth(state)
+        with self._drafting(state):
+            root_logits = None
+            if depth > 0:
+                hidden, next_ids = (torch.cat(x, dim=1) for x in zip(*state.pending))
+                root_logits, state.pending = state.runner.start(hidden, next_ids), []
+            return self._draft_tree(state, root, root_logits, depth, cost), depth
+
+    def observe(self, state: DraftState, tree: DraftTree, verdict, logits: torch.Tensor, hidden: torch.Tensor,
+                depth: int) -> None:
+        """Learn from a verified step: ``logits [n, V]`` and pre-draft ``hidden [1, n, H]`` at the tree's nodes."""
+        if state.depth_policy is not None:
+            drafted = verdict.accepted
+            if state.sources:  # the draft's own share: the accepted nodes it proposed, from the root on
+                drafted = next((i for i, o in enumerate(verdict.origins) if not o & 1), len(verdict.origins))
+            state.depth_policy.update(depth, drafted, tree.size)
+        for source in state.sources:
+            source.observe(tree, verdict, logits)
+        if state.runner is not None:
+            state.pending.append((hidden[:, verdict.nodes],
+                                  torch.cat([verdict.tokens[1:], verdict.bonus.reshape(1)])[None]))
+
+    @contextlib.contextmanager
+    def _drafting(self, state: DraftState):
+        """The draft reads and writes ``state``'s cache inside the block (its own cache again after it)."""
+        if state.cache is None:
+            yield
+            return
+        own, self.draft.cache = self.draft.cache, state.cache
+        try:
+            yield
+        finally:
+            self.draft.cache = own
+
+    def _next_depth(self, state: DraftState) -> int:
         """How deep the trained draft drafts the next step; 0 = no draft call at all (no draft, or ``auto`` chose
         a step without it)."""
-        if self.runner is None:
+        if state.runner is None:
             return 0
         if not self.dynamic:
             return self.spec.depth
-        return self.depth_policy.depth() if self.depth_policy else self.num_heads
+        return state.depth_policy.depth() if state.depth_policy else self.num_heads
 
-    def _draft_tree(self, root, root_logits, depth: int):
+    def _draft_tree(self, state: DraftState, root, root_logits, depth: int, cost: torch.Tensor | None = None):
         """The step's tree: the trained draft's candidates (when it drafts) and every source's, merged."""
         if not self.dynamic:
-            return self.spec.build(root, root_logits, self.runner)
+            return self.spec.build(root, root_logits, state.runner)
         candidates = []
         if depth > 0:
-            candidates.append(dynamic_candidates(root_logits, self.runner, max_depth=depth, width=self.dynamic_width,
-                                                 expand=self.dynamic_expand).top(MAX_CANDIDATES))
-        for source in self.sources:
+            candidates.append(dynamic_candidates(root_logits, state.runner, max_depth=depth,
+                                                 width=self.dynamic_width, expand=self.dynamic_expand)
+                              .top(MAX_CANDIDATES))
+        for source in state.sources:
             found = source.propose(root)
             if found.size:
                 candidates.append(found.top(MAX_CANDIDATES))
         if not candidates:
             zero = torch.zeros(1, dtype=torch.long, device=root.device)
             return DraftTree.from_parents(root.reshape(1), zero, zero, 0)
-        cost = None if self.cost is None else self.cost + self.step_overhead
+        cost = cost if cost is not None else self.cost
+        cost = None if cost is None else cost + self.step_overhead
         return select_tree(root, candidates, budget=self.budget, cost_per_size=cost)
-
-    def _draft_input(self, out, index):
-        return getattr(out, self.hidden_attr)[:, index]
 
     def stream(self, input_ids, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                max_new_tokens: int = 256, stop_token_ids=None, stop_sequences=(),
@@ -140,25 +241,14 @@ class SpeculativeModel:
         base = self.base
         start_time = time.perf_counter()
         self.reset()
+        state = self.state
         out = base(ids, logits_to_keep=1)
         root = select_tokens(out.logits[0, -1], params, generator)
-        first = int(root)
-        yield tracker.add([first])
-        if self.sources:
-            prompt = ids[0].tolist()
-            for source in self.sources:
-                source.begin(prompt, first, base, out)
-        # (hidden state, next token) pairs of committed positions the draft has not seen yet: fed to the draft in one
-        # call before the next step that drafts (after plain steps, several steps' worth)
-        pending = [(self._draft_input(out, slice(None)), torch.cat([ids[:, 1:], root.reshape(1, 1)], dim=1))]
+        yield tracker.add([int(root)])
+        self.begin(state, ids, root, out, getattr(out, self.hidden_attr))
         while not tracker.done:
             step_start = time.perf_counter()
-            depth = self._next_depth()
-            root_logits = None
-            if depth > 0:
-                hidden, next_ids = (torch.cat(x, dim=1) for x in zip(*pending))
-                root_logits, pending = self.runner.start(hidden, next_ids), []
-            tree = self._draft_tree(root, root_logits, depth)
+            tree, depth = self.propose(state, root)
             past = base.cache.length
             if past + tree.size > base.max_len:
                 tracker.result.finish_reason = "context"
@@ -169,22 +259,13 @@ class SpeculativeModel:
                 out = base(tree.tokens[None], position_ids=past + tree.depths, tree_mask=tree.mask)
             verdict = verify_tree(tree, out.logits[0], params, generator)
             base.commit(past, verdict.nodes)
-            if self.depth_policy is not None:
-                drafted = verdict.accepted
-                if self.sources:  # the draft's own share: the accepted nodes it proposed, from the root on
-                    drafted = next((i for i, o in enumerate(verdict.origins) if not o & 1), len(verdict.origins))
-                self.depth_policy.update(depth, drafted, tree.size)
-            for source in self.sources:
-                source.observe(tree, verdict, out.logits[0])
+            self.observe(state, tree, verdict, out.logits[0], getattr(out, self.hidden_attr), depth)
             if self.cost is not None:  # what the step cost beyond the verification forward's measured price
                 spent = time.perf_counter() - step_start - float(self.cost[min(tree.size, self.cost.numel() - 1)])
                 self.step_overhead = 0.9 * self.step_overhead + 0.1 * max(spent, 0.0)
             root = verdict.bonus
             tracker.result.verified.append(tree.size)
             yield tracker.add(verdict.committed)
-            if self.runner is not None:
-                pending.append((self._draft_input(out, verdict.nodes),
-                                torch.cat([verdict.tokens[1:], root.reshape(1)])[None]))
         # keep exactly the output in the cache (all but its last token, which is never fed back): a stop or cap inside
         # the last accepted chunk leaves committed-but-discarded positions behind
         base.truncate(min(base.cache.length, ids.shape[1] + tracker.result.new_tokens - 1))

@@ -161,6 +161,27 @@ class RaggedKVCache:
         """During a pass, each row's number of real tokens minus one (None when every row has all ``T``)."""
         return None if self._pass["new"] is None else (self._pass["new"] - 1).clamp(min=0)
 
+    def commit_rows(self, starts: np.ndarray, keep: torch.Tensor, counts: np.ndarray, rows=None) -> None:
+        """After a pass appended tokens to ``rows`` (None: all; an int or a slice) from their lengths ``starts``
+        (host ``[R]``), keep in row ``r`` the first ``counts[r]`` offsets of ``keep [R, K]`` (ascending; the rest of
+        the row is ignored) at slots ``starts[r], starts[r] + 1, ...`` and drop every other appended token (the
+        rejected nodes of each row's tree). Every layer, every row, one gather and one scatter."""
+        rs = self._rows(rows)
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+        dev = self.lengths.device
+        k = keep.shape[1]
+        lo = torch.from_numpy(starts).to(dev)[:, None]
+        used = torch.arange(k, device=dev) < torch.from_numpy(counts).to(dev)[:, None]
+        src = torch.where(used, lo + keep.to(dev), self.capacity)  # unused entries read and write the sink slot
+        dst = torch.where(used, lo + torch.arange(k, device=dev), self.capacity)
+        index = torch.arange(rs.stop - rs.start, device=dev)[:, None]
+        for cache in (self.k, self.v):
+            block = cache[:, rs]  # a view: [L, R, kv, S, d]
+            block[:, index, :, dst] = block[:, index, :, src]
+        self.lengths[rs] = torch.from_numpy(starts + counts).to(dev)
+        self.bounds[rs] = starts + counts
+
     def reset_rows(self, rows=None) -> None:
         self.truncate_rows(rows, 0)
 

@@ -1,0 +1,233 @@
+"""Speculative decoding for many sequences at once, with continuous batching.
+
+A :class:`BatchedSpeculativeDecoder` keeps the rows of one :class:`~clover.model.cache.RaggedKVCache` busy with
+requests that join and leave at any step. Each row has its own drafting state (a
+:class:`~clover.generate.speculative.DraftState`: the trained draft's runner and its own draft cache, its own prompt
+lookup; token recycling's table is shared), its own tree, sampling settings and random generator. A step drafts every
+busy row's tree, verifies all of them in one ragged forward (each row's tree padded to the largest, at the row's own
+positions, under its own tree mask), then accepts, commits and feeds back per row.
+
+With the ``auto`` tree each row's depth and node count come from the measured cost of the whole batched forward
+(:func:`clover.generate.budget.batched_verification_cost`: seconds per row for ``s`` tokens per row at this batch
+size): at a large batch an extra node costs nearly what a whole token does, so rows draft little or not at all and the
+step is plain decoding's. Greedy decoding gives, row for row, the tokens of batch-1 decoding (tested).
+
+    decoder = BatchedSpeculativeDecoder(model, batch_size=16, max_len=1024)
+    for event in decoder.run([SpeculativeRequest(prompt_ids, max_new_tokens=128, tag=i) for i, prompt_ids in ...]):
+        print(event.tag, event.tokens, event.finish_reason)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from clover.errors import CloverError
+from clover.generate.output import GenerationResult, OutputTracker
+from clover.generate.sampling import SamplingParams, select_tokens
+from clover.generate.speculative import DraftState, SpeculativeModel
+from clover.generate.verify import verify_tree
+
+
+@dataclass
+class SpeculativeRequest:
+    prompt: Sequence[int]  # token ids (at least one)
+    max_new_tokens: int = 256
+    tag: Any = None  # returned with every event of the request
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None  # the request's own generator (None: unseeded)
+    stop_token_ids: Sequence[int] | None = None  # None: the base model's end-of-sequence ids
+    stop_sequences: Sequence[Sequence[int]] = ()
+
+
+@dataclass
+class RowEvent:
+    tag: Any
+    tokens: list[int]  # the tokens this step added to the request's output
+    finish_reason: str | None = None  # set on the request's last event: "stop", "length" or "context"
+    result: GenerationResult | None = None  # with the last event: the whole output, steps and accept lengths
+
+
+@dataclass
+class _Row:
+    request: SpeculativeRequest
+    state: DraftState
+    tracker: OutputTracker
+    generator: torch.Generator | None
+    root: torch.Tensor  # the next token to feed (the last one committed)
+
+
+class BatchedSpeculativeDecoder:
+    """Decode requests ``batch_size`` at a time with ``model``'s draft, sources and tree policy, each row with a cache
+    of ``max_len`` tokens (default: the base's)."""
+
+    def __init__(self, model: SpeculativeModel, batch_size: int = 8, max_len: int | None = None):
+        if batch_size < 1:
+            raise CloverError(f"batch size must be at least 1, got {batch_size}")
+        self.model, self.base = model, model.base
+        self.cache = self.base.batch_cache(batch_size, max_len or self.base.max_len)
+        self.capacity = self.cache.capacity
+        self.rows: list[_Row | None] = [None] * batch_size
+        self.lengths = np.zeros(batch_size, dtype=np.int64)  # tokens each row's cache holds (host, exact)
+        self.costs: dict[int, torch.Tensor] = {}  # per busy-row count: seconds per row to verify s tokens per row
+        self.stats = {"steps": 0, "new_tokens": 0, "verified_tokens": 0, "row_steps": 0, "completions": 0}
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch
+
+    @property
+    def busy(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    # ---- requests join ------------------------------------------------------------------------------------------
+    def add(self, request: SpeculativeRequest) -> RowEvent:
+        """Prefill ``request`` into a free row; returns its first event (the first token; the last event too when
+        that token already ends it)."""
+        free = [i for i, row in enumerate(self.rows) if row is None]
+        if not free:
+            raise CloverError(f"all {self.batch_size} rows are busy; wait for a request to finish")
+        prompt = torch.as_tensor(np.asarray(request.prompt, dtype=np.int64).reshape(-1))
+        n = prompt.numel()
+        if n == 0:
+            raise CloverError("empty prompt: give at least one token")
+        if n >= self.capacity:
+            raise CloverError(f"prompt of {n} tokens does not fit the rows of {self.capacity} tokens (shorten it "
+                              f"or raise max_len)")
+        r = free[0]
+        stops = self.base.args.eos_token_id if request.stop_token_ids is None else request.stop_token_ids
+        tracker = OutputTracker(request.max_new_tokens, stops, request.stop_sequences)
+        generator = None
+        if request.seed is not None:
+            generator = torch.Generator(device=self.base.device).manual_seed(request.seed)
+        ids = prompt.to(self.base.device)[None]
+        self.cache.truncate_rows(r, 0)
+        out = self.base.forward_batch(ids, self.cache, rows=r)
+        self.lengths[r] = n
+        root = select_tokens(out.logits[0, -1], request.params, generator)
+        state = self.model.new_state(self.capacity)
+        self.model.begin(state, ids, root, out, getattr(out, self.model.hidden_attr))
+        self.rows[r] = row = _Row(request, state, tracker, generator, root)
+        return self._event(r, row, tracker.add([int(root)]))
+
+    def cancel(self, tag) -> bool:
+        """Free the row of the request tagged ``tag`` (False: no such request is decoding)."""
+        for r, row in enumerate(self.rows):
+            if row is not None and row.request.tag == tag:
+                self.rows[r] = None
+                return True
+        return False
+
+    # ---- one step of every busy row -----------------------------------------------------------------------------
+    def step(self) -> list[RowEvent]:
+        """Draft every busy row's tree, verify them all in one forward, commit per row; one event per busy row."""
+        busy = [r for r, row in enumerate(self.rows) if row is not None]
+        if not busy:
+            return []
+        cost = self._cost(len(busy)) if self.model.cost is not None else None
+        events, trees, depths = [], {}, {}
+        for r in busy:
+            row = self.rows[r]
+            if row.state.depth_policy is not None and cost is not None:
+                row.state.depth_policy.verify = cost.tolist()
+            tree, depth = self.model.propose(row.state, row.root, cost)
+            if self.lengths[r] + tree.size > self.capacity:  # the row is full: end it as single decoding does
+                row.tracker.result.finish_reason = "context"
+                events.append(self._event(r, row, []))
+                continue
+            trees[r], depths[r] = tree, depth
+        if not trees:
+            return events
+        out = self._verify_forward(trees)
+        width = max(tree.size for tree in trees.values())
+        keep = torch.zeros(self.batch_size, width, dtype=torch.long, device=self.base.device)
+        counts = np.zeros(self.batch_size, dtype=np.int64)
+        hidden = getattr(out, self.model.hidden_attr)
+        verdicts = {}
+        for r, tree in trees.items():
+            row = self.rows[r]
+            verdict = verify_tree(tree, out.logits[r, :tree.size], row.request.params, row.generator)
+            keep[r, :verdict.nodes.numel()] = verdict.nodes
+            counts[r] = verdict.nodes.numel()
+            verdicts[r] = verdict
+        starts = self.lengths.copy()
+        self.cache.commit_rows(starts, keep, counts)
+        self.lengths = starts + counts
+        for r, tree in trees.items():
+            row, verdict = self.rows[r], verdicts[r]
+            self.model.observe(row.state, tree, verdict, out.logits[r, :tree.size], hidden[r:r + 1, :tree.size],
+                               depths[r])
+            row.root = verdict.bonus
+            row.tracker.result.verified.append(tree.size)
+            events.append(self._event(r, row, row.tracker.add(verdict.committed)))
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += len(trees)
+        self.stats["verified_tokens"] += sum(tree.size for tree in trees.values())
+        return events
+
+    def _verify_forward(self, trees: dict):
+        """One forward of every row's tree (rows without one: idle), padded to the largest tree."""
+        b, width = self.batch_size, max(tree.size for tree in trees.values())
+        device = self.base.device
+        sizes = np.zeros(b, dtype=np.int64)
+        for r, tree in trees.items():
+            sizes[r] = tree.size
+        if width == 1:  # plain decoding's step for every row
+            ids = torch.zeros(b, 1, dtype=torch.long, device=device)
+            for r in trees:
+                ids[r, 0] = self.rows[r].root
+            return self.base.forward_batch(ids, self.cache, n_new=sizes, logits_to_keep=None)
+        ids = torch.zeros(b, width, dtype=torch.long, device=device)
+        positions = torch.from_numpy(self.lengths).to(device)[:, None].repeat(1, width)
+        masks = torch.eye(width, dtype=torch.bool, device=device).repeat(b, 1, 1)
+        for r, tree in trees.items():
+            n = tree.size
+            ids[r, :n] = tree.tokens
+            positions[r, :n] += tree.depths
+            masks[r, :n, :n] = tree.mask
+        return self.base.forward_batch(ids, self.cache, n_new=sizes, position_ids=positions, tree_mask=masks,
+                                       logits_to_keep=None)
+
+    def _cost(self, busy: int) -> torch.Tensor:
+        """Seconds per row to verify ``s`` tokens per row with ``busy`` rows in the batch (measured once per size,
+        cached on disk)."""
+        if busy not in self.costs:
+            from clover.generate.budget import batched_verification_cost
+
+            self.costs[busy] = batched_verification_cost(self.base, busy)
+        return self.costs[busy]
+
+    def _event(self, r: int, row: _Row, tokens: list[int]) -> RowEvent:
+        self.stats["new_tokens"] += len(tokens)
+        if not row.tracker.done:
+            return RowEvent(row.request.tag, tokens)
+        self.rows[r] = None
+        self.stats["completions"] += 1
+        result = row.tracker.result
+        return RowEvent(row.request.tag, tokens, result.finish_reason, result)
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def run(self, requests: Iterable[SpeculativeRequest] | Callable[[], SpeculativeRequest | None]
+            ) -> Iterator[RowEvent]:
+        """Yield every request's events as steps produce them, taking the next request whenever a row is free.
+
+        ``requests``: an iterable, or a function called whenever a row is free that returns the next request or
+        None when there is none right now; the run ends when no row is busy and no request comes."""
+        if callable(requests):
+            source = requests
+        else:
+            pending = iter(requests)
+
+            def source():
+                return next(pending, None)
+        while True:
+            while self.busy < self.batch_size:
+                request = source()
+                if request is None:
+                    break
+                yield self.add(request)
+            if not self.busy:
+                return
+            yield from self.step()

@@ -1,0 +1,157 @@
+"""Batched speculative decoding: every row decodes exactly as batch 1 does (greedy and seeded sampling, each draft
+kind and the training-free sources, rows of different lengths joining and leaving), per-row caches commit only their
+own accepted nodes, cancelled rows free their place, and the batched cost curve is per row."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clover.errors import CloverError
+from clover.generate.batched_speculative import BatchedSpeculativeDecoder, SpeculativeRequest
+from clover.generate.budget import batched_verification_cost, verification_cost
+from clover.generate.sampling import SamplingParams, processed_probs
+from clover.generate.speculative import SpeculativeModel
+from clover.model.base import BaseModel
+from clover.model.checkpoint import init_draft
+from tests.conftest import save_tiny
+from tests.test_speculative import assert_distributed_as
+
+VOCAB = 97
+# an untrained Clover-2 draft that gets tokens accepted on the tiny bases (trunk from the last layer, unscaled token)
+CLOVER2 = {"init_from_layer": "last", "token_scale": 1.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return BaseModel.from_pretrained(save_tiny(tmp_path_factory.mktemp("llama"), "llama"), dtype="fp32", max_len=160)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLOVER_CACHE", str(tmp_path / "cache"))  # measured cost curves stay with the test
+
+
+def make(base, kind: str, tree="dynamic", budget=6) -> SpeculativeModel:
+    draft, sources = None, []
+    if kind in ("clover2", "eagle"):
+        draft = init_draft(kind, base, **(CLOVER2 if kind == "clover2" else {})).eval()
+        draft.allocate_cache(base.max_len)
+    else:
+        sources = kind.split("+")
+    return SpeculativeModel(base, draft, tree=tree, tree_budget=budget, sources=sources)
+
+
+def requests(n: int, seed: int, params=SamplingParams()) -> list[SpeculativeRequest]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(1, 25, (1,), generator=gen))
+        prompt = torch.randint(3, VOCAB, (length,), generator=gen).tolist()
+        out.append(SpeculativeRequest(prompt, max_new_tokens=int(torch.randint(5, 40, (1,), generator=gen)), tag=i,
+                                      params=params, seed=100 + i, stop_token_ids=(5,)))
+    return out
+
+
+def batch_one(model: SpeculativeModel, request: SpeculativeRequest) -> list[int]:
+    generator = torch.Generator().manual_seed(request.seed)
+    p = request.params
+    return model.generate(request.prompt, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                          max_new_tokens=request.max_new_tokens, stop_token_ids=request.stop_token_ids,
+                          generator=generator).tokens
+
+
+def run_all(decoder, reqs) -> dict:
+    tokens, results = {r.tag: [] for r in reqs}, {}
+    for event in decoder.run(reqs):
+        tokens[event.tag] += event.tokens
+        if event.finish_reason:
+            results[event.tag] = event.result
+    assert set(results) == set(tokens)  # every request ended
+    for tag, result in results.items():
+        assert result.tokens == tokens[tag]
+    return results
+
+
+@pytest.mark.parametrize("kind", ["clover2", "eagle", "lookup+recycle"])
+def test_greedy_rows_equal_batch_one(tiny_base, kind):
+    """Seven requests through three rows: rows join and leave at different steps, every output is batch 1's."""
+    model = make(tiny_base, kind)
+    reqs = requests(7, seed=1)
+    results = run_all(BatchedSpeculativeDecoder(model, batch_size=3, max_len=96), reqs)
+    for r in reqs:
+        assert results[r.tag].tokens == batch_one(make(tiny_base, kind), r), r.tag
+    if kind == "clover2":  # drafted tokens were accepted, so the per-row commits were exercised
+        assert max(res.tau for res in results.values()) > 1.0
+
+
+def test_fixed_tree_rows_equal_batch_one(tiny_base):
+    reqs = requests(5, seed=2)
+    model = make(tiny_base, "clover2", tree="mc_sim_7b_63", budget=None)
+    results = run_all(BatchedSpeculativeDecoder(model, batch_size=4, max_len=128), reqs)
+    for r in reqs:
+        assert results[r.tag].tokens == batch_one(make(tiny_base, "clover2", tree="mc_sim_7b_63", budget=None), r)
+
+
+def test_sampled_rows_follow_the_base_distribution(tmp_path):
+    """The first two tokens of 4,000 sampled requests (T=0.7, top-p 0.9, a seed each), decoded eight rows at a time,
+    follow the base model's distribution, draft tokens accepted along the way."""
+    folder = save_tiny(tmp_path / "m", "llama", vocab_size=12, hidden_size=32, intermediate_size=64,
+                       num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)
+    base = BaseModel.from_pretrained(folder, dtype="fp32", max_len=32)
+    tree = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (1, 1), (0, 0, 0), (0, 0, 1)]
+    draft = init_draft("clover2", base).eval()
+    draft.allocate_cache(base.max_len)
+    model = SpeculativeModel(base, draft, tree=tree, tree_budget=None)
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    prompt = [3, 1, 4, 1, 5]
+    with torch.no_grad():
+        p1 = processed_probs(base(torch.tensor([prompt]), use_cache=False).logits[0, -1], params)
+        p2 = torch.stack([processed_probs(base(torch.tensor([prompt + [x]]), use_cache=False).logits[0, -1], params)
+                          for x in range(12)])
+    runs = 4000
+    reqs = [SpeculativeRequest(prompt, max_new_tokens=3, tag=i, params=params, seed=i, stop_token_ids=())
+            for i in range(runs)]
+    counts = torch.zeros(144)
+    accepted = 0
+    for result in run_all(BatchedSpeculativeDecoder(model, batch_size=8, max_len=32), reqs).values():
+        counts[result.tokens[0] * 12 + result.tokens[1]] += 1
+        accepted += result.accept_lengths[1] > 1
+    assert_distributed_as(counts, (p1[:, None] * p2).flatten(), runs)
+    assert accepted > runs // 10
+
+
+def test_auto_budget_rows_stay_exact_and_use_the_batched_cost(tiny_base):
+    model = make(tiny_base, "clover2", budget="auto")
+    decoder = BatchedSpeculativeDecoder(model, batch_size=4, max_len=96)
+    reqs = requests(6, seed=3)
+    results = run_all(decoder, reqs)
+    for r in reqs:
+        assert results[r.tag].tokens == batch_one(make(tiny_base, "clover2", budget=6), r)
+    assert set(decoder.costs) <= {1, 2, 3, 4} and 4 in decoder.costs
+
+
+def test_a_full_row_ends_with_context_and_a_cancelled_row_frees_its_place(tiny_base):
+    model = make(tiny_base, "eagle")
+    decoder = BatchedSpeculativeDecoder(model, batch_size=2, max_len=24)
+    long = SpeculativeRequest(list(range(3, 23)), max_new_tokens=50, tag="long", stop_token_ids=())
+    other = SpeculativeRequest([7, 8, 9], max_new_tokens=6, tag="other", stop_token_ids=())
+    decoder.add(long)
+    decoder.add(other)
+    with pytest.raises(CloverError, match="all 2 rows are busy"):
+        decoder.add(SpeculativeRequest([3], tag="third"))
+    assert decoder.cancel("other") and not decoder.cancel("other")
+    assert decoder.busy == 1
+    events = []
+    while decoder.busy:
+        events += decoder.step()
+    assert events[-1].tag == "long" and events[-1].finish_reason == "context"
+    assert len(events[-1].result.tokens) < 50
+    with pytest.raises(CloverError, match="does not fit"):
+        decoder.add(SpeculativeRequest(list(range(3, 40)), tag="too long"))
+
+
+def test_batched_cost_is_per_row(tiny_base):
+    one, four = verification_cost(tiny_base), batched_verification_cost(tiny_base, 4)
+    assert four.shape == one.shape and bool((four > 0).all())
+    assert torch.equal(batched_verification_cost(tiny_base, 1), one)
+    assert float(four[64]) >= float(four[1])  # more tokens per row never measure cheaper at the ends of the curve
