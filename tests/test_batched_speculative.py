@@ -84,6 +84,21 @@ def test_greedy_rows_equal_batch_one(tiny_base, kind):
         assert max(res.tau for res in results.values()) > 1.0
 
 
+def test_plain_rows_equal_batch_one(tiny_base):
+    """A bare base model decodes plainly, row for row as batch 1 (one token per row and step)."""
+    from clover.generate.plain import generate_plain
+
+    reqs = requests(6, seed=4)
+    decoder = BatchedSpeculativeDecoder(tiny_base, batch_size=4, max_len=96)
+    results = run_all(decoder, reqs)
+    for r in reqs:
+        expected = generate_plain(tiny_base, r.prompt, max_new_tokens=r.max_new_tokens,
+                                  stop_token_ids=r.stop_token_ids).tokens
+        assert results[r.tag].tokens == expected
+        assert results[r.tag].tau == 1.0
+    assert decoder.stats["verified_tokens"] == decoder.stats["row_steps"]
+
+
 def test_fixed_tree_rows_equal_batch_one(tiny_base):
     reqs = requests(5, seed=2)
     model = make(tiny_base, "clover2", tree="mc_sim_7b_63", budget=None)

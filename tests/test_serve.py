@@ -1,5 +1,6 @@
 """``python -m clover.serve`` end to end: the real server in a subprocess on a free localhost port, SmolLM2 with an
-(untrained) Clover-2 draft and a dynamic tree, called with the official ``openai`` client and with raw HTTP.
+(untrained) Clover-2 draft and a dynamic tree, called with the official ``openai`` client and with raw HTTP; every
+test against both engines (batched, the default, and ``--sequential``).
 
 Greedy answers must equal ``python -m clover.cli generate`` (its own functions, in this process, plain decoding):
 speculative decoding is lossless, so an untrained draft changes only the speed.
@@ -47,13 +48,13 @@ def draft_dir(smollm2_base, tmp_path_factory):
     return save_draft(init_draft("clover2", smollm2_base), tmp_path_factory.mktemp("serve") / "clover2")
 
 
-@pytest.fixture(scope="module")
-def server(draft_dir, tmp_path_factory):
+def start_server(tmp_path_factory, *flags):
+    """Start ``python -m clover.serve`` with ``flags`` on a free port; yields its URL, stops it afterwards."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
-    cmd = [sys.executable, "-m", "clover.serve", "--base-model", SMOLLM2, "--draft", str(draft_dir),
-           "--tree", "dynamic", "--tree-budget", "6", "--dtype", "fp32", "--device", "cpu", "--max-len", str(MAX_LEN),
-           "--port", str(port), "--api-key", KEY, "--served-model-name", NAME, "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "clover.serve", "--base-model", SMOLLM2, "--dtype", "fp32", "--device", "cpu",
+           "--max-len", str(MAX_LEN), "--port", str(port), "--api-key", KEY, "--served-model-name", NAME,
+           "--log-level", "warning", *map(str, flags)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -76,6 +77,13 @@ def server(draft_dir, tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module", params=["batched", "sequential"])
+def server(request, draft_dir, tmp_path_factory):
+    engine = ["--sequential"] if request.param == "sequential" else ["--max-batch-size", "4"]
+    yield from start_server(tmp_path_factory, "--draft", draft_dir, "--tree", "dynamic", "--tree-budget", "6",
+                            *engine)
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +307,73 @@ def test_api_key_and_unknown_routes(server, client):
     got, error = post(server, "/v1/no-such-route", body)
     assert got == 404 and set(error["error"]) == {"message", "type", "param", "code"}
     assert post(server, "/v1/chat/completions", body)[0] == 200
+
+
+def test_a_full_queue_is_answered_429_with_retry_after(draft_dir, tmp_path_factory, reference):
+    """One row and one waiting place: of six requests sent at once, the extra ones get 429 with Retry-After before
+    any response starts, the others their answers."""
+    for url in start_server(tmp_path_factory, "--max-batch-size", "1", "--max-waiting", "1"):
+        body = {"model": NAME, "messages": [{"role": "user", "content": PROMPTS[4]}], "max_tokens": 48,
+                "temperature": 0}
+
+        def ask(_):
+            request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json",
+                                                      "Authorization": f"Bearer {KEY}"}, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=300) as response:
+                    return response.status, None, json.loads(response.read())
+            except urllib.error.HTTPError as err:
+                return err.code, err.headers.get("Retry-After"), json.loads(err.read())
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, range(6)))
+        refused = [a for a in answers if a[0] == 429]
+        served = [a for a in answers if a[0] == 200]
+        assert refused and served and len(refused) + len(served) == 6
+        assert all(int(retry) >= 1 and err["error"]["type"] == "rate_limit_exceeded" for _, retry, err in refused)
+        texts = {a[2]["choices"][0]["message"]["content"] for a in served}
+        assert len(texts) == 1  # greedy: every served request got the same answer
+
+
+def test_disconnects_under_load_leave_the_other_streams_intact(server, reference):
+    """Twelve concurrent streams, every other one dropped after its first chunk: the others get their full greedy
+    answers, and afterwards nothing runs or waits."""
+    port = int(server.rsplit(":", 1)[1])
+
+    def stream(i):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        body = {"model": NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS,
+                "temperature": 0, "stream": True}
+        conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                     {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        text = ""
+        while True:
+            line = response.fp.readline()
+            if not line or line.strip() == b"data: [DONE]":
+                break
+            if line.startswith(b"data: "):
+                chunk = json.loads(line[6:])
+                text += "".join(c["delta"].get("content") or "" for c in chunk.get("choices", []))
+                if i % 2:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                    conn.close()
+                    return prompt, None
+        conn.close()
+        return prompt, text
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(stream, range(12)))
+    for prompt, text in results:
+        if text is not None:
+            assert text == reference(prompt)[0]
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(server + "/health", timeout=30) as response:
+            state = json.loads(response.read())
+        if (not state["busy"] and state["waiting"] == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not state["busy"] and state["waiting"] == 0 and state["running"] == 0

@@ -28,7 +28,9 @@ from clover.errors import CloverError
 from clover.generate.output import GenerationResult, OutputTracker
 from clover.generate.sampling import SamplingParams, select_tokens
 from clover.generate.speculative import DraftState, SpeculativeModel
+from clover.generate.tree import DraftTree
 from clover.generate.verify import verify_tree
+from clover.model.base import BaseModel
 
 
 @dataclass
@@ -53,20 +55,24 @@ class RowEvent:
 @dataclass
 class _Row:
     request: SpeculativeRequest
-    state: DraftState
+    state: DraftState | None
     tracker: OutputTracker
     generator: torch.Generator | None
     root: torch.Tensor  # the next token to feed (the last one committed)
 
 
 class BatchedSpeculativeDecoder:
-    """Decode requests ``batch_size`` at a time with ``model``'s draft, sources and tree policy, each row with a cache
-    of ``max_len`` tokens (default: the base's)."""
+    """Decode requests ``batch_size`` at a time with ``model``'s draft, sources and tree policy (a
+    :class:`SpeculativeModel`; a bare :class:`BaseModel` decodes plainly, one token per row and step), each row with a
+    cache of ``max_len`` tokens (default: the base's)."""
 
-    def __init__(self, model: SpeculativeModel, batch_size: int = 8, max_len: int | None = None):
+    def __init__(self, model: SpeculativeModel | BaseModel, batch_size: int = 8, max_len: int | None = None):
         if batch_size < 1:
             raise CloverError(f"batch size must be at least 1, got {batch_size}")
-        self.model, self.base = model, model.base
+        if isinstance(model, BaseModel):
+            self.model, self.base = None, model
+        else:
+            self.model, self.base = model, model.base
         self.cache = self.base.batch_cache(batch_size, max_len or self.base.max_len)
         self.capacity = self.cache.capacity
         self.rows: list[_Row | None] = [None] * batch_size
@@ -107,8 +113,10 @@ class BatchedSpeculativeDecoder:
         out = self.base.forward_batch(ids, self.cache, rows=r)
         self.lengths[r] = n
         root = select_tokens(out.logits[0, -1], request.params, generator)
-        state = self.model.new_state(self.capacity)
-        self.model.begin(state, ids, root, out, getattr(out, self.model.hidden_attr))
+        state = None
+        if self.model is not None:
+            state = self.model.new_state(self.capacity)
+            self.model.begin(state, ids, root, out, getattr(out, self.model.hidden_attr))
         self.rows[r] = row = _Row(request, state, tracker, generator, root)
         return self._event(r, row, tracker.add([int(root)]))
 
@@ -126,13 +134,16 @@ class BatchedSpeculativeDecoder:
         busy = [r for r, row in enumerate(self.rows) if row is not None]
         if not busy:
             return []
-        cost = self._cost(len(busy)) if self.model.cost is not None else None
+        cost = self._cost(len(busy)) if self.model is not None and self.model.cost is not None else None
         events, trees, depths = [], {}, {}
         for r in busy:
             row = self.rows[r]
-            if row.state.depth_policy is not None and cost is not None:
-                row.state.depth_policy.verify = cost.tolist()
-            tree, depth = self.model.propose(row.state, row.root, cost)
+            if self.model is None:
+                tree, depth = DraftTree.single(row.root), 0
+            else:
+                if row.state.depth_policy is not None and cost is not None:
+                    row.state.depth_policy.verify = cost.tolist()
+                tree, depth = self.model.propose(row.state, row.root, cost)
             if self.lengths[r] + tree.size > self.capacity:  # the row is full: end it as single decoding does
                 row.tracker.result.finish_reason = "context"
                 events.append(self._event(r, row, []))
@@ -144,7 +155,6 @@ class BatchedSpeculativeDecoder:
         width = max(tree.size for tree in trees.values())
         keep = torch.zeros(self.batch_size, width, dtype=torch.long, device=self.base.device)
         counts = np.zeros(self.batch_size, dtype=np.int64)
-        hidden = getattr(out, self.model.hidden_attr)
         verdicts = {}
         for r, tree in trees.items():
             row = self.rows[r]
@@ -157,8 +167,10 @@ class BatchedSpeculativeDecoder:
         self.lengths = starts + counts
         for r, tree in trees.items():
             row, verdict = self.rows[r], verdicts[r]
-            self.model.observe(row.state, tree, verdict, out.logits[r, :tree.size], hidden[r:r + 1, :tree.size],
-                               depths[r])
+            if self.model is not None:
+                hidden = getattr(out, self.model.hidden_attr)
+                self.model.observe(row.state, tree, verdict, out.logits[r, :tree.size], hidden[r:r + 1, :tree.size],
+                                   depths[r])
             row.root = verdict.bonus
             row.tracker.result.verified.append(tree.size)
             events.append(self._event(r, row, row.tracker.add(verdict.committed)))

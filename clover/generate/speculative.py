@@ -223,8 +223,7 @@ class SpeculativeModel:
             if found.size:
                 candidates.append(found.top(MAX_CANDIDATES))
         if not candidates:
-            zero = torch.zeros(1, dtype=torch.long, device=root.device)
-            return DraftTree.from_parents(root.reshape(1), zero, zero, 0)
+            return DraftTree.single(root)
         cost = cost if cost is not None else self.cost
         cost = None if cost is None else cost + self.step_overhead
         return select_tree(root, candidates, budget=self.budget, cost_per_size=cost)

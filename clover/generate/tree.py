@@ -62,6 +62,12 @@ class DraftTree:
         return self.tokens.numel()
 
     @classmethod
+    def single(cls, root: torch.Tensor) -> "DraftTree":
+        """The tree of a plain decoding step: the root token alone."""
+        zero = torch.zeros(1, dtype=torch.long, device=root.device)
+        return cls.from_parents(root.reshape(1), zero, zero, 0)
+
+    @classmethod
     def from_parents(cls, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
                      max_depth: int) -> "DraftTree":
         """Derive mask and paths from parent pointers (nodes in any order; loops over depth only)."""

@@ -9,7 +9,8 @@ import argparse
 import logging
 import os
 
-from clover.args import CloverArgumentParser, add_base_model, add_draft, add_runtime, add_tree
+from clover.args import (CloverArgumentParser, add_base_model, add_draft, add_runtime, add_tree, non_negative_int,
+                         positive_int)
 from clover.errors import CloverError, run_cli
 
 
@@ -27,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CLOVER_API_KEY; none = open)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send and /v1/models lists "
                                                              "(default: the --base-model value)")
+    p.add_argument("--max-batch-size", type=positive_int, default=8, metavar="N",
+                   help="requests decoded together, each in a row of its own KV cache of --max-len tokens")
+    p.add_argument("--max-waiting", type=non_negative_int, default=64, metavar="N",
+                   help="requests that may wait for a row; more are answered 429 with Retry-After (0 = no bound)")
+    p.add_argument("--sequential", action="store_true",
+                   help="one request at a time, the engine before batching (for comparisons)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -49,7 +56,8 @@ def main(argv=None) -> None:
     log.info("loading %s%s", args.base_model, f" with draft {args.draft}" if args.draft else "")
     engine = Engine.load(args.base_model, args.draft, tree=args.tree, tree_budget=args.tree_budget, dtype=args.dtype,
                          device=args.device, max_len=args.max_len, template=args.template, system=args.system,
-                         compile=args.compile)
+                         compile=args.compile, max_batch_size=None if args.sequential else args.max_batch_size,
+                         max_waiting=args.max_waiting)
     name = args.served_model_name or args.base_model
     log.info("serving %r (%s) on http://%s:%d/v1%s", name, engine.description, args.host, args.port,
              ", API key required" if args.api_key else "")

@@ -24,8 +24,8 @@ from clover.serve.schema import APIError, GenerationRequest, bad, parse_chat, pa
 
 
 def error_response(err: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    headers = {**({"WWW-Authenticate": "Bearer"} if err.status == 401 else {}), **err.headers}
+    return JSONResponse(err.body(), status_code=err.status, headers=headers or None)
 
 
 def usage(done: Finished) -> dict:
@@ -147,8 +147,8 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served_model_name, "busy": engine.busy, "waiting": engine.waiting,
-                **engine.stats}
+        return {"status": "ok", "model": served_model_name, "busy": engine.busy, "running": engine.running,
+                "waiting": engine.waiting, **engine.stats}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -172,6 +172,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
         return req
 
     def make_job(req: GenerationRequest, ids: list[int], stop_token_ids) -> Job:
+        engine.admit()  # 429 before any response starts when too many requests wait
         room = engine.room(ids)
         return Job(ids=ids, max_tokens=min(req.max_tokens or room, room), temperature=req.temperature,
                    top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop, stop_token_ids=stop_token_ids)

@@ -104,8 +104,11 @@ class Engine:
     @classmethod
     def load(cls, base_model: str, draft: str | list[str] | None = None, tree: str = "dynamic", tree_budget: str = "auto",
              dtype: str = "auto", device: str = "cpu", max_len: int = 4096, template: str = "auto",
-             system: str | None = None, compile: bool = False) -> "Engine":
-        """Load the base model (and draft) the way ``python -m clover.cli`` does."""
+             system: str | None = None, compile: bool = False, max_batch_size: int | None = None,
+             max_waiting: int = 64) -> "Engine":
+        """Load the base model (and draft) the way ``python -m clover.cli`` does. ``max_batch_size`` N: the
+        batched engine (:class:`clover.serve.batching.BatchedEngine`: N requests decode together, at most
+        ``max_waiting`` wait); None: one request at a time."""
         from clover.cli import _parse_tree
         from clover.data.templates import get_template
         from clover.generate.loader import load_decoding
@@ -126,6 +129,14 @@ class Engine:
 
         description = (f"speculative decoding with {decoding.model.description}, tree {tree}, budget {tree_budget}"
                        if decoding.speculative else "plain decoding (no draft)")
+        if max_batch_size is not None:
+            from clover.generate.batched_speculative import BatchedSpeculativeDecoder
+            from clover.serve.batching import BatchedEngine
+
+            decoder = BatchedSpeculativeDecoder(decoding.model or base, max_batch_size, max_len=base.max_len)
+            return BatchedEngine(decoder, tokenizer, chat, base.max_len, base.device,
+                                 f"{description}; batched, {max_batch_size} rows; {base.dtype}, {base.device}, "
+                                 f"context {base.max_len}", max_waiting=max_waiting)
         return cls(stream, tokenizer, chat, base.max_len, base.device, decoding.reset,
                    f"{description}; {base.dtype}, {base.device}, context {base.max_len}")
 
@@ -181,6 +192,9 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
 
+    def admit(self) -> None:
+        """Raise an :class:`APIError` when a new job cannot be taken now (this engine's queue is unbounded)."""
+
     def submit(self, job: Job) -> None:
         self._queue.put(job)
 
@@ -191,6 +205,11 @@ class Engine:
     @property
     def busy(self) -> bool:
         return self._current is not None
+
+    @property
+    def running(self) -> int:
+        """Jobs being decoded now."""
+        return int(self._current is not None)
 
     def _work(self) -> None:
         while True:
@@ -224,53 +243,72 @@ class Engine:
         """Stream the job's text deltas; return its final event (None when it was cancelled)."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(job.seed if job.seed is not None else random.SystemRandom().getrandbits(63))
-        start = time.perf_counter()
-        first = None
+        output = JobOutput(self, job)
         stream = self._stream_fn(job, generator)
-        tokens: list[int] = []
-        sent, steps, finish = 0, 0, None
         try:
-            while True:
-                if job.cancelled.is_set():
-                    break
+            while not job.cancelled.is_set():
                 try:
                     chunk = next(stream)
                 except StopIteration as stop:
-                    finish = "stop" if stop.value.finish_reason == "stop" else "length"  # "context" -> "length"
-                    text = self._decode(tokens)
-                    cut = find_stop(text, job.stop)
-                    if cut is not None:
-                        text, finish = text[:cut], "stop"
-                    if len(text) > sent:
-                        job.emit(Delta(text[sent:]))
-                    break
-                steps += 1
-                tokens.extend(chunk)
-                if first is None:
-                    first = time.perf_counter() - start
-                text = self._decode(tokens)
-                cut = find_stop(text, job.stop)
-                if cut is not None:
-                    if cut > sent:
-                        job.emit(Delta(text[sent:cut]))
-                    finish = "stop"
-                    break
-                safe = len(text) - holdback(text, job.stop)
-                if safe > sent:
-                    job.emit(Delta(text[sent:safe]))
-                    sent = safe
+                    return self._served(output.end(stop.value.finish_reason))
+                if output.feed(chunk):
+                    return self._served(output.end("stop"))
         finally:
             stream.close()
-        if finish is None:
-            self.stats["cancelled"] += 1
-            log.info("cancelled after %d tokens (client gone)", len(tokens))
-            return None
+        self.stats["cancelled"] += 1
+        log.info("cancelled after %d tokens (client gone)", len(output.tokens))
+        return None
+
+    def _served(self, done: Finished) -> Finished:
         self.stats["served"] += 1
-        done = Finished(finish, len(job.ids), len(tokens), steps, time.perf_counter() - start, first or 0.0)
         log.info("%d prompt + %d new tokens in %.2f s (%.1f tokens/s), %d steps, tau %.2f, %s", done.prompt_tokens,
                  done.completion_tokens, done.seconds, done.completion_tokens / max(done.seconds, 1e-9), done.steps,
                  done.tau, done.finish_reason)
         return done
+
+
+class JobOutput:
+    """A job's output as it is decoded: the committed tokens, and their text sent as deltas up to what a stop string
+    (or an unfinished character) could still change."""
+
+    def __init__(self, engine: Engine, job: Job):
+        self.engine, self.job = engine, job
+        self.tokens: list[int] = []
+        self.sent, self.steps, self.first = 0, 0, None
+        self.start = time.perf_counter()
+
+    def feed(self, chunk: list[int]) -> bool:
+        """Add a step's tokens and emit what is safe to send; True when a stop string ends the output here."""
+        self.steps += 1
+        self.tokens.extend(chunk)
+        if self.first is None:
+            self.first = time.perf_counter() - self.start
+        text = self.engine._decode(self.tokens)
+        cut = find_stop(text, self.job.stop)
+        if cut is not None:
+            if cut > self.sent:
+                self.job.emit(Delta(text[self.sent:cut]))
+            self.sent = len(text)  # nothing more is sent
+            return True
+        safe = len(text) - holdback(text, self.job.stop)
+        if safe > self.sent:
+            self.job.emit(Delta(text[self.sent:safe]))
+            self.sent = safe
+        return False
+
+    def end(self, finish_reason: str) -> Finished:
+        """The final event after the decoder ended the output (``finish_reason``: stop, length or context), the
+        held-back text sent first."""
+        finish = "stop" if finish_reason == "stop" else "length"  # "context" -> "length"
+        text = self.engine._decode(self.tokens)
+        if self.sent < len(text):
+            cut = find_stop(text, self.job.stop)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+            if len(text) > self.sent:
+                self.job.emit(Delta(text[self.sent:]))
+        return Finished(finish, len(self.job.ids), len(self.tokens), self.steps, time.perf_counter() - self.start,
+                        self.first or 0.0)
 
 
 def _budget(text: str) -> int:
