@@ -202,6 +202,13 @@ class BatchedSpeculativeDecoder:
         return self.base.forward_batch(ids, self.cache, n_new=sizes, position_ids=positions, tree_mask=masks,
                                        logits_to_keep=None)
 
+    def measure_costs(self) -> None:
+        """Measure now (or read from the disk cache) the batched verification cost of every batch size this decoder
+        can run, so that no step waits for a measurement (``auto`` tree only; a few seconds per size, once)."""
+        if self.model is not None and self.model.cost is not None:
+            for busy in range(1, self.batch_size + 1):
+                self._cost(busy)
+
     def _cost(self, busy: int) -> torch.Tensor:
         """Seconds per row to verify ``s`` tokens per row with ``busy`` rows in the batch (measured once per size,
         cached on disk)."""

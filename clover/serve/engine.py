@@ -134,6 +134,12 @@ class Engine:
             from clover.serve.batching import BatchedEngine
 
             decoder = BatchedSpeculativeDecoder(decoding.model or base, max_batch_size, max_len=base.max_len)
+            log.info("KV cache: %d rows of %d tokens (%.0f MiB)", max_batch_size, base.max_len,
+                     (decoder.cache.k.numel() + decoder.cache.v.numel()) * decoder.cache.k.element_size() / 2**20)
+            if decoding.speculative and decoding.model.cost is not None:
+                log.info("measuring the verification cost at each batch size up to %d (once per machine) ...",
+                         max_batch_size)
+                decoder.measure_costs()
             return BatchedEngine(decoder, tokenizer, chat, base.max_len, base.device,
                                  f"{description}; batched, {max_batch_size} rows; {base.dtype}, {base.device}, "
                                  f"context {base.max_len}", max_waiting=max_waiting)
