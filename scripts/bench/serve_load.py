@@ -1,17 +1,26 @@
-"""Bounded load run of ``python -m clover.serve`` on this machine (127.0.0.1 only; a script, not a test).
+"""Load run of ``python -m clover.serve`` on this machine (127.0.0.1 only; a script, not a test): the batched engine
+against the one-at-a-time engine (``--sequential``), plain and speculative decoding, at several concurrencies.
 
-For plain decoding and for the draft, one after the other: start the real server on a free localhost port, send
-``--sequential`` requests one by one and then ``--concurrent`` requests from ``--clients`` threads, all greedy and
-streamed (so that the time to the first token is measured), each on one of ten short prompts. Every answer is checked
-against ``python -m clover.cli generate`` greedy output (its functions, in this process). The server's resident memory
-is read after the first 10 requests and after the run; the run passes when every answer is right and the memory grew by
-at most 10%. Prints p50/p95 latency, time to first token and tokens/s, and writes everything to ``--out`` (JSON).
+For every engine and decoding (``--engines``, ``--decodings``), the real server starts on a free localhost port, and
+after one untimed warm-up request, for every concurrency ``c`` in ``--concurrency`` (default 1, 4, 16, 32) ``c`` client
+threads each send
+``--rounds`` streamed greedy chat requests one after the other (a closed loop: ``c`` requests in flight at all
+times), each on one of ten short prompts with ``--max-tokens`` new tokens. Every answer is checked against the
+greedy output of ``clover generate`` (plain decoding, in this process). Reported per run: total tokens/s (all new
+tokens over the run's wall time), time to the first token and inter-token latency (per request: time after the first
+token over the tokens after it), p50 and p99, and τ (tokens per decoding step, from the usage).
 
-Without ``--draft`` an untrained Clover-2 draft is made in a temporary folder: its output is still exact (lossless),
-but it accepts almost nothing, so it shows the server's overhead rather than a speed-up. The whole run stops at
-``--time-limit`` seconds (default 120), whatever is left; the JSON says which phases finished.
+Then, on the batched server with speculative decoding, ``--disconnects`` streams (default 64) at once, a random half
+of which hang up after a random number of chunks: every surviving request must get its exact answer, none may hang
+(each has ``--request-timeout`` seconds), nothing may run or wait afterwards, and the server's resident memory may
+grow at most 10% over the run.
 
-    python scripts/bench/serve_load.py [--draft runs/pipeline/full/ckpt/clover2/final] [--max-tokens 8]
+Prints a table with the CPU model and flags, writes ``--out`` (JSON) and ``--fig`` (tokens/s against concurrency);
+exits 1 when an answer was wrong, a request hung or memory grew. ``--time-limit`` bounds the whole run: what is left
+is skipped and the JSON says so.
+
+    python scripts/bench/serve_load.py [--draft clover2-smollm2-135m-instruct --draft lookup --draft recycle] \\
+        [--concurrency 1,4,16,32] [--max-tokens 128] [--rounds 2]
 """
 from __future__ import annotations
 
@@ -20,10 +29,10 @@ import http.client
 import io
 import json
 import platform
+import random
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,27 +46,35 @@ sys.path.insert(0, str(ROOT))
 from clover import cli  # noqa: E402
 from clover.args import (CloverArgumentParser, add_base_model, add_draft, add_dtype, add_tree,  # noqa: E402
                          positive_int)
-from machine import cpu_model  # noqa: E402  (scripts/bench/machine.py, beside this script)
+from machine import cpu_flags, cpu_model  # noqa: E402  (scripts/bench/machine.py, beside this script)
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in Spanish.",
            "Who wrote Hamlet?", "What is the boiling point of water?", "Give me a synonym for happy.",
            "What is the largest planet?", "Name a fruit that is yellow.", "How many days are in a week?"]
 NAME = "load-test"
+MAX_LEN = 1024
 
 
 def parse_args(argv=None):
-    p = CloverArgumentParser(description=__doc__)
+    p = CloverArgumentParser(prog="python scripts/bench/serve_load.py", description=__doc__)
     add_base_model(p)
-    add_draft(p, help="draft checkpoint folder or lookup/recycle, repeatable (default: an untrained Clover-2 draft)")
+    add_draft(p, help="the speculative runs' drafts, repeatable (default: the shipped Clover-2 draft for the "
+                      "embedded model with lookup and recycle)")
     add_tree(p)
-    add_dtype(p, ", of both servers and the reference", default="fp32")
-    p.add_argument("--max-tokens", type=positive_int, default=8, help="new tokens per request (default 8)")
-    p.add_argument("--sequential", type=positive_int, default=50, help="requests sent one by one (default 50)")
-    p.add_argument("--concurrent", type=positive_int, default=50,
-                   help="requests sent from --clients threads (default 50)")
-    p.add_argument("--clients", type=positive_int, default=8, help="client threads of the concurrent phase (default 8)")
-    p.add_argument("--time-limit", type=float, default=120, help="seconds for the whole run (default 120)")
+    add_dtype(p, ", of the servers and the reference", default="fp32")
+    p.add_argument("--engines", default="batched,sequential", help="batched and/or sequential (default both)")
+    p.add_argument("--decodings", default="plain,speculative", help="plain and/or speculative (default both)")
+    p.add_argument("--concurrency", default="1,4,16,32", help="concurrent clients per run, comma-separated")
+    p.add_argument("--rounds", type=positive_int, default=2, help="requests each client sends in turn (default 2)")
+    p.add_argument("--max-tokens", type=positive_int, default=128, help="new tokens per request (default 128)")
+    p.add_argument("--max-batch-size", type=positive_int, default=None,
+                   help="rows of the batched server (default: the largest --concurrency)")
+    p.add_argument("--disconnects", type=int, default=64,
+                   help="streams of the disconnect run, half of them dropped (0 = skip; default 64)")
+    p.add_argument("--request-timeout", type=float, default=600, help="seconds a request may take (default 600)")
+    p.add_argument("--time-limit", type=float, default=3600, help="seconds for the whole run (default 3600)")
     p.add_argument("--out", default=str(ROOT / "figs" / "serve_load.json"), help="JSON results file")
+    p.add_argument("--fig", default=str(ROOT / "figs" / "serve_load.png"), help="figure: tokens/s per concurrency")
     return p.parse_args(argv)
 
 
@@ -80,9 +97,9 @@ def percentile(values, q: float) -> float:
 
 
 def references(args) -> dict[str, str]:
-    """Greedy answers of ``python -m clover.cli generate`` (plain decoding) for every prompt."""
+    """Greedy answers of ``clover generate`` (plain decoding) for every prompt."""
     parsed = cli.build_parser().parse_args(["generate", "--prompt", "-", "--base-model", args.base_model, "--dtype",
-                                            args.dtype, "--device", "cpu", "--max-len", "1024",
+                                            args.dtype, "--device", "cpu", "--max-len", str(MAX_LEN),
                                             "--max-new-tokens", str(args.max_tokens)])
     stream, tokenizer, template = cli.load_generator(parsed)
     answers = {}
@@ -94,14 +111,11 @@ def references(args) -> dict[str, str]:
     return answers
 
 
-def start_server(args, draft, log_path: Path):
+def start_server(args, flags: list[str], log_path: Path):
     port = free_port()
     cmd = [sys.executable, "-m", "clover.serve", "--base-model", args.base_model, "--dtype", args.dtype,
-           "--device", "cpu", "--max-len", "1024", "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", NAME, "--log-level", "warning"]
-    if draft:
-        cmd += [x for d in draft for x in ("--draft", str(d))] + ["--tree", args.tree, "--tree-budget",
-                                                                   str(args.tree_budget)]
+           "--device", "cpu", "--max-len", str(MAX_LEN), "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", NAME, "--log-level", "warning", "--max-waiting", "0", *flags]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     while True:
@@ -116,142 +130,217 @@ def start_server(args, draft, log_path: Path):
             time.sleep(0.3)
 
 
-def ask(port: int, prompt: str, max_tokens: int) -> dict:
-    """One streamed greedy chat completion: text, latency, time to first token, usage."""
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def health(port: int) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/health")
+    return json.loads(conn.getresponse().read())
+
+
+def ask(port: int, prompt: str, max_tokens: int, timeout: float, hang_up_after: int | None = None) -> dict:
+    """One streamed greedy chat completion: text, latency, time to first token, usage; ``hang_up_after`` chunks:
+    drop the connection there instead."""
     body = {"model": NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    if response.status != 200:
-        return {"prompt": prompt, "error": f"HTTP {response.status}: {response.read()[:300]!r}"}
-    parts, first, usage = [], None, {}
-    for line in response:
-        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-            continue
-        chunk = json.loads(line[6:])
-        if chunk.get("usage"):
-            usage = chunk["usage"]
-        for choice in chunk.get("choices", []):
-            text = choice["delta"].get("content")
-            if text:
-                parts.append(text)
-                first = first if first is not None else time.perf_counter() - start
-    conn.close()
-    return {"prompt": prompt, "text": "".join(parts), "latency": time.perf_counter() - start, "ttft": first,
-            "tokens": usage.get("completion_tokens", 0), "steps": usage.get("decoding_steps", 0)}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            return {"prompt": prompt, "error": f"HTTP {response.status}: {response.read()[:300]!r}"}
+        parts, first, usage, chunks = [], None, {}, 0
+        for line in response:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            chunks += 1
+            if hang_up_after is not None and chunks >= hang_up_after:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+                return {"prompt": prompt, "dropped": True}
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                text = choice["delta"].get("content")
+                if text:
+                    parts.append(text)
+                    first = first if first is not None else time.perf_counter() - start
+    except OSError as err:  # a time-out: the request hung
+        return {"prompt": prompt, "error": f"{type(err).__name__}: {err}"}
+    finally:
+        conn.close()
+    latency = time.perf_counter() - start
+    tokens = usage.get("completion_tokens", 0)
+    return {"prompt": prompt, "text": "".join(parts), "latency": latency, "ttft": first, "tokens": tokens,
+            "steps": usage.get("decoding_steps", 0),
+            "itl": (latency - first) / (tokens - 1) if first is not None and tokens > 1 else None}
 
 
 def summary(results: list[dict], wall: float) -> dict:
     ok = [r for r in results if "latency" in r]
-    lat = [r["latency"] for r in ok]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [r["itl"] for r in ok if r["itl"] is not None]
     tokens = sum(r["tokens"] for r in ok)
     return {"requests": len(results), "errors": len(results) - len(ok),
-            "wrong": sum(not r.get("correct") for r in results),
-            "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
-            "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
-            "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall else float("nan"),
+            "wrong": sum(not r.get("correct") for r in results), "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall if wall else float("nan"),
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+            "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
             "tau": tokens / max(sum(r["steps"] for r in ok), 1)}
 
 
-def run_config(args, label, draft, expected, deadline, workdir) -> dict:
-    out = {"label": label, "draft": [str(d) for d in draft] if draft else None, "finished": []}
-    if time.monotonic() > deadline:
-        return out
-    t0 = time.perf_counter()
-    proc, port = start_server(args, draft, workdir / f"{label}.log")
-    out["startup_s"] = time.perf_counter() - t0
-    lock = threading.Lock()
+def load_level(port: int, clients: int, args, expected: dict, deadline: float) -> dict | None:
+    """``clients`` threads each sending ``--rounds`` requests in turn; None when the time limit came first."""
+    results, lock = [], threading.Lock()
 
-    def one(i: int, bag: list):
-        if time.monotonic() > deadline:
-            return
-        r = ask(port, PROMPTS[i % len(PROMPTS)], args.max_tokens)
-        r["correct"] = r.get("text") == expected[r["prompt"]]
-        with lock:
-            bag.append(r)
+    def client(i: int) -> None:
+        for k in range(args.rounds):
+            if time.monotonic() > deadline:
+                return
+            r = ask(port, PROMPTS[(i * args.rounds + k) % len(PROMPTS)], args.max_tokens, args.request_timeout)
+            r["correct"] = r.get("text") == expected[r["prompt"]]
+            with lock:
+                results.append(r)
 
-    try:
-        sequential, concurrent = [], []
-        t0 = time.perf_counter()
-        for i in range(args.sequential):
-            one(i, sequential)
-            if i == min(10, args.sequential) - 1:
-                out["rss_after_10_mib"] = rss_mib(proc.pid)
-        out["sequential"] = summary(sequential, time.perf_counter() - t0)
-        if len(sequential) == args.sequential:
-            out["finished"].append("sequential")
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(lambda i: one(i, concurrent), range(args.concurrent)))
-        out["concurrent"] = summary(concurrent, time.perf_counter() - t0)
-        if len(concurrent) == args.concurrent:
-            out["finished"].append("concurrent")
-        out["rss_end_mib"] = rss_mib(proc.pid)
-        if "rss_after_10_mib" in out:
-            out["rss_growth"] = out["rss_end_mib"] / out["rss_after_10_mib"] - 1
-        bad = [r for r in sequential + concurrent if not r["correct"]]
-        out["wrong_examples"] = [{k: r.get(k) for k in ("prompt", "text", "error")} for r in bad[:3]]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return out
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    if len(results) < clients * args.rounds:
+        return None
+    return summary(results, time.perf_counter() - start)
+
+
+def disconnect_run(port: int, proc, args, expected: dict) -> dict:
+    """``--disconnects`` streams at once, a random half dropped after 1-6 chunks (seeded)."""
+    rng = random.Random(0)
+    plan = [rng.randint(1, 6) if rng.random() < 0.5 else None for _ in range(args.disconnects)]
+    before = rss_mib(proc.pid)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.disconnects) as pool:
+        results = list(pool.map(lambda i: ask(port, PROMPTS[i % len(PROMPTS)], args.max_tokens,
+                                              args.request_timeout, plan[i]), range(args.disconnects)))
+    wall = time.perf_counter() - start
+    for _ in range(100):  # the dropped rows leave before the next step: give the worker a moment
+        state = health(port)
+        if not state["busy"] and not state["waiting"]:
+            break
+        time.sleep(0.1)
+    survivors = [r for r in results if not r.get("dropped")]
+    after = rss_mib(proc.pid)
+    return {"streams": args.disconnects, "dropped": len(results) - len(survivors), "survivors": len(survivors),
+            "errors": sum("error" in r for r in survivors),
+            "wrong": sum(r.get("text") != expected[r["prompt"]] for r in survivors), "wall_s": wall,
+            "idle_after": not state["busy"] and not state["waiting"], "rss_before_mib": before,
+            "rss_after_mib": after, "rss_growth": after / before - 1, "health": state}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    draft = args.draft or ["clover2-smollm2-135m-instruct", "lookup", "recycle"]
+    rows = args.max_batch_size or max(levels)
     start = time.monotonic()
     deadline = start + args.time_limit
-    print(f"CPU: {cpu_model()} ({platform.machine()}), {torch.get_num_threads()} torch threads, torch "
-          f"{torch.__version__}, python {platform.python_version()}")
-    with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
-        workdir = Path(tmp)
-        draft = args.draft
-        if draft is None:
-            from clover.model.base import BaseModel
-            from clover.model.checkpoint import init_draft, save_draft
-
-            base = BaseModel.from_pretrained(args.base_model, dtype="fp32", max_len=64)
-            torch.manual_seed(0)
-            draft = [save_draft(init_draft("clover2", base), workdir / "clover2_untrained")]
-            del base
-            print("draft: an untrained Clover-2 draft (exact output, ~no acceptance)")
-        expected = references(args)
-        runs = [run_config(args, label, d, expected, deadline, workdir)
-                for label, d in (("plain", None), ("draft", draft))]
-    total = time.monotonic() - start
-    complete = all(r["finished"] == ["sequential", "concurrent"] for r in runs)
-    correct = all(r[phase]["wrong"] == 0 for r in runs for phase in ("sequential", "concurrent") if phase in r)
-    memory_ok = all(abs(r.get("rss_growth", 1)) <= 0.10 for r in runs)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_model(), "machine": platform.machine(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "base_model": args.base_model,
-              "args": vars(args), "total_s": total, "complete": complete, "all_correct": correct,
-              "memory_within_10pct": memory_ok, "runs": runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    machine = (f"{cpu_model()} ({platform.machine()}), flags {' '.join(cpu_flags())}; torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+    print(machine)
+    expected = references(args)
+    speculative = [x for d in draft for x in ("--draft", str(d))] + ["--tree", args.tree, "--tree-budget",
+                                                                      str(args.tree_budget)]
+    runs, disconnects = [], None
+    logs = Path(args.out).with_suffix(".logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    for engine in args.engines.split(","):
+        for decoding in args.decodings.split(","):
+            flags = (["--sequential"] if engine == "sequential" else ["--max-batch-size", str(rows)]) + \
+                    (speculative if decoding == "speculative" else [])
+            run = {"engine": engine, "decoding": decoding, "flags": flags, "levels": {}}
+            runs.append(run)
+            if time.monotonic() > deadline:
+                continue
+            t0 = time.perf_counter()
+            proc, port = start_server(args, flags, logs / f"{engine}_{decoding}.log")
+            run["startup_s"] = time.perf_counter() - t0
+            try:
+                ask(port, PROMPTS[0], args.max_tokens, args.request_timeout)  # warm-up, untimed
+                for c in levels:
+                    level = load_level(port, c, args, expected, deadline)
+                    if level is None:
+                        break
+                    run["levels"][c] = level
+                    print(f"{engine:<10} {decoding:<11} c={c:<3} {level['tokens_per_s']:7.1f} tok/s  ttft p50 "
+                          f"{level['ttft_p50_s']:.2f} s  itl p50 {1000 * level['itl_p50_s']:.0f} ms  τ "
+                          f"{level['tau']:.2f}  wrong {level['wrong']}  errors {level['errors']}", flush=True)
+                if engine == "batched" and decoding == "speculative" and args.disconnects and \
+                        time.monotonic() < deadline:
+                    disconnects = disconnect_run(port, proc, args, expected)
+                    print(f"disconnect run: {disconnects}", flush=True)
+            finally:
+                stop_server(proc)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine, "base_model": args.base_model,
+              "draft": draft, "max_batch_size": rows, "args": vars(args), "total_s": time.monotonic() - start,
+              "runs": runs, "disconnects": disconnects}
+    finished = all(len(r["levels"]) == len(levels) for r in runs)
+    correct = all(lv["wrong"] == 0 and lv["errors"] == 0 for r in runs for lv in r["levels"].values())
+    survived = disconnects is None or (disconnects["wrong"] == 0 and disconnects["errors"] == 0
+                                       and disconnects["idle_after"] and disconnects["rss_growth"] <= 0.10)
+    report |= {"finished": finished, "all_correct": correct, "disconnects_ok": survived}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-
-    print(f"{'run':<6} {'phase':<10} {'n':>3} {'wrong':>5} {'p50 s':>6} {'p95 s':>6} {'ttft50':>6} "
-          f"{'tok/s':>6} {'tau':>5}")
-    for r in runs:
-        if "startup_s" not in r:
-            print(f"{r['label']:<6} skipped: --time-limit reached")
-            continue
-        for phase in ("sequential", "concurrent"):
-            s = r[phase]
-            print(f"{r['label']:<6} {phase:<10} {s['requests']:>3} {s['wrong']:>5} {s['latency_p50_s']:>6.2f} "
-                  f"{s['latency_p95_s']:>6.2f} {s['ttft_p50_s']:>6.2f} {s['tokens_per_s']:>6.1f} {s['tau']:>5.2f}")
-        print(f"{r['label']:<6} startup {r['startup_s']:.1f} s, RSS after 10 requests "
-              f"{r.get('rss_after_10_mib', 0):.0f} MiB, after the run {r['rss_end_mib']:.0f} MiB "
-              f"({100 * r.get('rss_growth', float('nan')):+.1f}%)")
-    print(f"total {total:.0f} s; complete: {complete}; all answers correct: {correct}; memory within 10%: "
-          f"{memory_ok}; wrote {args.out}")
-    if not (complete and correct and memory_ok):
+    print_table(runs, levels)
+    plot(report, levels, Path(args.fig))
+    print(f"total {report['total_s']:.0f} s; finished: {finished}; all answers correct: {correct}; disconnect run "
+          f"ok: {survived}; wrote {args.out} and {args.fig}")
+    if not (correct and survived):
         raise SystemExit(1)
+
+
+def print_table(runs: list[dict], levels: list[int]) -> None:
+    print(f"{'engine':<10} {'decoding':<11} " + " ".join(f"{'c=' + str(c):>9}" for c in levels) + "   (tokens/s)")
+    for r in runs:
+        cells = [f"{r['levels'][c]['tokens_per_s']:9.1f}" if c in r["levels"] else f"{'-':>9}" for c in levels]
+        print(f"{r['engine']:<10} {r['decoding']:<11} " + " ".join(cells))
+    batched = {r["decoding"]: r for r in runs if r["engine"] == "batched"}
+    sequential = {r["decoding"]: r for r in runs if r["engine"] == "sequential"}
+    for decoding in batched:
+        if decoding in sequential:
+            ratios = [f"c={c}: {batched[decoding]['levels'][c]['tokens_per_s'] / sequential[decoding]['levels'][c]['tokens_per_s']:.2f}x"
+                      for c in levels if c in batched[decoding]["levels"] and c in sequential[decoding]["levels"]]
+            print(f"batched / sequential, {decoding}: {', '.join(ratios)}")
+    if "plain" in batched and "speculative" in batched:
+        ratios = [f"c={c}: {batched['speculative']['levels'][c]['tokens_per_s'] / batched['plain']['levels'][c]['tokens_per_s']:.2f}x"
+                  for c in levels if c in batched["plain"]["levels"] and c in batched["speculative"]["levels"]]
+        print(f"batched speculative / batched plain: {', '.join(ratios)}")
+
+
+def plot(report: dict, levels: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in report["runs"]:
+        points = [(c, r["levels"][c]["tokens_per_s"]) for c in levels if c in r["levels"]]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=f"{r['engine']}, {r['decoding']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("total tokens/s")
+    ax.set_title(f"{report['base_model']}: {report['machine'].split(' (')[0]} ({report['date'][:10]})", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
