@@ -29,7 +29,7 @@ from clover.generate.output import GenerationResult, OutputTracker
 from clover.generate.sampling import SamplingParams, select_tokens
 from clover.generate.speculative import DraftState, SpeculativeModel
 from clover.generate.tree import DraftTree
-from clover.generate.verify import verify_tree
+from clover.generate.verify import Verdict, verify_tree
 from clover.model.base import BaseModel
 
 
@@ -155,15 +155,13 @@ class BatchedSpeculativeDecoder:
         width = max(tree.size for tree in trees.values())
         keep = torch.zeros(self.batch_size, width, dtype=torch.long, device=self.base.device)
         counts = np.zeros(self.batch_size, dtype=np.int64)
-        verdicts = {}
-        for r, tree in trees.items():
-            row = self.rows[r]
-            verdict = verify_tree(tree, out.logits[r, :tree.size], row.request.params, row.generator)
+        verdicts = self._verdicts(trees, out.logits)
+        for r, verdict in verdicts.items():
             keep[r, :verdict.nodes.numel()] = verdict.nodes
             counts[r] = verdict.nodes.numel()
-            verdicts[r] = verdict
         starts = self.lengths.copy()
-        self.cache.commit_rows(starts, keep, counts)
+        if width > 1:  # rejected nodes to drop (a plain step's token is already where it belongs)
+            self.cache.commit_rows(starts, keep, counts)
         self.lengths = starts + counts
         for r, tree in trees.items():
             row, verdict = self.rows[r], verdicts[r]
@@ -178,6 +176,30 @@ class BatchedSpeculativeDecoder:
         self.stats["row_steps"] += len(trees)
         self.stats["verified_tokens"] += sum(tree.size for tree in trees.values())
         return events
+
+    def _verdicts(self, trees: dict, logits: torch.Tensor) -> dict:
+        """Each row's verdict. A tree of several nodes is verified alone (:func:`verify_tree`); the rows of a plain
+        step (the root alone) share one selection for all greedy rows and one host read for all of them."""
+        verdicts = {r: verify_tree(tree, logits[r, :tree.size], self.rows[r].request.params, self.rows[r].generator)
+                    for r, tree in trees.items() if tree.size > 1}
+        singles = [r for r, tree in trees.items() if tree.size == 1]
+        if not singles:
+            return verdicts
+        targets = {}
+        greedy = [r for r in singles if self.rows[r].request.params.greedy]
+        if greedy:
+            picked = select_tokens(logits[torch.tensor(greedy, device=logits.device), 0], SamplingParams())
+            targets = {r: picked[j:j + 1] for j, r in enumerate(greedy)}
+        for r in singles:
+            if r not in targets:
+                row = self.rows[r]
+                targets[r] = select_tokens(logits[r, :1], row.request.params, row.generator)
+        host = torch.cat([targets[r] for r in singles]).tolist()  # one read for every plain row
+        zero = torch.zeros(1, dtype=torch.long, device=logits.device)
+        for r, token in zip(singles, host):
+            verdicts[r] = Verdict(nodes=zero, tokens=self.rows[r].root.reshape(1), bonus=targets[r][0], accepted=0,
+                                  committed=[token], targets=targets[r], origins=[])
+        return verdicts
 
     def _verify_forward(self, trees: dict):
         """One forward of every row's tree (rows without one: idle), padded to the largest tree."""
