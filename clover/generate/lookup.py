@@ -25,6 +25,7 @@ class PromptLookup:
 
     name = "lookup"
     label = "prompt lookup"
+    shared = False  # per sequence: it indexes the request's own text (batched rows each get a copy)
 
     def __init__(self, device, ngram: int = 3, branches: int = 3, max_tokens: int = 10, scan: int = 8,
                  max_match: int = 32, max_rate_index: int = 16, prior_weight: float = 2.0, decay: float = 0.995):

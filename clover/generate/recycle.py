@@ -25,6 +25,7 @@ class TokenRecycling:
 
     name = "recycle"
     label = "token recycling"
+    shared = True  # one table for every sequence a model decodes, batched rows included (it holds no request state)
 
     def __init__(self, vocab_size: int, device, k: int = 4, width: int = 4, expand: int = 4, depth: int = 6,
                  prompt_rows: int = 1024, prior_weight: float = 4.0, decay: float = 0.995):

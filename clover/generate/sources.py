@@ -1,7 +1,8 @@
 """Candidate sources that need no checkpoint, by name: the one place that maps ``lookup`` and ``recycle`` to their
 classes, and that tells a training-free source from a draft checkpoint folder in a list of ``--draft`` values.
 
-A source has ``name`` and ``label`` and three calls: ``begin(prompt, root, base, out)`` when a request
+A source has ``name``, ``label``, ``shared`` (whether every sequence a model decodes uses the one instance, or each
+sequence a copy of its own) and three calls: ``begin(prompt, root, base, out)`` when a request
 starts (after the prefill, whose output ``out`` it may read), ``propose(root) -> Candidates`` each step and
 ``observe(tree, verdict, logits)`` after the step's verification.
 """

@@ -137,8 +137,9 @@ class SpeculativeModel:
 
     def new_state(self, max_len: int, cost: torch.Tensor | None = None) -> DraftState:
         """Drafting state for one more sequence (a row of a batch): a runner with its own draft cache for a
-        sequence of ``max_len`` positions (and the nodes of a step's tree), its own copies of the sources that keep per-request state, and (``auto`` tree) a depth policy
-        for the verification costs ``cost``."""
+        sequence of ``max_len`` positions (and the nodes of a step's tree), its own copies of the sources that keep
+        per-request state (``shared`` False), and (``auto`` tree) a depth policy for the verification costs
+        ``cost``."""
         cache = runner = policy = None
         if self.draft is not None:
             own = self.draft.cache
@@ -163,7 +164,8 @@ class SpeculativeModel:
             for source in state.sources:
                 source.begin(ids, first, self.base, out)
 
-    def propose(self, state: DraftState, root: torch.Tensor, cost: torch.Tensor | None = None) -> tuple[DraftTree, int]:
+    def propose(self, state: DraftState, root: torch.Tensor,
+                cost: torch.Tensor | None = None) -> tuple[DraftTree, int]:
         """The next step's tree after the token ``root`` and how deep the trained draft drafted it (0: not at all);
         ``cost`` (seconds to verify s nodes; default the model's own curve) sizes a dynamic tree."""
         depth = self._next_depth(state)

@@ -126,9 +126,9 @@ def read_draft_config(folder) -> dict:
 
 def load_draft(folder, base: BaseModel, device=None, dtype=None,
                expected_type: type[DraftModel] | str | None = None) -> DraftModel:
-    """Rebuild a draft from a checkpoint folder (or shipped draft name) for ``base``; weights are loaded with strict key checks and cast to
-    ``dtype`` (default: the base's) on ``device`` (default: the base's). ``expected_type`` (a draft class or type
-    name) refuses a checkpoint of another type. The draft is returned in eval mode."""
+    """Rebuild a draft from a checkpoint folder (or shipped draft name) for ``base``; weights are loaded with strict
+    key checks and cast to ``dtype`` (default: the base's) on ``device`` (default: the base's). ``expected_type`` (a
+    draft class or type name) refuses a checkpoint of another type. The draft is returned in eval mode."""
     folder = resolve_draft(folder)
     config = read_draft_config(folder)
     cls = draft_class(config["draft_type"], str(folder / CONFIG_NAME))

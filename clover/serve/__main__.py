@@ -47,6 +47,7 @@ def main(argv=None) -> None:
     except ImportError as err:
         raise CloverError(f"the server needs the 'serve' extra ({err.name} is missing): pip install -e .[serve]") \
             from None
+    from clover.serve.batching import BatchedEngine
     from clover.serve.engine import Engine
 
     if args.max_len < 2:
@@ -54,10 +55,13 @@ def main(argv=None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("clover.serve")
     log.info("loading %s%s", args.base_model, f" with draft {args.draft}" if args.draft else "")
-    engine = Engine.load(args.base_model, args.draft, tree=args.tree, tree_budget=args.tree_budget, dtype=args.dtype,
-                         device=args.device, max_len=args.max_len, template=args.template, system=args.system,
-                         compile=args.compile, max_batch_size=None if args.sequential else args.max_batch_size,
-                         max_waiting=args.max_waiting)
+    common = dict(tree=args.tree, tree_budget=args.tree_budget, dtype=args.dtype, device=args.device,
+                  max_len=args.max_len, template=args.template, system=args.system, compile=args.compile)
+    if args.sequential:
+        engine = Engine.load(args.base_model, args.draft, **common)
+    else:
+        engine = BatchedEngine.load(args.base_model, args.draft, max_batch_size=args.max_batch_size,
+                                    max_waiting=args.max_waiting, **common)
     name = args.served_model_name or args.base_model
     log.info("serving %r (%s) on http://%s:%d/v1%s", name, engine.description, args.host, args.port,
              ", API key required" if args.api_key else "")

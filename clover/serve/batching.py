@@ -17,7 +17,7 @@ import random
 from clover.errors import CloverError
 from clover.generate.batched_speculative import BatchedSpeculativeDecoder, SpeculativeRequest
 from clover.generate.sampling import SamplingParams
-from clover.serve.engine import Engine, Failed, Job, JobOutput
+from clover.serve.engine import Engine, Failed, Job, JobOutput, load_parts
 from clover.serve.schema import APIError, bad
 
 log = logging.getLogger("clover.serve")
@@ -33,6 +33,28 @@ class BatchedEngine(Engine):
         self.decoder, self.max_waiting = decoder, max_waiting
         self._running: dict[int, tuple[Job, JobOutput]] = {}
         self._seconds_per_job = 5.0  # running mean of a job's time in a row, for Retry-After
+
+    @classmethod
+    def load(cls, base_model: str, draft: str | list[str] | None = None, tree: str = "dynamic",
+             tree_budget: str = "auto", dtype: str = "auto", device: str = "cpu", max_len: int = 4096,
+             template: str = "auto", system: str | None = None, compile: bool = False, max_batch_size: int = 8,
+             max_waiting: int = 64) -> "BatchedEngine":
+        """Load the base model (and draft) as :meth:`Engine.load` does, for ``max_batch_size`` rows of ``max_len``
+        tokens; with the ``auto`` tree, the verification cost at every batch size is measured now (once per
+        machine, then read from the cache)."""
+        decoding, tokenizer, chat, description = load_parts(base_model, draft, tree, tree_budget, dtype, device,
+                                                            max_len, template, system, compile)
+        base = decoding.base
+        decoder = BatchedSpeculativeDecoder(decoding.model or base, max_batch_size, max_len=base.max_len)
+        log.info("KV cache: %d rows of %d tokens (%.0f MiB)", max_batch_size, base.max_len,
+                 (decoder.cache.k.numel() + decoder.cache.v.numel()) * decoder.cache.k.element_size() / 2**20)
+        if decoding.speculative and decoding.model.cost is not None:
+            log.info("measuring the verification cost at each batch size up to %d (once per machine) ...",
+                     max_batch_size)
+            decoder.measure_costs()
+        return cls(decoder, tokenizer, chat, base.max_len, base.device,
+                   f"{description}; batched, {max_batch_size} rows; {base.dtype}, {base.device}, context "
+                   f"{base.max_len}", max_waiting=max_waiting)
 
     @property
     def busy(self) -> bool:

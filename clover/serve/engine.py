@@ -104,45 +104,18 @@ class Engine:
     @classmethod
     def load(cls, base_model: str, draft: str | list[str] | None = None, tree: str = "dynamic", tree_budget: str = "auto",
              dtype: str = "auto", device: str = "cpu", max_len: int = 4096, template: str = "auto",
-             system: str | None = None, compile: bool = False, max_batch_size: int | None = None,
-             max_waiting: int = 64) -> "Engine":
-        """Load the base model (and draft) the way ``python -m clover.cli`` does. ``max_batch_size`` N: the
-        batched engine (:class:`clover.serve.batching.BatchedEngine`: N requests decode together, at most
-        ``max_waiting`` wait); None: one request at a time."""
-        from clover.cli import _parse_tree
-        from clover.data.templates import get_template
-        from clover.generate.loader import load_decoding
+             system: str | None = None, compile: bool = False) -> "Engine":
+        """Load the base model (and draft) the way ``python -m clover.cli`` does; one request at a time."""
         from clover.generate.sampling import SamplingParams
-        from clover.model.loading import load_tokenizer
 
-        tokenizer = load_tokenizer(base_model)
-        chat = get_template(tokenizer, template, system_prompt=system)
-        tree_arg = _parse_tree(tree) if draft and tree.lstrip().startswith("[") else tree
-        budget = tree_budget if not draft or tree_budget == "auto" else _budget(tree_budget)
-        decoding = load_decoding(base_model, draft, tree=tree_arg, tree_budget=budget, dtype=dtype, device=device,
-                                 max_len=max_len, compile=compile)
+        decoding, tokenizer, chat, description = load_parts(base_model, draft, tree, tree_budget, dtype, device,
+                                                            max_len, template, system, compile)
         base = decoding.base
 
         def stream(job: Job, generator):
             return decoding.stream(job.ids, SamplingParams(job.temperature, job.top_p, job.top_k), job.max_tokens,
                                    job.stop_token_ids, generator)
 
-        description = (f"speculative decoding with {decoding.model.description}, tree {tree}, budget {tree_budget}"
-                       if decoding.speculative else "plain decoding (no draft)")
-        if max_batch_size is not None:
-            from clover.generate.batched_speculative import BatchedSpeculativeDecoder
-            from clover.serve.batching import BatchedEngine
-
-            decoder = BatchedSpeculativeDecoder(decoding.model or base, max_batch_size, max_len=base.max_len)
-            log.info("KV cache: %d rows of %d tokens (%.0f MiB)", max_batch_size, base.max_len,
-                     (decoder.cache.k.numel() + decoder.cache.v.numel()) * decoder.cache.k.element_size() / 2**20)
-            if decoding.speculative and decoding.model.cost is not None:
-                log.info("measuring the verification cost at each batch size up to %d (once per machine) ...",
-                         max_batch_size)
-                decoder.measure_costs()
-            return BatchedEngine(decoder, tokenizer, chat, base.max_len, base.device,
-                                 f"{description}; batched, {max_batch_size} rows; {base.dtype}, {base.device}, "
-                                 f"context {base.max_len}", max_waiting=max_waiting)
         return cls(stream, tokenizer, chat, base.max_len, base.device, decoding.reset,
                    f"{description}; {base.dtype}, {base.device}, context {base.max_len}")
 
@@ -315,6 +288,26 @@ class JobOutput:
                 self.job.emit(Delta(text[self.sent:]))
         return Finished(finish, len(self.job.ids), len(self.tokens), self.steps, time.perf_counter() - self.start,
                         self.first or 0.0)
+
+
+def load_parts(base_model, draft, tree: str, tree_budget: str, dtype: str, device: str, max_len: int, template: str,
+               system: str | None, compile: bool):
+    """``(decoding, tokenizer, chat template, description)`` for an engine, loaded as ``clover generate`` loads
+    them."""
+    from clover.cli import _parse_tree
+    from clover.data.templates import get_template
+    from clover.generate.loader import load_decoding
+    from clover.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(base_model)
+    chat = get_template(tokenizer, template, system_prompt=system)
+    tree_arg = _parse_tree(tree) if draft and tree.lstrip().startswith("[") else tree
+    budget = tree_budget if not draft or tree_budget == "auto" else _budget(tree_budget)
+    decoding = load_decoding(base_model, draft, tree=tree_arg, tree_budget=budget, dtype=dtype, device=device,
+                             max_len=max_len, compile=compile)
+    description = (f"speculative decoding with {decoding.model.description}, tree {tree}, budget {tree_budget}"
+                   if decoding.speculative else "plain decoding (no draft)")
+    return decoding, tokenizer, chat, description
 
 
 def _budget(text: str) -> int:

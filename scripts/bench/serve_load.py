@@ -309,15 +309,16 @@ def print_table(runs: list[dict], levels: list[int]) -> None:
         print(f"{r['engine']:<10} {r['decoding']:<11} " + " ".join(cells))
     batched = {r["decoding"]: r for r in runs if r["engine"] == "batched"}
     sequential = {r["decoding"]: r for r in runs if r["engine"] == "sequential"}
+    def ratios(top: dict, bottom: dict) -> str:
+        shared = [c for c in levels if c in top["levels"] and c in bottom["levels"]]
+        return ", ".join(f"c={c}: {top['levels'][c]['tokens_per_s'] / bottom['levels'][c]['tokens_per_s']:.2f}x"
+                         for c in shared)
+
     for decoding in batched:
         if decoding in sequential:
-            ratios = [f"c={c}: {batched[decoding]['levels'][c]['tokens_per_s'] / sequential[decoding]['levels'][c]['tokens_per_s']:.2f}x"
-                      for c in levels if c in batched[decoding]["levels"] and c in sequential[decoding]["levels"]]
-            print(f"batched / sequential, {decoding}: {', '.join(ratios)}")
+            print(f"batched / sequential, {decoding}: {ratios(batched[decoding], sequential[decoding])}")
     if "plain" in batched and "speculative" in batched:
-        ratios = [f"c={c}: {batched['speculative']['levels'][c]['tokens_per_s'] / batched['plain']['levels'][c]['tokens_per_s']:.2f}x"
-                  for c in levels if c in batched["plain"]["levels"] and c in batched["speculative"]["levels"]]
-        print(f"batched speculative / batched plain: {', '.join(ratios)}")
+        print(f"batched speculative / batched plain: {ratios(batched['speculative'], batched['plain'])}")
 
 
 def plot(report: dict, levels: list[int], path: Path) -> None:
