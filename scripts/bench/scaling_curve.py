@@ -37,10 +37,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def checkpoints(cpdir: Path, steps: list[str]) -> dict[str, Path]:
-    """``{step label: draft folder}``: the snapshots named in ``steps`` (numbers) and ``final``."""
+def checkpoints(cpdir: Path, steps: list[str], final: str | None = None) -> dict[str, Path | str]:
+    """``{step label: draft folder}``: the snapshots named in ``steps`` (numbers) and ``final`` (the run's final/,
+    or the draft ``final`` names: its shipped copy)."""
     found = {}
     for step in steps:
+        if step == "final" and final:
+            found[step] = final
+            continue
         folder = cpdir / "final" if step == "final" else cpdir / "snapshots" / f"step_{step}"
         if not (folder / "config.json").is_file():
             raise CloverError(f"{folder} is missing: pass --steps among the run's snapshots "
@@ -83,6 +87,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", default=None,
                    help="comma-separated snapshot steps for τ, and final (default: every snapshot and final)")
     p.add_argument("--trees", default=",".join(TREES), help=f"trees for τ: {', '.join(TREES)} (default both)")
+    p.add_argument("--final-drafts", default="", metavar="DRAFT=NAME,...",
+                   help="for the final point, these drafts instead of the runs' final/ (e.g. eagle=eagle-smollm2-"
+                        "135m-instruct: the shipped bf16 copy)")
     add_questions(p, subset=False)
     p.add_argument("--per-group", type=positive_int, default=10, metavar="N",
                    help="questions of each Spec-Bench category (default 10: Spec-Bench 60)")
@@ -98,20 +105,22 @@ def main(argv=None) -> None:
     result = {"date": date.today().isoformat(), "cpu": cpu_model(), "flags": cpu_flags(), "run": str(args.run),
               "questions": {"file": args.question_file or "shipped", "per_group": args.per_group,
                             "max_new_tokens": args.max_new_tokens}, "drafts": {}}
+    finals = dict(item.split("=", 1) for item in args.final_drafts.split(",") if item)
     jobs = []
     for name in args.drafts.split(","):
         cpdir = args.run / name
-        draft_type = json.loads((cpdir / "final" / "config.json").read_text())["draft_type"]
         snaps = sorted(int(p.name.split("_")[1]) for p in (cpdir / "snapshots").glob("step_*"))
+        some = cpdir / "final" if (cpdir / "final").is_dir() else cpdir / "snapshots" / f"step_{snaps[0]}"
+        draft_type = json.loads((some / "config.json").read_text())["draft_type"]
         steps = args.steps.split(",") if args.steps else [*map(str, snaps), "final"]
-        evals = read_jsonl(cpdir / "evals.jsonl") + read_jsonl(cpdir / "metrics.jsonl")[-1:]
+        evals = read_jsonl(cpdir / "evals.jsonl") + read_jsonl(cpdir / "metrics.jsonl")[-1:]  # the end's, if any
         heads = sorted(int(k.rsplit("_", 1)[1]) for k in evals[-1] if k.startswith("test_top1_"))
         result["drafts"][name] = {
-            "draft_type": draft_type,
+            "draft_type": draft_type, "final": finals.get(name, str(cpdir / "final")),
             "held_out": [{"step": e["step"], "tokens": e["tokens"], "top1": [e[f"test_top1_{h}"] for h in heads]}
                          for e in evals],
             "tau": []}
-        for step, folder in checkpoints(cpdir, steps).items():
+        for step, folder in checkpoints(cpdir, steps, finals.get(name)).items():
             for tree in trees:
                 out = args.run / "curve" / name / f"{step}_{tree}.jsonl"
                 jobs.append((draft_type, folder, tree, out))
@@ -125,6 +134,7 @@ def main(argv=None) -> None:
         for point in d["tau"]:
             point["tau"] = tau_report(load_answers(point["answers"]))["overall"]["tau"]
             print(f"{name:8} {point['step']:>6} {point['tokens']:>10.0f} {point['tree']:>13} {point['tau']:>6.3f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.json, result)
     plot(result, args.fig)
     print(f"wrote {args.json} and {args.fig}")
