@@ -38,8 +38,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def training_summary(run: Path) -> dict:
-    """Tokens, optimizer steps and training hours of a run folder (its metrics.jsonl), and its held-out curve."""
+def training_summary(run: Path, hours: float | None = None) -> dict:
+    """Tokens, optimizer steps and training hours (``hours``, else from the run's metrics.jsonl) of a run folder, and
+    its held-out curve."""
     epochs = read_jsonl(run / "metrics.jsonl")
     if not epochs:
         raise CloverError(f"{run} has no metrics.jsonl: not a finished training run")
@@ -51,7 +52,8 @@ def training_summary(run: Path) -> dict:
     heads = sorted(int(k.rsplit("_", 1)[1]) for k in last if k.startswith("test_top1_"))
     curve = [{"step": p["step"], "tokens": p["tokens"], "test_loss": p["test_loss"],
               "test_top1": [p[f"test_top1_{h}"] for h in heads]} for p in read_jsonl(run / "evals.jsonl") + [last]]
-    return {"tokens": last["tokens"], "optimizer_steps": last["step"], "training_hours": round(seconds / 3600, 3),
+    hours = hours if hours is not None else seconds / 3600
+    return {"tokens": last["tokens"], "optimizer_steps": last["step"], "training_hours": round(hours, 3),
             "held_out_top1": [last[f"test_top1_{h}"] for h in heads], "held_out_curve": curve}
 
 
@@ -63,6 +65,9 @@ def main(argv=None) -> None:
     p.add_argument("--data", required=True, help="what it was trained on, for the record")
     p.add_argument("--command", required=True, help="the command(s) that trained it, for the record")
     p.add_argument("--measurements", type=Path, default=None, help="JSON object of further measurements to record")
+    p.add_argument("--training-hours", type=float, default=None,
+                   help="the run's training hours, when metrics.jsonl cannot tell (a run resumed inside its last "
+                        "epoch records that session's speed only)")
     a = p.parse_args(argv)
     config = read_draft_config(a.run / a.checkpoint)
     method = draft_class(config["draft_type"]).method
@@ -75,7 +80,8 @@ def main(argv=None) -> None:
     record = {
         "name": a.name, "draft_type": config["draft_type"], "base_model": config["base"]["name_or_path"],
         "weights": "bf16 (trained in fp32; loading casts them to the base model's dtype)",
-        "training": {"data": a.data, "command": a.command, **training_summary(a.run), "run": str(a.run),
+        "training": {"data": a.data, "command": a.command,
+                     **training_summary(a.run, a.training_hours), "run": str(a.run),
                      "shipped": date.today().isoformat(), "commit": commit,
                      "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "flags": cpu_flags(),
                                  "torch": torch.__version__}},
