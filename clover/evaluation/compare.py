@@ -75,12 +75,12 @@ def draft_checkpoints(drafts) -> dict[str, str]:
     by_key = {}
     for draft in drafts or ():
         cls = draft_class(read_draft_config(draft)["draft_type"], f"{draft}/config.json")
-        key = cls.method
+        key, name = cls.method, Path(str(draft)).name
         if key in by_key:
-            key = f"{cls.method}@{Path(str(draft)).name}"
-            if key in by_key or "+" in key or "@" in key[len(cls.method) + 1:]:
-                raise CloverError(f"two {cls.label} drafts named {Path(str(draft)).name!r} ({by_key.get(key)} and "
-                                  f"{draft}); give each draft a folder name of its own without '+' or '@'")
+            key = f"{cls.method}@{name}"
+            if key in by_key or "+" in name or "@" in name:
+                raise CloverError(f"two {cls.label} drafts named {name!r} ({by_key.get(key)} and {draft}); give "
+                                  f"each draft a folder name of its own without '+' or '@'")
         by_key[key] = str(draft)
     return by_key
 

@@ -135,14 +135,15 @@ class BatchedSpeculativeDecoder:
         if not busy:
             return []
         cost = self._cost(len(busy)) if self.model is not None and self.model.cost is not None else None
+        cost_list = cost.tolist() if cost is not None else None  # once per step, for every row's depth policy
         events, trees, depths = [], {}, {}
         for r in busy:
             row = self.rows[r]
             if self.model is None:
                 tree, depth = DraftTree.single(row.root), 0
             else:
-                if row.state.depth_policy is not None and cost is not None:
-                    row.state.depth_policy.verify = cost.tolist()
+                if row.state.depth_policy is not None and cost_list is not None:
+                    row.state.depth_policy.verify = cost_list
                 tree, depth = self.model.propose(row.state, row.root, cost)
             if self.lengths[r] + tree.size > self.capacity:  # the row is full: end it as single decoding does
                 row.tracker.result.finish_reason = "context"

@@ -73,9 +73,6 @@ class BatchedEngine(Engine):
                                 f"rows. Retry after {retry} s.", type="rate_limit_exceeded",
                            code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
 
-    def submit(self, job: Job) -> None:
-        self._queue.put(job)
-
     def close(self) -> None:
         for job, _ in list(self._running.values()):
             job.cancel()
