@@ -9,8 +9,11 @@ positions, under its own tree mask), then accepts, commits and feeds back per ro
 
 With the ``auto`` tree each row's depth and node count come from the measured cost of the whole batched forward
 (:func:`clover.generate.budget.batched_verification_cost`: seconds per row for ``s`` tokens per row at this batch
-size): at a large batch an extra node costs nearly what a whole token does, so rows draft little or not at all and the
-step is plain decoding's. Greedy decoding gives, row for row, the tokens of batch-1 decoding (tested).
+size): at a large batch an extra node costs nearly what a whole token does, so rows draft less. Whether a step drafts
+at all is measured too (:class:`clover.generate.budget.StepModePolicy`): per number of busy rows, the decoder keeps
+the tokens per second of drafting steps and of plain steps (one token per row, no draft or source calls) and takes
+the faster, trying the other now and then. Greedy decoding gives, row for row, the tokens of batch-1 decoding
+(tested).
 
     decoder = BatchedSpeculativeDecoder(model, batch_size=16, max_len=1024)
     for event in decoder.run([SpeculativeRequest(prompt_ids, max_new_tokens=128, tag=i) for i, prompt_ids in ...]):
@@ -18,6 +21,7 @@ step is plain decoding's. Greedy decoding gives, row for row, the tokens of batc
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from clover.errors import CloverError
+from clover.generate.budget import StepModePolicy, batched_verification_cost
 from clover.generate.output import GenerationResult, OutputTracker
 from clover.generate.sampling import SamplingParams, select_tokens
 from clover.generate.speculative import DraftState, SpeculativeModel
@@ -78,7 +83,11 @@ class BatchedSpeculativeDecoder:
         self.rows: list[_Row | None] = [None] * batch_size
         self.lengths = np.zeros(batch_size, dtype=np.int64)  # tokens each row's cache holds (host, exact)
         self.costs: dict[int, torch.Tensor] = {}  # per busy-row count: seconds per row to verify s tokens per row
-        self.stats = {"steps": 0, "new_tokens": 0, "verified_tokens": 0, "row_steps": 0, "completions": 0}
+        self.stats = {"steps": 0, "drafting_steps": 0, "new_tokens": 0, "verified_tokens": 0, "row_steps": 0,
+                      "completions": 0}
+        # drafting or plain steps, by measured throughput per busy-row count (``auto`` tree only; a fixed tree or
+        # budget always drafts, as asked)
+        self.modes = StepModePolicy() if self.model is not None and self.model.cost is not None else None
 
     @property
     def batch_size(self) -> int:
@@ -124,9 +133,15 @@ class BatchedSpeculativeDecoder:
         """Free the row of the request tagged ``tag`` (False: no such request is decoding)."""
         for r, row in enumerate(self.rows):
             if row is not None and row.request.tag == tag:
-                self.rows[r] = None
+                self._free(r)
                 return True
         return False
+
+    def _free(self, r: int) -> None:
+        """Row ``r`` is idle from now on; its cache is emptied, so that its old length widens no attention span."""
+        self.rows[r] = None
+        self.cache.truncate_rows(r, 0)
+        self.lengths[r] = 0
 
     # ---- one step of every busy row -----------------------------------------------------------------------------
     def step(self) -> list[RowEvent]:
@@ -134,12 +149,14 @@ class BatchedSpeculativeDecoder:
         busy = [r for r, row in enumerate(self.rows) if row is not None]
         if not busy:
             return []
-        cost = self._cost(len(busy)) if self.model is not None and self.model.cost is not None else None
+        start = time.perf_counter()
+        drafting = self.model is not None and (self.modes is None or self.modes.choose(len(busy)))
+        cost = self._cost(len(busy)) if drafting and self.model.cost is not None else None
         cost_list = cost.tolist() if cost is not None else None  # once per step, for every row's depth policy
         events, trees, depths = [], {}, {}
         for r in busy:
             row = self.rows[r]
-            if self.model is None:
+            if not drafting:
                 tree, depth = DraftTree.single(row.root), 0
             else:
                 if row.state.depth_policy is not None and cost_list is not None:
@@ -152,18 +169,21 @@ class BatchedSpeculativeDecoder:
             trees[r], depths[r] = tree, depth
         if not trees:
             return events
-        out = self._verify_forward(trees)
+        # the forward covers rows 0..hi-1 only (new requests take the lowest free row, so the busy ones stay near
+        # the front): the idle rows past the last busy one cost nothing
+        hi = max(trees) + 1
+        out = self._verify_forward(trees, hi)
         width = max(tree.size for tree in trees.values())
-        keep = torch.zeros(self.batch_size, width, dtype=torch.long, device=self.base.device)
-        counts = np.zeros(self.batch_size, dtype=np.int64)
+        keep = torch.zeros(hi, width, dtype=torch.long, device=self.base.device)
+        counts = np.zeros(hi, dtype=np.int64)
         verdicts = self._verdicts(trees, out.logits)
         for r, verdict in verdicts.items():
             keep[r, :verdict.nodes.numel()] = verdict.nodes
             counts[r] = verdict.nodes.numel()
-        starts = self.lengths.copy()
+        starts = self.lengths[:hi].copy()
         if width > 1:  # rejected nodes to drop (a plain step's token is already where it belongs)
-            self.cache.commit_rows(starts, keep, counts)
-        self.lengths = starts + counts
+            self.cache.commit_rows(starts, keep, counts, rows=slice(0, hi))
+        self.lengths[:hi] = starts + counts
         for r, tree in trees.items():
             row, verdict = self.rows[r], verdicts[r]
             if self.model is not None:
@@ -173,7 +193,10 @@ class BatchedSpeculativeDecoder:
             row.root = verdict.bonus
             row.tracker.result.verified.append(tree.size)
             events.append(self._event(r, row, row.tracker.add(verdict.committed)))
+        if self.modes is not None:
+            self.modes.record(len(busy), drafting, sum(len(e.tokens) for e in events), time.perf_counter() - start)
         self.stats["steps"] += 1
+        self.stats["drafting_steps"] += drafting
         self.stats["row_steps"] += len(trees)
         self.stats["verified_tokens"] += sum(tree.size for tree in trees.values())
         return events
@@ -202,9 +225,10 @@ class BatchedSpeculativeDecoder:
                                   committed=[token], targets=targets[r], origins=[])
         return verdicts
 
-    def _verify_forward(self, trees: dict):
-        """One forward of every row's tree (rows without one: idle), padded to the largest tree."""
-        b, width = self.batch_size, max(tree.size for tree in trees.values())
+    def _verify_forward(self, trees: dict, hi: int):
+        """One forward of every row's tree over the rows ``0..hi-1`` (rows without one: idle), padded to the
+        largest tree."""
+        b, width = hi, max(tree.size for tree in trees.values())
         device = self.base.device
         sizes = np.zeros(b, dtype=np.int64)
         for r, tree in trees.items():
@@ -213,17 +237,17 @@ class BatchedSpeculativeDecoder:
             ids = torch.zeros(b, 1, dtype=torch.long, device=device)
             for r in trees:
                 ids[r, 0] = self.rows[r].root
-            return self.base.forward_batch(ids, self.cache, n_new=sizes, logits_to_keep=None)
+            return self.base.forward_batch(ids, self.cache, n_new=sizes, rows=slice(0, b), logits_to_keep=None)
         ids = torch.zeros(b, width, dtype=torch.long, device=device)
-        positions = torch.from_numpy(self.lengths).to(device)[:, None].repeat(1, width)
+        positions = torch.from_numpy(self.lengths[:b]).to(device)[:, None].repeat(1, width)
         masks = torch.eye(width, dtype=torch.bool, device=device).repeat(b, 1, 1)
         for r, tree in trees.items():
             n = tree.size
             ids[r, :n] = tree.tokens
             positions[r, :n] += tree.depths
             masks[r, :n, :n] = tree.mask
-        return self.base.forward_batch(ids, self.cache, n_new=sizes, position_ids=positions, tree_mask=masks,
-                                       logits_to_keep=None)
+        return self.base.forward_batch(ids, self.cache, n_new=sizes, rows=slice(0, b), position_ids=positions,
+                                       tree_mask=masks, logits_to_keep=None)
 
     def measure_costs(self) -> None:
         """Measure now (or read from the disk cache) the batched verification cost of every batch size this decoder
@@ -236,8 +260,6 @@ class BatchedSpeculativeDecoder:
         """Seconds per row to verify ``s`` tokens per row with ``busy`` rows in the batch (measured once per size,
         cached on disk)."""
         if busy not in self.costs:
-            from clover.generate.budget import batched_verification_cost
-
             self.costs[busy] = batched_verification_cost(self.base, busy)
         return self.costs[busy]
 
@@ -245,7 +267,7 @@ class BatchedSpeculativeDecoder:
         self.stats["new_tokens"] += len(tokens)
         if not row.tracker.done:
             return RowEvent(row.request.tag, tokens)
-        self.rows[r] = None
+        self._free(r)
         self.stats["completions"] += 1
         result = row.tracker.result
         return RowEvent(row.request.tag, tokens, result.finish_reason, result)

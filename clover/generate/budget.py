@@ -198,3 +198,51 @@ class DepthPolicy:
             self.reached[d] += float(accepted >= d)
         if depth:
             self.size[depth] = 0.8 * self.size[depth] + 0.2 * tree_size
+
+
+class StepModePolicy:
+    """Whether a batched step drafts (every row its own tree) or decodes plainly (one token per row, no draft or
+    source calls), chosen per number of busy rows by measured throughput.
+
+    A drafting step pays for more than the verification forward that the cost curves measure: every row's draft
+    calls, its sources, its tree selection and its own verdict run one row after another on the host, and the batch's
+    forward is as wide as its largest tree. At a large batch that can outweigh everything drafting saves, and
+    the per-row depth policies cannot see it. So the decoder measures both kinds of step as they run: per busy-row
+    count ``b``, a decaying mean of the tokens each kind of step committed and the seconds it took, and takes the
+    kind with more tokens per second. Each kind is tried twice at a new ``b``; the one not chosen is tried again
+    every ``explore_every`` steps at that ``b``, so the choice follows the text and the load.
+    """
+
+    def __init__(self, explore_every: int = 16, weight: float = 0.25):
+        self.explore_every, self.weight = explore_every, weight
+        self.stats: dict[int, dict] = {}
+
+    def _at(self, busy: int) -> dict:
+        return self.stats.setdefault(busy, {"steps": 0, True: [0.0, 0.0, 0, -1], False: [0.0, 0.0, 0, -1]})
+
+    def rate(self, busy: int, draft: bool) -> float | None:
+        """Measured tokens per second of drafting (``draft``) or plain steps at ``busy`` rows (None: not tried)."""
+        tokens, seconds, count, _ = self._at(busy)[draft]
+        return tokens / seconds if count and seconds > 0 else None
+
+    def choose(self, busy: int) -> bool:
+        """True: the next step at ``busy`` rows drafts; False: it decodes plainly."""
+        at = self._at(busy)
+        for draft in (True, False):
+            if at[draft][2] < 2:
+                return draft
+        best = self.rate(busy, True) >= self.rate(busy, False)
+        if at["steps"] - at[not best][3] >= self.explore_every:
+            return not best
+        return best
+
+    def record(self, busy: int, draft: bool, tokens: int, seconds: float) -> None:
+        """A step at ``busy`` rows, drafting or not, committed ``tokens`` in ``seconds``."""
+        at = self._at(busy)
+        entry = at[draft]
+        w = 1.0 if entry[2] == 0 else self.weight
+        entry[0] += w * (tokens - entry[0])
+        entry[1] += w * (seconds - entry[1])
+        entry[2] += 1
+        entry[3] = at["steps"]
+        at["steps"] += 1
