@@ -192,10 +192,19 @@ def generate_answers(method: str, base_model: str, answer_file, question_file=No
         return answer_file
     decoder = Decoder(method, base_model, draft, dtype, device, max_len, tree, tree_budget,
                       temperature, top_p, top_k, max_new_tokens, template.stop_token_ids, compile)
+    header = dict(model_id=model_id, base_model=str(base_model), method=method)
+    return answer_questions(decoder, questions, todo, answer_file, template, tokenizer, header, seed, num_choices,
+                            warmup, progress)
+
+
+def answer_questions(decoder, questions: list[dict], todo: list[dict], answer_file: Path, template, tokenizer,
+                     header: dict, seed: int, num_choices: int = 1, warmup: int = 0, progress: bool = True) -> Path:
+    """Answer the questions ``todo`` with ``decoder`` (anything with ``decode(ids, seed)`` and ``device``, as
+    :class:`Decoder`), appending one record per question (``header``: model_id, base_model, method) to
+    ``answer_file``, after ``warmup`` untimed runs of the first of ``questions``; sort the file at the end."""
     for _ in range(warmup):  # warm-up: first question, untimed, discarded
         answer_question(decoder, template, tokenizer, questions[0], 0, seed)
-    header = dict(model_id=model_id, base_model=str(base_model), method=method)
-    for question in tqdm(todo, desc=f"{method} answers", disable=not progress):
+    for question in tqdm(todo, desc=f"{header['method']} answers", disable=not progress):
         qid, category = question["question_id"], question["category"]
         try:
             choices = [make_choice(c, *answer_question(decoder, template, tokenizer, question, c, seed + qid))

@@ -36,7 +36,12 @@ class Verdict:
 def verify_tree(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
                 generator: torch.Generator | None = None) -> Verdict:
     """``logits [n+1, V]``: the base model's logits at every tree node (from one tree-masked forward)."""
-    targets = select_tokens(logits, params, generator)
+    return accept_path(tree, select_tokens(logits, params, generator))
+
+
+def accept_path(tree: DraftTree, targets: torch.Tensor) -> Verdict:
+    """The verdict on ``tree`` given the base model's token ``targets [n+1]`` at every node: the deepest node whose
+    path from the root matches its parents' targets, and the bonus token after it."""
     matches = tree.tokens == targets[tree.parents]
     matches[0] = True
     on_path = torch.where(tree.paths >= 0, matches[tree.paths.clamp(min=0)], True).all(-1)

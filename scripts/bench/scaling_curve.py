@@ -7,10 +7,15 @@ run's snapshots, against tokens seen, for each draft of the run.
         [--trees mc_sim_7b_63,auto] [--max-new-tokens 128] [--jobs 2]
 
 ``--run`` holds one trainer ``--outdir`` per draft (``RUN/clover2``, ``RUN/eagle``: the same conversations and seed,
-so the same batches), each with ``snapshots/step_{n}/`` (``--snapshot-every``) and ``final/``. Answers go to
-``RUN/curve/<draft>/<step>_<tree>.jsonl`` and resume; ``--jobs 2`` answers with two one-thread processes side by
-side (τ does not depend on time, so the processes may share the cores). Prints a table with the CPU model and flags,
-writes ``--json`` (default figs/scaling_curve.json) and ``--fig`` (figs/scaling_curve.png).
+so the same batches), each with ``snapshots/step_{n}/`` (``--snapshot-every``) and ``final/``.
+
+τ comes by replay (:mod:`clover.evaluation.replay`: the base model's greedy answers are decoded once into
+``RUN/curve/reference.jsonl``, then replayed through each draft; answers in ``RUN/curve/<draft>/<step>_<tree>_replay
+.jsonl``), or with ``--decode`` by speculative decoding itself (``<step>_<tree>.jsonl``); where a point has both,
+the table shows both. Answer files resume; ``--jobs 2`` answers with two one-thread processes side by side (the
+fixed tree's τ does not depend on time, so the processes may share the cores; the ``auto`` tree's step sizes do, a
+little). Prints a table with the CPU model and flags, writes ``--json`` (default figs/scaling_curve.json) and
+``--fig`` (figs/scaling_curve.png).
 """
 from __future__ import annotations
 
@@ -64,20 +69,30 @@ def tokens_at(cpdir: Path, step: str) -> float:
     return match[0]
 
 
-def answer(job: tuple, args) -> Path:
-    """Answer the questions with one draft folder and tree (a one-thread subprocess; resumes its answer file)."""
+def answer(job: tuple, args, threads: int) -> Path:
+    """Answer the questions with one draft folder and tree (a one-thread subprocess; resumes its answer file): by
+    replay (``--reference-file``: the base model's greedy answers, shared by every job) or by decoding."""
     draft_type, folder, tree, out = job
-    cmd = [sys.executable, "-m", "clover.evaluation.gen_answer", "--method", draft_class(draft_type).method,
-           "--draft", str(folder), "--answer-file", str(out), "--max-new-tokens", str(args.max_new_tokens),
-           "--per-group", str(args.per_group), "--dtype", "fp32", "--warmup", "0", *TREES[tree]]
+    common = ["--method", draft_class(draft_type).method, "--draft", str(folder), "--answer-file", str(out),
+              "--max-new-tokens", str(args.max_new_tokens), "--per-group", str(args.per_group), "--dtype", "fp32",
+              *TREES[tree]]
+    if args.decode:
+        cmd = [sys.executable, "-m", "clover.evaluation.gen_answer", *common, "--warmup", "0"]
+    else:
+        cmd = [sys.executable, "-m", "clover.evaluation.replay", *common,
+               "--reference-file", str(args.run / "curve" / "reference.jsonl")]
     if args.question_file:
         cmd += ["--question-file", args.question_file]
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise CloverError(f"answering with {folder} ({tree}) failed: {proc.stderr.strip().splitlines()[-1:]}")
     return out
+
+
+def answer_name(step: str, tree: str, decode: bool) -> str:
+    return f"{step}_{tree}.jsonl" if decode else f"{step}_{tree}_replay.jsonl"
 
 
 def main(argv=None) -> None:
@@ -95,6 +110,9 @@ def main(argv=None) -> None:
                    help="questions of each Spec-Bench category (default 10: Spec-Bench 60)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N", help="cap per turn")
     p.add_argument("--jobs", type=positive_int, default=1, help="answering processes side by side")
+    p.add_argument("--decode", action="store_true",
+                   help="measure τ by decoding (gen_answer) instead of by replay (clover.evaluation.replay: the "
+                        "base model's greedy answers, decoded once, replayed through each draft)")
     p.add_argument("--json", type=Path, default=Path("figs/scaling_curve.json"))
     p.add_argument("--fig", type=Path, default=Path("figs/scaling_curve.png"))
     args = p.parse_args(argv)
@@ -103,6 +121,7 @@ def main(argv=None) -> None:
         if tree not in TREES:
             raise CloverError(f"--trees: unknown tree {tree!r}; choose among {', '.join(TREES)}")
     result = {"date": date.today().isoformat(), "cpu": cpu_model(), "flags": cpu_flags(), "run": str(args.run),
+              "tau_by": "decoding" if args.decode else "replay",
               "questions": {"file": args.question_file or "shipped", "per_group": args.per_group,
                             "max_new_tokens": args.max_new_tokens}, "drafts": {}}
     finals = dict(item.split("=", 1) for item in args.final_drafts.split(",") if item)
@@ -122,18 +141,29 @@ def main(argv=None) -> None:
             "tau": []}
         for step, folder in checkpoints(cpdir, steps, finals.get(name)).items():
             for tree in trees:
-                out = args.run / "curve" / name / f"{step}_{tree}.jsonl"
+                out = args.run / "curve" / name / answer_name(step, tree, args.decode)
                 jobs.append((draft_type, folder, tree, out))
                 result["drafts"][name]["tau"].append({"step": step, "tokens": tokens_at(cpdir, step), "tree": tree,
                                                       "answers": str(out)})
+    cores = os.cpu_count() or 1
+    if jobs and not args.decode:  # the first replay, alone, decodes the reference answers that all the others read
+        answer(jobs[0], args, cores)
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda job: answer(job, args), jobs))
+        list(pool.map(lambda job: answer(job, args, max(1, cores // args.jobs)), jobs))
     print(f"{cpu_model()}; flags {' '.join(cpu_flags())}")
-    print(f"{'draft':8} {'step':>6} {'tokens':>10} {'tree':>13} {'τ':>6}")
+    print(f"τ {'by decoding' if args.decode else 'by replay'}; 'decoded': τ of a decoding run of the same point, "
+          f"where one is in {args.run / 'curve'}")
+    print(f"{'draft':8} {'step':>6} {'tokens':>10} {'tree':>13} {'τ':>6} {'decoded':>8}")
     for name, d in result["drafts"].items():
         for point in d["tau"]:
             point["tau"] = tau_report(load_answers(point["answers"]))["overall"]["tau"]
-            print(f"{name:8} {point['step']:>6} {point['tokens']:>10.0f} {point['tree']:>13} {point['tau']:>6.3f}")
+            other = Path(point["answers"]).with_name(answer_name(point["step"], point["tree"], not args.decode))
+            if other.is_file():  # the same point measured the other way: replay against decoding
+                point["tau_replay" if args.decode else "tau_decoded"] = tau_report(
+                    load_answers(other))["overall"]["tau"]
+            decoded = point.get("tau_decoded", point["tau"] if args.decode else None)
+            print(f"{name:8} {point['step']:>6} {point['tokens']:>10.0f} {point['tree']:>13} {point['tau']:>6.3f} "
+                  f"{'' if decoded is None else f'{decoded:.3f}':>8}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.json, result)
     plot(result, args.fig)
