@@ -151,20 +151,21 @@ def test_step_mode_policy_takes_the_faster_kind_and_tries_the_other_now_and_then
 
     policy = StepModePolicy(explore_every=5)
     kinds = []
-    for _ in range(30):
+    for _ in range(45):
         draft = policy.choose(8)
         kinds.append(draft)
         # at 8 rows drafting commits 12 tokens in 0.3 s (40/s), a plain step 8 in 0.1 s (80/s)
         policy.record(8, draft, 12 if draft else 8, 0.3 if draft else 0.1)
     assert kinds[:4] == [True, True, False, False]  # each kind measured twice first
-    # then plain, and drafting again 5 steps after it was last tried
-    assert kinds[4:] == [False, False, True] + ([False] * 4 + [True]) * 4 + [False] * 3
+    # then plain; drafting, 2x behind, is tried again 5 x 2^2 = 20 steps after it last ran (step 1)
+    assert kinds[4:] == [False] * 17 + [True] + [False] * 19 + [True] + [False] * 3
     assert policy.rate(8, True) == pytest.approx(40.0) and policy.rate(8, False) == pytest.approx(80.0)
-    assert policy.choose(1) is True and policy.rate(1, True) is None  # another row count starts afresh
+    assert policy.rate(5, False) == policy.rate(8, False)  # 5 to 8 busy rows are one size class
+    assert policy.choose(2) is True and policy.rate(2, True) is None  # another class starts afresh
     for _ in range(4):
-        policy.record(1, policy.choose(1), 3, 0.05)  # at 1 row drafting pays: 60/s against 20/s
-    policy.record(1, False, 1, 0.05)
-    assert policy.choose(1) is True
+        draft = policy.choose(2)
+        policy.record(2, draft, 3 if draft else 1, 0.05)  # at 2 rows drafting pays: 60/s against 20/s
+    assert policy.choose(2) is True
 
 
 def test_a_full_row_ends_with_context_and_a_cancelled_row_frees_its_place(tiny_base):

@@ -85,8 +85,8 @@ class BatchedSpeculativeDecoder:
         self.costs: dict[int, torch.Tensor] = {}  # per busy-row count: seconds per row to verify s tokens per row
         self.stats = {"steps": 0, "drafting_steps": 0, "new_tokens": 0, "verified_tokens": 0, "row_steps": 0,
                       "completions": 0}
-        # drafting or plain steps, by measured throughput per busy-row count (``auto`` tree only; a fixed tree or
-        # budget always drafts, as asked)
+        # drafting or plain steps, by measured throughput per busy-row count from 2 rows on (``auto`` tree only; a
+        # fixed tree or budget always drafts, as asked)
         self.modes = StepModePolicy() if self.model is not None and self.model.cost is not None else None
 
     @property
@@ -150,7 +150,9 @@ class BatchedSpeculativeDecoder:
         if not busy:
             return []
         start = time.perf_counter()
-        drafting = self.model is not None and (self.modes is None or self.modes.choose(len(busy)))
+        # one busy row drafts as batch-1 decoding does (its own depth policy already weighs plain steps)
+        measured = self.modes is not None and len(busy) > 1
+        drafting = self.model is not None and (not measured or self.modes.choose(len(busy)))
         cost = self._cost(len(busy)) if drafting and self.model.cost is not None else None
         cost_list = cost.tolist() if cost is not None else None  # once per step, for every row's depth policy
         events, trees, depths = [], {}, {}
@@ -184,16 +186,22 @@ class BatchedSpeculativeDecoder:
         if width > 1:  # rejected nodes to drop (a plain step's token is already where it belongs)
             self.cache.commit_rows(starts, keep, counts, rows=slice(0, hi))
         self.lengths[:hi] = starts + counts
+        if self.model is not None:
+            hidden = getattr(out, self.model.hidden_attr)
+            if drafting:
+                for r, tree in trees.items():
+                    self.model.observe(self.rows[r].state, tree, verdicts[r], out.logits[r, :tree.size],
+                                       hidden[r:r + 1, :tree.size], depths[r])
+            else:  # every row's root alone: what the sources learn from all of them, in one call where they can
+                index = torch.tensor(list(trees), device=out.logits.device)
+                self.model.observe_plain([self.rows[r].state for r in trees], list(trees.values()),
+                                         [verdicts[r] for r in trees], out.logits[index, 0], hidden[index, :1])
         for r, tree in trees.items():
             row, verdict = self.rows[r], verdicts[r]
-            if self.model is not None:
-                hidden = getattr(out, self.model.hidden_attr)
-                self.model.observe(row.state, tree, verdict, out.logits[r, :tree.size], hidden[r:r + 1, :tree.size],
-                                   depths[r])
             row.root = verdict.bonus
             row.tracker.result.verified.append(tree.size)
             events.append(self._event(r, row, row.tracker.add(verdict.committed)))
-        if self.modes is not None:
+        if measured:
             self.modes.record(len(busy), drafting, sum(len(e.tokens) for e in events), time.perf_counter() - start)
         self.stats["steps"] += 1
         self.stats["drafting_steps"] += drafting

@@ -202,23 +202,25 @@ class DepthPolicy:
 
 class StepModePolicy:
     """Whether a batched step drafts (every row its own tree) or decodes plainly (one token per row, no draft or
-    source calls), chosen per number of busy rows by measured throughput.
+    source calls), chosen per size of batch by measured throughput.
 
     A drafting step pays for more than the verification forward that the cost curves measure: every row's draft
     calls, its sources, its tree selection and its own verdict run one row after another on the host, and the batch's
     forward is as wide as its largest tree. At a large batch that can outweigh everything drafting saves, and
-    the per-row depth policies cannot see it. So the decoder measures both kinds of step as they run: per busy-row
-    count ``b``, a decaying mean of the tokens each kind of step committed and the seconds it took, and takes the
-    kind with more tokens per second. Each kind is tried twice at a new ``b``; the one not chosen is tried again
-    every ``explore_every`` steps at that ``b``, so the choice follows the text and the load.
+    the per-row depth policies cannot see it. So the decoder measures both kinds of step as they run: per size class
+    of the batch (busy rows rounded up to a power of two), a decaying mean of the tokens each kind of step committed
+    and the seconds it took, and takes the kind with more tokens per second. Each kind is tried twice in a new class;
+    the one not chosen is tried again after ``explore_every`` steps of the class, times the square of how far it is
+    behind (at most ``max_spacing`` times), so that a clear loser costs little and a close call is rechecked often.
     """
 
-    def __init__(self, explore_every: int = 16, weight: float = 0.25):
-        self.explore_every, self.weight = explore_every, weight
+    def __init__(self, explore_every: int = 16, weight: float = 0.2, max_spacing: int = 8):
+        self.explore_every, self.weight, self.max_spacing = explore_every, weight, max_spacing
         self.stats: dict[int, dict] = {}
 
     def _at(self, busy: int) -> dict:
-        return self.stats.setdefault(busy, {"steps": 0, True: [0.0, 0.0, 0, -1], False: [0.0, 0.0, 0, -1]})
+        size_class = 1 << max(busy - 1, 0).bit_length()  # 1, 2, 4, 8, ...: 5..8 rows share one class
+        return self.stats.setdefault(size_class, {"steps": 0, True: [0.0, 0.0, 0, -1], False: [0.0, 0.0, 0, -1]})
 
     def rate(self, busy: int, draft: bool) -> float | None:
         """Measured tokens per second of drafting (``draft``) or plain steps at ``busy`` rows (None: not tried)."""
@@ -231,10 +233,11 @@ class StepModePolicy:
         for draft in (True, False):
             if at[draft][2] < 2:
                 return draft
-        best = self.rate(busy, True) >= self.rate(busy, False)
-        if at["steps"] - at[not best][3] >= self.explore_every:
-            return not best
-        return best
+        rates = {draft: self.rate(busy, draft) for draft in (True, False)}
+        best = rates[True] >= rates[False]
+        behind = rates[best] / max(rates[not best], 1e-9)
+        spacing = self.explore_every * min(behind * behind, self.max_spacing)
+        return (not best) if at["steps"] - at[not best][3] >= spacing else best
 
     def record(self, busy: int, draft: bool, tokens: int, seconds: float) -> None:
         """A step at ``busy`` rows, drafting or not, committed ``tokens`` in ``seconds``."""

@@ -110,4 +110,5 @@ class PromptLookup:
                 if tok != committed[j]:
                     break
                 self.hits[e] += 1.0
+        self.proposed = []  # counted once: a later step that proposes nothing (a plain step) has no chains
         self._extend(committed)

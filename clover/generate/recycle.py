@@ -85,13 +85,17 @@ class TokenRecycling:
             parents = torch.cat([parents, below])
         return Candidates(torch.cat(toks), parents, self.node_depths, torch.cat(scores), self.depth)
 
-    @torch.inference_mode()
     def observe(self, tree, verdict, logits: torch.Tensor) -> None:
-        """Count which rank of each verified node's row held the base model's token there, then refresh the rows
-        from the verification's logits (accepted nodes and rejected ones alike)."""
-        tokens = tree.tokens
+        """Learn from every node of a verified tree (accepted and rejected alike)."""
+        self.observe_nodes(tree.tokens, verdict.targets, logits)
+
+    @torch.inference_mode()
+    def observe_nodes(self, tokens: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> None:
+        """Verified nodes ``tokens [n]`` (of one tree, or the roots of many sequences' plain steps), the base model's
+        token ``targets [n]`` after each and its ``logits [n, V]`` there: count which rank of each node's row held
+        the target, then refresh the rows from the logits."""
         known = self.row_log[tokens, 0] == 0
-        hit = (self.table[tokens] == verdict.targets[:, None]) & known[:, None]
+        hit = (self.table[tokens] == targets[:, None]) & known[:, None]
         self.hits.mul_(self.decay).add_(hit.sum(0))
         self.trials.mul_(self.decay).add_(known.sum())
         self.refresh(tokens, logits)

@@ -4,7 +4,9 @@ classes, and that tells a training-free source from a draft checkpoint folder in
 A source has ``name``, ``label``, ``shared`` (whether every sequence a model decodes uses the one instance, or each
 sequence a copy of its own) and three calls: ``begin(prompt, root, base, out)`` when a request
 starts (after the prefill, whose output ``out`` it may read), ``propose(root) -> Candidates`` each step and
-``observe(tree, verdict, logits)`` after the step's verification.
+``observe(tree, verdict, logits)`` after the step's verification. A shared source may also have
+``observe_nodes(tokens, targets, logits)``: the verified nodes of many sequences at once (the roots of a batched
+plain step), which must teach it what ``observe`` on each of them would.
 """
 from __future__ import annotations
 

@@ -190,6 +190,26 @@ class SpeculativeModel:
             state.pending.append((hidden[:, verdict.nodes],
                                   torch.cat([verdict.tokens[1:], verdict.bonus.reshape(1)])[None]))
 
+    def observe_plain(self, states: list[DraftState], trees: list[DraftTree], verdicts: list, logits: torch.Tensor,
+                      hidden: torch.Tensor) -> None:
+        """:meth:`observe` for a batch of plain steps (each sequence's root alone verified): ``logits [R, V]`` and
+        ``hidden [R, 1, H]`` at the roots. A shared source that can (``observe_nodes``) learns from all the roots in
+        one call."""
+        batched = [s for s in self.sources if getattr(s, "shared", False) and hasattr(s, "observe_nodes")]
+        if batched:
+            roots = torch.cat([t.tokens for t in trees])
+            targets = torch.cat([v.targets for v in verdicts])
+            for source in batched:
+                source.observe_nodes(roots, targets, logits)
+        for i, (state, tree, verdict) in enumerate(zip(states, trees, verdicts)):
+            if state.depth_policy is not None:
+                state.depth_policy.update(0, 0, 1)
+            for source in state.sources:
+                if source not in batched:
+                    source.observe(tree, verdict, logits[i:i + 1])
+            if state.runner is not None:
+                state.pending.append((hidden[i:i + 1], verdict.bonus.reshape(1, 1)))
+
     @contextlib.contextmanager
     def _drafting(self, state: DraftState):
         """The draft reads and writes ``state``'s cache inside the block (its own cache again after it)."""
