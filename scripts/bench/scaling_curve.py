@@ -29,7 +29,7 @@ from pathlib import Path
 
 from clover.args import CloverArgumentParser, add_questions, positive_int
 from clover.errors import CloverError, run_cli
-from clover.evaluation.answers import load_answers
+from clover.evaluation.answers import is_success, load_answers
 from clover.evaluation.tau_spe import tau_report
 from clover.io import write_json
 from clover.model.registry import draft_class
@@ -89,6 +89,18 @@ def answer(job: tuple, args, threads: int) -> Path:
     if proc.returncode != 0:
         raise CloverError(f"answering with {folder} ({tree}) failed: {proc.stderr.strip().splitlines()[-1:]}")
     return out
+
+
+def check_replay(replay, decoded) -> dict:
+    """τ by replay and by decoding over the questions both files answered, and on how many of them every step's
+    accept length agrees."""
+    a = {r["question_id"]: r for r in load_answers(replay) if is_success(r)}
+    b = {r["question_id"]: r for r in load_answers(decoded) if is_success(r)}
+    common = sorted(set(a) & set(b))
+    same = sum(a[q]["choices"][0]["accept_lengths"] == b[q]["choices"][0]["accept_lengths"] for q in common)
+    tau = {key: tau_report([records[q] for q in common])["overall"]["tau"] if common else float("nan")
+           for key, records in (("replay", a), ("decoded", b))}
+    return {**tau, "questions": len(common), "same_accept_lengths": same}
 
 
 def answer_name(step: str, tree: str, decode: bool) -> str:
@@ -151,19 +163,21 @@ def main(argv=None) -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: answer(job, args, max(1, cores // args.jobs)), jobs))
     print(f"{cpu_model()}; flags {' '.join(cpu_flags())}")
-    print(f"τ {'by decoding' if args.decode else 'by replay'}; 'decoded': τ of a decoding run of the same point, "
-          f"where one is in {args.run / 'curve'}")
-    print(f"{'draft':8} {'step':>6} {'tokens':>10} {'tree':>13} {'τ':>6} {'decoded':>8}")
+    print(f"τ {'by decoding' if args.decode else 'by replay'}; 'check': where {args.run / 'curve'} also has the "
+          f"point measured the other way, τ by replay / by decoding on the questions both answered")
+    print(f"{'draft':8} {'step':>6} {'tokens':>10} {'tree':>13} {'τ':>6}  check")
     for name, d in result["drafts"].items():
         for point in d["tau"]:
             point["tau"] = tau_report(load_answers(point["answers"]))["overall"]["tau"]
             other = Path(point["answers"]).with_name(answer_name(point["step"], point["tree"], not args.decode))
+            check = ""
             if other.is_file():  # the same point measured the other way: replay against decoding
-                point["tau_replay" if args.decode else "tau_decoded"] = tau_report(
-                    load_answers(other))["overall"]["tau"]
-            decoded = point.get("tau_decoded", point["tau"] if args.decode else None)
-            print(f"{name:8} {point['step']:>6} {point['tokens']:>10.0f} {point['tree']:>13} {point['tau']:>6.3f} "
-                  f"{'' if decoded is None else f'{decoded:.3f}':>8}")
+                replay, decoded = (other, point["answers"]) if args.decode else (point["answers"], other)
+                point["check"] = check_replay(replay, decoded)
+                check = ("{replay:.3f} / {decoded:.3f} ({questions} questions, {same_accept_lengths} with every "
+                         "step's accept length equal)").format(**point["check"])
+            print(f"{name:8} {point['step']:>6} {point['tokens']:>10.0f} {point['tree']:>13} {point['tau']:>6.3f}  "
+                  f"{check}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.json, result)
     plot(result, args.fig)
