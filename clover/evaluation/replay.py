@@ -84,7 +84,8 @@ def replay_answer(model: SpeculativeModel, prompt: list[int], answer: list[int],
                                   "max_new_tokens or other stop tokens")
             p += verdict.accepted + 1
             root = verdict.bonus
-    if tracker.result.tokens != (answer if tracker.result.finish_reason != "context" else answer[:p - n_prompt]):
+    full = tracker.result.finish_reason != "context"  # a full window ends it where decoding would, the root committed
+    if tracker.result.tokens != (answer if full else answer[:p - n_prompt + 1]):
         raise CloverError("the replay did not follow the reference answer: it was made with another "
                           "max_new_tokens or other stop tokens")
     return tracker.result
@@ -92,7 +93,8 @@ def replay_answer(model: SpeculativeModel, prompt: list[int], answer: list[int],
 
 class ReferenceAnswers:
     """The base model's greedy answers, computed with plain decoding the first time a prompt is asked for and kept in
-    a JSONL file (one line per prompt: a key of the base model, prompt, cap and stop tokens, and the answer)."""
+    a JSONL file (one line per prompt: a key of the model (``base_model``: its name, and dtype where it matters),
+    prompt, cap and stop tokens, and the answer)."""
 
     def __init__(self, path: Path | None, base_model: str):
         self.path, self.base_model = path, str(base_model)
@@ -158,7 +160,9 @@ def replay_answers(method: str, base_model: str, draft: str, answer_file, refere
     template = get_template(tokenizer, template_name)
     decoding = load_decoding(base_model, draft, draft_type=drafted.draft_type, tree=tree, tree_budget=tree_budget,
                              dtype=dtype, device=device, max_len=max_len)
-    reference = ReferenceAnswers(Path(reference_file) if reference_file else None, base_model)
+    # keyed by model and dtype too: another dtype can give another greedy answer
+    reference = ReferenceAnswers(Path(reference_file) if reference_file else None,
+                                 f"{base_model}|{decoding.base.dtype}")
     decoder = ReplayDecoder(decoding.model, reference, max_new_tokens, template.stop_token_ids)
     header = dict(model_id=f"{Path(str(base_model)).name}-{method}-temperature-0.0-replay",
                   base_model=str(base_model), method=method)
