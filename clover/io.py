@@ -13,6 +13,9 @@ it was. A process that is killed can leave a temporary file behind: :func:`temp_
         writer.save(tmp)
     replace_dir(tmp_folder, final_folder)    # a whole folder
 
+Logs that grow a line at a time (:func:`append_jsonl`, read back with :func:`read_jsonl`) are appended to in place,
+each line flushed to disk.
+
 Reading safetensors. :func:`open_safetensors` and :func:`read_safetensors` turn a missing, truncated or corrupt file
 into one :class:`~clover.errors.CloverError` that names the file and, when the caller gives one, how to fix it.
 
@@ -84,6 +87,25 @@ def write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> P
 def write_json(path: str | os.PathLike, data, indent: int | None = 2, **dumps_kwargs) -> Path:
     """Write ``json.dumps(data, indent=indent, **dumps_kwargs)`` and a newline to ``path`` atomically."""
     return write_text(path, json.dumps(data, indent=indent, **dumps_kwargs) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record) -> None:
+    """Append ``record`` as one JSON line to ``path`` (creating the file and its folder) and flush it to disk: a log
+    that grows a line at a time, where an interrupted run loses at most the line being written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """The records of a JSON-lines file, blank lines skipped; ``[]`` when there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 
 from clover.args import CloverArgumentParser  # noqa: E402
 from clover.errors import CloverError, run_cli  # noqa: E402
+from clover.io import read_jsonl  # noqa: E402
 from clover.evaluation.tau_spe import measure_tau  # noqa: E402
 from clover.model.checkpoint import SHIPPED_DIR, export_draft, read_draft_config  # noqa: E402
 from clover.model.registry import draft_class  # noqa: E402
@@ -32,10 +33,6 @@ from machine import cpu_flags, cpu_model  # noqa: E402  (scripts/bench/machine.p
 
 FLOOR = dict(question_end=4, max_new_tokens=64, tree="mc_sim_7b_63")  # what the floor test decodes
 FLOOR_SHARE = 0.9  # the floor: this share of the τ measured at shipping
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def training_summary(run: Path, hours: float | None = None) -> dict:

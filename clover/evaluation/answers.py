@@ -38,7 +38,7 @@ from typing import Sequence
 
 from clover.args import CloverArgumentParser
 from clover.errors import CloverError, run_cli
-from clover.io import write_text
+from clover.io import append_jsonl, write_text
 
 GROUPS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -293,13 +293,7 @@ def error_record(question_id: int, category: str, *, model_id: str, base_model: 
 
 def append_answer(path: str | os.PathLike, record: dict) -> None:
     """Append one answer as a JSON line (creating the file and its folder) and flush it to disk."""
-    _validated(record)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_jsonl(path, _validated(record))
 
 
 def _latest_answers(path: str | os.PathLike) -> list[dict]:

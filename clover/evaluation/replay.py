@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -32,10 +31,11 @@ import torch
 from clover.args import (CloverArgumentParser, add_answer_file, add_base_model, add_draft, add_dtype, add_max_len,
                          add_max_new_tokens, add_questions, add_tree)
 from clover.errors import CloverError, run_cli
+from clover.io import append_jsonl, read_jsonl
 from clover.evaluation.answers import default_question_file, done_question_ids, load_questions
 from clover.evaluation.gen_answer import answer_questions, method_parts, method_type
 from clover.generate.output import GenerationResult, OutputTracker
-from clover.generate.plain import stream_plain, _drain
+from clover.generate.plain import generate_plain
 from clover.generate.sampling import SamplingParams
 from clover.generate.speculative import SpeculativeModel
 from clover.generate.verify import accept_path
@@ -76,7 +76,7 @@ def replay_answer(model: SpeculativeModel, prompt: list[int], answer: list[int],
             fed[0, verdict.nodes] = hidden[0, p:p + verdict.accepted + 1]
             model.observe(state, tree, verdict, None, fed, depth)
             if model.cost is not None:  # the step's work outside verification, as decoding measures it
-                model.step_overhead = 0.9 * model.step_overhead + 0.1 * (time.perf_counter() - step_start)
+                model.note_step_overhead(time.perf_counter() - step_start)
             tracker.result.verified.append(tree.size)
             committed = tracker.add(verdict.committed)
             if -1 in committed:
@@ -99,11 +99,8 @@ class ReferenceAnswers:
     def __init__(self, path: Path | None, base_model: str):
         self.path, self.base_model = path, str(base_model)
         self.answers: dict[str, list[int]] = {}
-        if path is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    self.answers[record["key"]] = record["answer"]
+        for record in read_jsonl(path) if path is not None else []:
+            self.answers[record["key"]] = record["answer"]
 
     def key(self, prompt: list[int], max_new_tokens: int, stop_token_ids) -> str:
         text = json.dumps([self.base_model, prompt, max_new_tokens, sorted(stop_token_ids)])
@@ -112,14 +109,11 @@ class ReferenceAnswers:
     def get(self, base, prompt: list[int], max_new_tokens: int, stop_token_ids) -> list[int]:
         key = self.key(prompt, max_new_tokens, stop_token_ids)
         if key not in self.answers:
-            result = _drain(stream_plain(base, prompt, SamplingParams(), max_new_tokens, stop_token_ids))
+            result = generate_plain(base, prompt, params=SamplingParams(), max_new_tokens=max_new_tokens,
+                                    stop_token_ids=stop_token_ids)
             self.answers[key] = result.tokens
             if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as f:  # one whole line at a time: a cut run loses one
-                    f.write(json.dumps({"key": key, "answer": result.tokens}) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                append_jsonl(self.path, {"key": key, "answer": result.tokens})
         return self.answers[key]
 
 

@@ -10,9 +10,9 @@ positions, under its own tree mask), then accepts, commits and feeds back per ro
 With the ``auto`` tree each row's depth and node count come from the measured cost of the whole batched forward
 (:func:`clover.generate.budget.batched_verification_cost`: seconds per row for ``s`` tokens per row at this batch
 size): at a large batch an extra node costs nearly what a whole token does, so rows draft less. Whether a step drafts
-at all is measured too (:class:`clover.generate.budget.StepModePolicy`): per number of busy rows, the decoder keeps
-the tokens per second of drafting steps and of plain steps (one token per row, no draft or source calls) and takes
-the faster, trying the other now and then. Greedy decoding gives, row for row, the tokens of batch-1 decoding
+at all is measured too (:class:`clover.generate.budget.StepModePolicy`): from two busy rows on, per size class of the
+batch, the decoder keeps the tokens per second of drafting steps and of plain steps (one token per row, no draft or
+source calls) and takes the faster, trying the other now and then. Greedy decoding gives, row for row, the tokens of batch-1 decoding
 (tested).
 
     decoder = BatchedSpeculativeDecoder(model, batch_size=16, max_len=1024)
@@ -85,8 +85,8 @@ class BatchedSpeculativeDecoder:
         self.costs: dict[int, torch.Tensor] = {}  # per busy-row count: seconds per row to verify s tokens per row
         self.stats = {"steps": 0, "drafting_steps": 0, "new_tokens": 0, "verified_tokens": 0, "row_steps": 0,
                       "completions": 0}
-        # drafting or plain steps, by measured throughput per busy-row count from 2 rows on (``auto`` tree only; a
-        # fixed tree or budget always drafts, as asked)
+        # drafting or plain steps, by measured throughput per batch size class from 2 rows on (``auto`` tree only;
+        # a fixed tree or budget always drafts, as asked)
         self.modes = StepModePolicy() if self.model is not None and self.model.cost is not None else None
 
     @property

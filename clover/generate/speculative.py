@@ -210,6 +210,11 @@ class SpeculativeModel:
             if state.runner is not None:
                 state.pending.append((hidden[i:i + 1], verdict.bonus.reshape(1, 1)))
 
+    def note_step_overhead(self, seconds: float) -> None:
+        """A step spent ``seconds`` outside its verification forward: the running mean that the ``auto`` tree adds
+        to each size's verification cost."""
+        self.step_overhead = 0.9 * self.step_overhead + 0.1 * max(seconds, 0.0)
+
     @contextlib.contextmanager
     def _drafting(self, state: DraftState):
         """The draft reads and writes ``state``'s cache inside the block (its own cache again after it)."""
@@ -282,8 +287,8 @@ class SpeculativeModel:
             base.commit(past, verdict.nodes)
             self.observe(state, tree, verdict, out.logits[0], getattr(out, self.hidden_attr), depth)
             if self.cost is not None:  # what the step cost beyond the verification forward's measured price
-                spent = time.perf_counter() - step_start - float(self.cost[min(tree.size, self.cost.numel() - 1)])
-                self.step_overhead = 0.9 * self.step_overhead + 0.1 * max(spent, 0.0)
+                self.note_step_overhead(time.perf_counter() - step_start
+                                        - float(self.cost[min(tree.size, self.cost.numel() - 1)]))
             root = verdict.bonus
             tracker.result.verified.append(tree.size)
             yield tracker.add(verdict.committed)

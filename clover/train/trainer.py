@@ -19,7 +19,6 @@ to ``OUTDIR/metrics.jsonl``, and write ``OUTDIR/epoch_{k}/``; after the last epo
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from clover.errors import CloverError, run_cli
 from clover.ge_data.dataset import HiddenStateDataset
+from clover.io import append_jsonl
 from clover.model.base import BaseModel, parse_dtype
 from clover.model.checkpoint import init_draft, load_draft, top_tokens
 from clover.model.kernels import bf16_training_pays
@@ -293,8 +293,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[Metrics, torch.Tensor, int, torch
                          **run.held_out().summary("test_")}
             model.train()
             if accelerator.is_main_process:
-                with open(run.cpdir / "evals.jsonl", "a") as f:
-                    f.write(json.dumps(point) + "\n")
+                append_jsonl(run.cpdir / "evals.jsonl", point)
         if args.snapshot_every and run.global_step % args.snapshot_every == 0:
             save_snapshot(accelerator, model, run.cpdir, run.global_step)
         if run.global_step == run.stable_end and run.stable_end < run.total_steps:
@@ -335,8 +334,7 @@ def end_epoch(run: Run, epoch: int, sums: Metrics, tokens: torch.Tensor, fresh: 
             summary["chain_acc"] = (correct / counted.clamp(min=1)).tolist()
     if accelerator.is_main_process:
         accelerator.print(format_summary(summary, args.epochs, draft.train_heads))
-        with open(run.cpdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(summary) + "\n")
+        append_jsonl(run.cpdir / "metrics.jsonl", summary)
     if run.trackers:
         accelerator.log({f"epoch/{k}": v for k, v in summary.items() if not isinstance(v, list)}, step=run.global_step)
     if done == len(run.loader):  # after the evaluation, as the uninterrupted run's next epoch starts after it

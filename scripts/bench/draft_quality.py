@@ -28,7 +28,7 @@ import torch
 from clover.args import CloverArgumentParser, add_base_model, add_data_dir, add_dtype, add_max_len, add_seed
 from clover.errors import CloverError, run_cli
 from clover.ge_data.dataset import HiddenStateDataset
-from clover.io import write_json
+from clover.io import read_jsonl, write_json
 from clover.model.base import BaseModel
 from clover.model.checkpoint import load_draft
 from clover.model.registry import draft_class
@@ -110,7 +110,7 @@ def final_accuracy(cpdir: Path, args, base: BaseModel, test_set) -> dict:
 
 
 def read_curve(cpdir: Path) -> list[dict]:
-    points = [json.loads(line) for line in (cpdir / "evals.jsonl").read_text().splitlines() if line.strip()]
+    points = read_jsonl(cpdir / "evals.jsonl")
     return [{"step": p["step"], "top1": [p[k] for k in sorted((k for k in p if k.startswith("test_top1_")),
                                                                 key=lambda k: int(k.rsplit("_", 1)[1]))]}
             for p in points]

@@ -31,15 +31,11 @@ from clover.args import CloverArgumentParser, add_questions, positive_int
 from clover.errors import CloverError, run_cli
 from clover.evaluation.answers import is_success, load_answers
 from clover.evaluation.tau_spe import tau_report
-from clover.io import write_json
+from clover.io import read_jsonl, write_json
 from clover.model.registry import draft_class
 from machine import cpu_flags, cpu_model  # scripts/bench/machine.py, beside this script
 
 TREES = {"mc_sim_7b_63": ["--tree", "mc_sim_7b_63"], "auto": ["--tree", "dynamic", "--tree-budget", "auto"]}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def checkpoints(cpdir: Path, steps: list[str], final: str | None = None) -> dict[str, Path | str]:
@@ -158,10 +154,12 @@ def main(argv=None) -> None:
                 result["drafts"][name]["tau"].append({"step": step, "tokens": tokens_at(cpdir, step), "tree": tree,
                                                       "answers": str(out)})
     cores = os.cpu_count() or 1
+    rest = jobs
     if jobs and not args.decode:  # the first replay, alone, decodes the reference answers that all the others read
         answer(jobs[0], args, cores)
+        rest = jobs[1:]
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda job: answer(job, args, max(1, cores // args.jobs)), jobs))
+        list(pool.map(lambda job: answer(job, args, max(1, cores // args.jobs)), rest))
     print(f"{cpu_model()}; flags {' '.join(cpu_flags())}")
     print(f"τ {'by decoding' if args.decode else 'by replay'}; 'check': where {args.run / 'curve'} also has the "
           f"point measured the other way, τ by replay / by decoding on the questions both answered")
