@@ -62,11 +62,20 @@ def main(argv=None) -> None:
 
         types, draft_type = "|".join(draft_names()), rest[0] if rest else None
         if draft_type in ("-h", "--help"):
-            print(f"usage: clover train {types} [flags]   (clover train {draft_names()[0]} --help lists the flags)")
+            print(f"usage: clover train {types} [flags]   (clover train {draft_names()[0]} --help lists the flags)\n"
+                  f"       clover train {','.join(draft_names())} [flags]   (several drafts on one base pass, each in "
+                  f"OUTDIR/<type>/)")
+            return
+        if draft_type is not None and "," in draft_type:  # several drafts on one base pass
+            from clover.train.joint import main as joint_main
+
+            with invoked_as(f"clover train {draft_type}"):
+                joint_main(draft_type.lower().split(","), rest[1:])
             return
         if draft_type is None or draft_type.lower() not in draft_names():
-            print(f"error: clover train needs the draft type first: clover train {types} [flags] (got "
-                  f"{draft_type!r})", file=sys.stderr)
+            print(f"error: clover train needs the draft type first: clover train {types} [flags], or several "
+                  f"trained together: clover train {','.join(draft_names())} [flags] (got {draft_type!r})",
+                  file=sys.stderr)
             raise SystemExit(2)
         from clover.train.trainer import main as train_main
 

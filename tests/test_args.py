@@ -146,6 +146,10 @@ ENTRY_POINTS = {
                 {**{flag: ["--" + flag[2:].replace("-", "_")] for flag in TRAIN_FLAGS},
                  "--outdir": ["--ckpt-dir", "--cpdir"]})
        for module, draft_type in (("clover.train.main_clover2", "clover2"), ("clover.train.main", "eagle"))},
+    "clover.train.joint": (lambda argv: importlib.import_module("clover.train.joint").main(["clover2", "eagle"], argv),
+                           TRAIN_REQUIRED, ["--base-model", "--data-dir", "--outdir", "--max-len", *TRAIN_FLAGS],
+                           {**{flag: ["--" + flag[2:].replace("-", "_")] for flag in TRAIN_FLAGS},
+                            "--outdir": ["--ckpt-dir", "--cpdir"]}),
     "scripts/bench/ge_data.py": (bench_main("ge_data", False), {}, ["--base-model", "--max-len"], {}),
     "scripts/bench/speculative.py": (bench_main("speculative", False), {},
                                      ["--base-model", "--question-file", "--question-begin", "--question-end",
@@ -157,6 +161,8 @@ ENTRY_POINTS = {
                                     {}),
     "scripts/bench/draft_quality.py": (bench_main("draft_quality", True), {"--data-dir": "data"},
                                        ["--base-model", "--data-dir", "--max-len"], {}),
+    "scripts/bench/train_paths.py": (bench_main("train_paths", True), {"--conversations": "c.jsonl"},
+                                     ["--base-model", "--max-len"], {}),
 }
 
 

@@ -8,6 +8,7 @@ real forward; since the tiny base has no tokenizer, messages carry token ids and
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -409,3 +410,37 @@ def test_online_training_trains_and_resumes(tmp_path):
     assert history[-1]["tokens"] > 0 and "test_top1_0" in history[-1]
     error = launch("main", *args, "--data-dir", tmp_path)
     assert error.returncode == 2 and "not both" in error.stderr
+
+
+def test_drafts_trained_together_equal_drafts_trained_alone(tmp_path):
+    """clover train clover2,eagle: one base pass for both drafts, each ending exactly where it ends trained alone, also
+    when the joint run is stopped and resumed."""
+    data = conversations_file(tmp_path / "c.jsonl")
+    args = ["--conversations", data, "--max-len", "64", "--bs", "2", "--num_workers", "0", "--test_fraction", "0.2",
+            "--warmup_steps", "1", "--epochs", "2", "--lr", "1e-3"]
+    for module, draft_type in (("main_clover2", "clover2"), ("main", "eagle")):
+        ok(launch(module, *args, "--outdir", tmp_path / "alone" / draft_type))
+    joint = ["clover2,eagle", *args, "--outdir", tmp_path / "together"]
+    ok(launch("joint", *joint, "--max_steps", "5"))  # inside epoch 2 (4 optimizer steps an epoch)
+    result = ok(launch("joint", *joint, "--resume"))
+    assert result.stdout.count("resumed from") == 2
+    batches = re.search(r"the base model computed (\d+) of the (\d+) batches the 2 drafts read", result.stdout)
+    assert batches and 2 * int(batches[1]) <= int(batches[2])  # each batch's states computed once at most
+    for draft_type in ("clover2", "eagle"):
+        same_weights(tmp_path / "alone" / draft_type / "final", tmp_path / "together" / draft_type / "final")
+        alone, together = ((tmp_path / where / draft_type / "metrics.jsonl").read_text().splitlines()[-1]
+                           for where in ("alone", "together"))
+        assert json.loads(alone)["test_loss"] == json.loads(together)["test_loss"]
+    error = launch("joint", "clover2,clover2", *args, "--outdir", tmp_path / "x")
+    assert error.returncode == 2 and "two or more different draft types" in error.stderr
+
+
+def test_drafts_trained_together_from_a_dump(setup):
+    """The same from dumped shards (no base pass to share; the drafts still take turns on the same batches)."""
+    s = setup
+    root = s["root"] / "together_offline"
+    for module, draft_type in (("main_clover2", "clover2"), ("main", "eagle")):
+        ok(launch(module, *common(s, root / "alone" / draft_type, "--epochs", "1")))
+    ok(launch("joint", "clover2,eagle", *common(s, root / "together", "--epochs", "1")))
+    for draft_type in ("clover2", "eagle"):
+        same_weights(root / "alone" / draft_type / "final", root / "together" / draft_type / "final")

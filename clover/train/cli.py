@@ -39,6 +39,9 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
                    help="chat template (default auto: the tokenizer's own, else vicuna) of --conversations")
     p.add_argument("--max-conversations", type=positive_int, default=None, metavar="N",
                    help="train on N of --conversations, drawn with --seed (default: all)")
+    p.add_argument("--skip-conversations", type=non_negative_int, default=0, metavar="N",
+                   help="leave out the first N of --conversations as --seed shuffles them (those an earlier run with "
+                        "the same --seed trained on) and draw --max-conversations from the rest")
     add_outdir(p, "epoch_{k}/, final/ (the draft generation loads), metrics.jsonl", required=True,
                also=("--ckpt-dir", "--cpdir"))
     p.add_argument("--evaldata", default=None, help="monitoring data folder (clover data --eval) for chain accuracy")
@@ -47,7 +50,8 @@ def build_parser(draft_type: str) -> argparse.ArgumentParser:
     p.add_argument("--init-draft", default=None, metavar="NAME|FOLDER",
                    help="start from this draft's weights and config instead of a new draft, with a fresh optimizer "
                         "and schedule: a shipped draft's name (e.g. clover2-smollm2-135m-instruct) or a checkpoint "
-                        "folder (a run's final/); how a shipped draft is trained further")
+                        "folder (a run's final/); how a shipped draft is trained further (drafts trained together: "
+                        "one per draft type, comma-separated in their order)")
     add_option(p, "--draft-vocab-size", "--draft_vocab_size", type=non_negative_int, default=None, metavar="K",
                help="draft vocabulary: the K most frequent reply tokens of the training split (0 = the whole "
                     "vocabulary, the default); several times cheaper heads for a base with a large vocabulary, "

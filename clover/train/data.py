@@ -14,6 +14,8 @@ file (same seed) see the same conversations in each split.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from tqdm import tqdm
 
@@ -66,20 +68,39 @@ class ConversationDataset(torch.utils.data.Dataset):
 class OnlineCollate:
     """:func:`clover.ge_data.dataset.collate`, then the base model's pre-norm hidden states (``hidden_prenorm [B, T,
     H]``, zero past each row's end, a tensor autograd may use): each conversation alone through the dump's stateless
-    full-sequence forward, so no padding is computed and the states are the dump's."""
+    full-sequence forward, so no padding is computed and the states are the dump's.
+
+    The states of the last few batches are kept: drafts trained together (:mod:`clover.train.joint`) draw the same
+    batches one after the other from one dataset, so the base model runs once per batch for all of them."""
+
+    KEEP = 8  # batches
 
     def __init__(self, base: BaseModel):
         self.base = base
+        self.recent: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.batches = self.base_batches = 0  # batches collated; those the base model computed (not kept ones)
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         batch = collate(items)
-        hidden = torch.zeros(*batch["input_ids"].shape, self.base.args.hidden_size, dtype=self.base.dtype)
+        self.batches += 1
+        key = tuple((item["input_ids"].data_ptr(), item["input_ids"].numel()) for item in items)
+        if key in self.recent:
+            self.recent.move_to_end(key)
+        else:
+            self.recent[key] = self._hidden(items, batch["input_ids"].shape)
+            self.base_batches += 1
+            if len(self.recent) > self.KEEP:
+                self.recent.popitem(last=False)
+        batch["hidden_prenorm"] = self.recent[key].clone()  # each draft's batch its own tensor
+        return batch
+
+    def _hidden(self, items: list[dict[str, torch.Tensor]], shape) -> torch.Tensor:
+        hidden = torch.zeros(*shape, self.base.args.hidden_size, dtype=self.base.dtype)
         for row, item in enumerate(items):
             ids = item["input_ids"]
             out = self.base(ids[None].to(self.base.device), use_cache=False, logits_to_keep=0)
             hidden[row, :ids.numel()] = out.hidden_prenorm[0].cpu()
-        batch["hidden_prenorm"] = hidden
-        return batch
+        return hidden
 
 
 def collate_for(dataset):
@@ -96,7 +117,10 @@ def load_data(args, base) -> tuple[torch.utils.data.Dataset, torch.utils.data.Da
     if args.conversations:
         conversations, _ = load_conversations(args.conversations)
         # the dump's order (clover data shuffles with --seed), so that the held-out split is the dump's too
-        conversations = select_conversations(conversations, 0, args.max_conversations, args.seed)
+        skip, count = args.skip_conversations, args.max_conversations
+        conversations = select_conversations(conversations, skip, None if count is None else skip + count, args.seed)
+        if not conversations:
+            raise CloverError(f"--skip-conversations {skip} leaves none of the conversations in {args.conversations}")
         encoded = encode(conversations, get_template(load_tokenizer(args.base_model), args.template), max_len)
         train_set = ConversationDataset(encoded, base, split="train", **split)
         test_set = ConversationDataset(encoded, base, split="test", **split)

@@ -1,4 +1,5 @@
-"""What the trainer computes on a batch: the draft's inputs and loss, held-out metrics, and chain accuracy.
+"""What the trainer computes on a batch: the draft's inputs and loss, held-out metrics, chain accuracy, and the
+epoch's summary line.
 
 Every draft reads a base hidden state ``h_t`` (pre-norm or post-norm, as its ``hidden_kind`` says) paired with the
 next token ``x_{t+1}`` and is trained towards the post-norm state ``h_{t+1}``; the post-norm states are recomputed
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from clover.model.losses import Metrics, target_from_prenorm
+from clover.model.losses import TOPK, Metrics, target_from_prenorm
 from clover.train.data import collate_for
 
 
@@ -84,3 +85,16 @@ def chain_counts(draft, dataset, batch_size: int) -> torch.Tensor:
             counts[0, k] += (eligible & hit).sum().item()
             counts[1, k] += eligible.sum().item()
     return counts
+
+
+def format_summary(s: dict, epochs: int, n_heads: int) -> str:
+    """One console line per epoch: losses, held-out per-head top-1/2/3, chain accuracy per depth, throughput."""
+    parts = [f"epoch {s['epoch']}/{epochs}", f"step {s['step']}", f"train loss {s['train_loss']:.4f}"]
+    if "test_loss" in s:
+        parts.append(f"test loss {s['test_loss']:.4f}")
+        for k in TOPK:
+            parts.append(f"top-{k} " + " ".join(f"{s[f'test_top{k}_{i}']:.3f}" for i in range(n_heads)))
+    if "chain_acc" in s:
+        parts.append("chain " + " ".join(f"{a:.3f}" for a in s["chain_acc"]))
+    parts.append(f"{s['tokens_per_s']:.0f} tok/s")
+    return " | ".join(parts)

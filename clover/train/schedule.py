@@ -53,14 +53,21 @@ class EpochSampler(torch.utils.data.Sampler):
 class Clock:
     """The run's wall-clock budget: ``--max-time`` (stop; None = none) and ``--save-every`` (checkpoint; 0 = never),
     measured from the start of training in this process and agreed on by all processes (one small all-reduce per
-    optimizer step)."""
+    optimizer step). Drafts trained together share one clock, which decides once per optimizer step, so that they
+    stop and checkpoint at the same step."""
 
     def __init__(self, accelerator, max_time: float | None, save_every: float | None):
         self.accelerator, self.max_time, self.save_every = accelerator, max_time, save_every
         self.start = self.saved = time.perf_counter()
+        self._decided: tuple[int, tuple[bool, bool]] | None = None  # (optimizer step, its decision)
 
-    def check(self) -> tuple[bool, bool]:
-        """``(stop, save)`` now."""
+    def check(self, step: int) -> tuple[bool, bool]:
+        """``(stop, save)`` at optimizer step ``step``: decided at the first call for that step."""
+        if self._decided is None or self._decided[0] != step:
+            self._decided = step, self._decide()
+        return self._decided[1]
+
+    def _decide(self) -> tuple[bool, bool]:
         if self.max_time is None and not self.save_every:
             return False, False
         now = time.perf_counter()

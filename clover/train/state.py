@@ -89,6 +89,22 @@ def load_rng(folder: Path, rank: int) -> None:
     random.setstate((version, tuple(python_state), gauss))
 
 
+def capture_rng() -> tuple:
+    """This process's random number generators (torch CPU and CUDA, numpy, Python), to :func:`restore_rng` later:
+    how several drafts trained in one process each keep their own streams."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda, np.random.get_state(), random.getstate()
+
+
+def restore_rng(states: tuple) -> None:
+    cpu, cuda, numpy_state, python_state = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
+
+
 # ---- the whole state ------------------------------------------------------------------------------------------------
 def save_state(folder: Path, accelerator, model, optimizer, scheduler, progress: dict,
                extra: dict[str, torch.Tensor] | None = None) -> None:

@@ -10,8 +10,9 @@ and evaluation; the train/test split is sorted and seeded; checkpoints (:mod:`cl
 and its whole training state without pickle, and a resumed run continues bit for bit where the checkpoint stood, inside
 an epoch too.
 
-Read top to bottom: :func:`setup` builds a :class:`Run` (data, draft, optimizer, accelerator), :func:`train_epoch`
-runs one epoch, :func:`end_epoch` evaluates, logs and checkpoints it, :func:`train` strings them together. Per
+Read top to bottom: :func:`setup` builds a :class:`Run` (data, draft, optimizer, accelerator), :func:`epoch_steps`
+runs one epoch (a batch per step of a generator, so that :mod:`clover.train.joint` can interleave several drafts),
+:func:`end_epoch` evaluates, logs and checkpoints it, :func:`run_steps` strings the epochs together. Per
 epoch: train, evaluate the held-out split with the training loss (per-head top-1/2/3 summed exactly across
 processes), measure the top-1 chain accuracy on the monitoring set (``--evaldata``), print one summary line, append it
 to ``OUTDIR/metrics.jsonl``, and write ``OUTDIR/epoch_{k}/``; after the last epoch (or a ``--max-time`` /
@@ -38,13 +39,13 @@ from clover.io import append_jsonl
 from clover.model.base import BaseModel, parse_dtype
 from clover.model.checkpoint import init_draft, load_draft, top_tokens
 from clover.model.kernels import bf16_training_pays
-from clover.model.losses import TOPK, Metrics
+from clover.model.losses import Metrics
 from clover.model.registry import draft_class
 from clover.train.checkpoints import (STATE, check_resumable, data_order, resume_point, save_checkpoint, save_final,
                                       save_snapshot)
 from clover.train.cli import build_parser, check_data_source, read_overrides
 from clover.train.data import collate_for, hidden_sample, load_data
-from clover.train.evaluate import batch_loss, chain_counts, evaluate, shard
+from clover.train.evaluate import batch_loss, chain_counts, evaluate, format_summary, shard
 from clover.train.schedule import Clock, EpochSampler, decay_start, lr_factor
 from clover.train.state import load_rng, load_state
 
@@ -102,6 +103,7 @@ class Run:
     resume_extra: dict = field(default_factory=dict)  # the interrupted epoch's running metrics
     stop_reason: str | None = None        # why the run stopped before its last epoch ended (--max-time)
     tokens_seen: float = 0.0              # training tokens so far: every session, every process
+    shared: tuple | None = None           # (base, (train, test, monitor)) for further drafts trained beside this one
 
     @property
     def total_steps(self) -> int:
@@ -146,9 +148,10 @@ def new_draft(args, draft_type: str, base, train_set, overrides: dict, accelerat
     return init_draft(draft_type, base, draft_vocab=draft_vocab, hidden_sample=hidden_sample(train_set), **overrides)
 
 
-def setup(args, draft_type: str) -> Run:
+def setup(args, draft_type: str, shared: tuple | None = None, keep_shared: bool = False) -> Run:
     """Data, draft (new, or restored from a checkpoint with ``--resume`` / ``--resume-from``), optimizer and
-    schedule."""
+    schedule. ``shared``: the base model and data splits of a run this one trains beside (``keep_shared``: keep this
+    run's in ``Run.shared`` for that)."""
     cls = draft_class(draft_type)
     check_data_source(args)
     overrides = read_overrides(args, cls)
@@ -158,8 +161,10 @@ def setup(args, draft_type: str) -> Run:
     bf16 = accelerator.mixed_precision == "bf16"
     device = accelerator.device if accelerator.device.type == "cuda" else torch.device("cpu")  # not "cpu:<rank>"
     set_seed(args.seed)
-    base = BaseModel.from_pretrained(args.base_model, dtype="bf16" if bf16 else "fp32", device=device, max_len=1)
-    train_set, test_set, monitor = load_data(args, base)
+    if shared is None:
+        base = BaseModel.from_pretrained(args.base_model, dtype="bf16" if bf16 else "fp32", device=device, max_len=1)
+        shared = base, load_data(args, base)
+    base, (train_set, test_set, monitor) = shared
     draft = new_draft(args, draft_type, base, train_set, overrides, accelerator)
     draft.gradient_checkpointing = args.gradient_checkpointing
     progress = check_resumable(resume_from, args, draft, base) if resume_from is not None else None
@@ -182,7 +187,8 @@ def setup(args, draft_type: str) -> Run:
         decay_fraction=args.decay_fraction))
     model, optimizer, loader, scheduler = accelerator.prepare(draft, optimizer, loader, scheduler)
     run = Run(args, accelerator, draft, model, optimizer, scheduler, loader, train_set, test_set, monitor, cpdir,
-              steps_per_epoch, Clock(accelerator, args.max_time, args.save_every))
+              steps_per_epoch, Clock(accelerator, args.max_time, args.save_every),
+              shared=shared if keep_shared else None)
 
     if accelerator.is_main_process:
         cpdir.mkdir(parents=True, exist_ok=True)
@@ -242,11 +248,11 @@ def _resumed_sums(run: Run) -> tuple[Metrics, torch.Tensor]:
     return Metrics.from_vector(extra["epoch_metrics"].to(device), heads), extra["epoch_tokens"][0]
 
 
-def train_epoch(run: Run, epoch: int) -> tuple[Metrics, torch.Tensor, int, torch.Tensor]:
+def epoch_steps(run: Run, epoch: int):
     """One pass over the training split (the rest of it after a resume inside the epoch; up to ``--max-steps`` or
-    ``--max-time``); returns the epoch's summed training metrics and tokens, the batches done, and the tokens of this
-    call. Along the way: held-out evaluations (``--eval-every``), snapshots (``--snapshot-every``), timed checkpoints
-    (``--save-every``) and, for a wsd schedule, ``stable/``."""
+    ``--max-time``), a generator that yields after each batch; returns the epoch's summed training metrics and
+    tokens, the batches done, and the tokens of this call. Along the way: held-out evaluations (``--eval-every``),
+    snapshots (``--snapshot-every``), timed checkpoints (``--save-every``) and, for a wsd schedule, ``stable/``."""
     args, accelerator, model, draft = run.args, run.accelerator, run.model, run.draft
     model.train()
     run.loader.set_epoch(epoch)
@@ -258,7 +264,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[Metrics, torch.Tensor, int, torch
         load_rng(run.resume_state, accelerator.process_index)
         run.resume_state = None
     noise = draft.training_noise
-    bar = tqdm(loader, total=len(run.loader), initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}",
+    bar = tqdm(loader, total=len(run.loader), initial=skip, desc=f"{draft.label} epoch {epoch + 1}/{args.epochs}",
                disable=not accelerator.is_local_main_process)
     for batch in bar:
         if run.resume_state is not None:  # saved inside the epoch, after its loader drew its seed: restore now
@@ -281,6 +287,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[Metrics, torch.Tensor, int, torch
         n = batch["attention_mask"].sum().item()
         tokens, fresh, done = tokens + n, fresh + n, done + 1
         if not accelerator.sync_gradients:
+            yield
             continue
         run.global_step += 1
         lr = run.scheduler.get_last_lr()[0]
@@ -300,13 +307,14 @@ def train_epoch(run: Run, epoch: int) -> tuple[Metrics, torch.Tensor, int, torch
             _checkpoint(run, "stable", epoch, done, sums, tokens, fresh)
             accelerator.print(f"\nstable phase over at optimizer step {run.global_step}: {run.cpdir / 'stable'} "
                               f"extends the run (--resume-from it with more --epochs)")
-        stop, save = run.clock.check()
+        stop, save = run.clock.check(run.global_step)
         if stop:
             run.stop_reason = f"--max-time {args.max_time:g} s"
         if _stopped(run):
             break
         if save and done < len(run.loader):
             _checkpoint(run, f"step_{run.global_step}", epoch, done, sums, tokens, fresh)
+        yield
     bar.close()
     run.tokens_seen = _seen(run, fresh)
     return sums, tokens, done, fresh
@@ -333,7 +341,7 @@ def end_epoch(run: Run, epoch: int, sums: Metrics, tokens: torch.Tensor, fresh: 
             correct, counted = run.total(chain_counts(draft, subset, args.bs))
             summary["chain_acc"] = (correct / counted.clamp(min=1)).tolist()
     if accelerator.is_main_process:
-        accelerator.print(format_summary(summary, args.epochs, draft.train_heads))
+        accelerator.print(f"{draft.label}: {format_summary(summary, args.epochs, draft.train_heads)}")
         append_jsonl(run.cpdir / "metrics.jsonl", summary)
     if run.trackers:
         accelerator.log({f"epoch/{k}": v for k, v in summary.items() if not isinstance(v, list)}, step=run.global_step)
@@ -342,39 +350,44 @@ def end_epoch(run: Run, epoch: int, sums: Metrics, tokens: torch.Tensor, fresh: 
     return summary
 
 
-def format_summary(s: dict, epochs: int, n_heads: int) -> str:
-    """One console line per epoch: losses, held-out per-head top-1/2/3, chain accuracy per depth, throughput."""
-    parts = [f"epoch {s['epoch']}/{epochs}", f"step {s['step']}", f"train loss {s['train_loss']:.4f}"]
-    if "test_loss" in s:
-        parts.append(f"test loss {s['test_loss']:.4f}")
-        for k in TOPK:
-            parts.append(f"top-{k} " + " ".join(f"{s[f'test_top{k}_{i}']:.3f}" for i in range(n_heads)))
-    if "chain_acc" in s:
-        parts.append("chain " + " ".join(f"{a:.3f}" for a in s["chain_acc"]))
-    parts.append(f"{s['tokens_per_s']:.0f} tok/s")
-    return " | ".join(parts)
-
-
 # ---- the run --------------------------------------------------------------------------------------------------------
 def main(draft_type: str, argv=None) -> None:
     """CLI entry point: parse ``argv`` and train; bad input ends with one ``error:`` line and exit status 2."""
     run_cli(lambda: train(build_parser(draft_type).parse_args(argv), draft_type))
 
 
-def train(args, draft_type: str) -> list[dict]:
-    """Train a ``draft_type`` draft as ``args`` (see :func:`clover.train.cli.build_parser`) say; returns the
-    per-epoch summaries."""
-    run = setup(args, draft_type)
+def run_steps(run: Run):
+    """The whole run, a generator that yields after each batch (:mod:`clover.train.joint` interleaves several runs
+    batch by batch); returns the per-epoch summaries."""
     history = []
-    for epoch in range(run.start_epoch, args.epochs):
+    for epoch in range(run.start_epoch, run.args.epochs):
         if _stopped(run):
             break
         start = time.perf_counter()
-        sums, tokens, done, fresh = train_epoch(run, epoch)
+        sums, tokens, done, fresh = yield from epoch_steps(run, epoch)
         history.append(end_epoch(run, epoch, sums, tokens, fresh, time.perf_counter() - start, done))
+    return history
+
+
+def finish(run: Run) -> None:
+    """``OUTDIR/final/`` and the closing lines."""
     save_final(run.accelerator, run.model, run.cpdir)
     if run.stop_reason:
         run.accelerator.print(f"stopped by {run.stop_reason} at optimizer step {run.global_step}; --resume continues")
     run.accelerator.print(f"final draft: {run.cpdir / 'final'}")
     run.accelerator.end_training()
+
+
+def train(args, draft_type: str) -> list[dict]:
+    """Train a ``draft_type`` draft as ``args`` (see :func:`clover.train.cli.build_parser`) say; returns the
+    per-epoch summaries."""
+    run = setup(args, draft_type)
+    steps = run_steps(run)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            history = end.value
+            break
+    finish(run)
     return history
