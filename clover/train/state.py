@@ -64,13 +64,26 @@ def load_optimizer(folder: Path, optimizer) -> None:
 
 
 # ---- random number generators ---------------------------------------------------------------------------------------
+def capture_rng() -> tuple:
+    """This process's random number generators (torch CPU and CUDA, numpy, Python), to :func:`restore_rng` later:
+    what a checkpoint saves, and how several drafts trained in one process each keep their own streams."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda, np.random.get_state(), random.getstate()
+
+
+def restore_rng(states: tuple) -> None:
+    cpu, cuda, numpy_state, python_state = states
+    torch.set_rng_state(cpu)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
+
+
 def save_rng(folder: Path, rank: int) -> None:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
-    version, python_state, gauss = random.getstate()
+    cpu, cuda, (kind, keys, pos, has_gauss, cached), (version, python_state, gauss) = capture_rng()
+    tensors = {"torch": cpu, "numpy": torch.from_numpy(keys.astype(np.int64))}
+    tensors |= {f"cuda.{i}": s for i, s in enumerate(cuda or [])}
     save_safetensors(folder / f"rng_{rank}.safetensors", tensors)
     write_json(folder / f"rng_{rank}.json", {"numpy": [kind, pos, has_gauss, cached],
                                              "python": [version, list(python_state), gauss]}, indent=None)
@@ -79,30 +92,11 @@ def save_rng(folder: Path, rank: int) -> None:
 def load_rng(folder: Path, rank: int) -> None:
     tensors = _tensors(folder / f"rng_{rank}.safetensors")
     meta = _read_json(folder / f"rng_{rank}.json")
-    torch.set_rng_state(tensors["torch"])
-    cuda = sorted((int(k.split(".")[1]), v) for k, v in tensors.items() if k.startswith("cuda."))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([v for _, v in cuda])
+    cuda = [v for _, v in sorted((int(k.split(".")[1]), v) for k, v in tensors.items() if k.startswith("cuda."))]
     kind, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, python_state, gauss = meta["python"]
-    random.setstate((version, tuple(python_state), gauss))
-
-
-def capture_rng() -> tuple:
-    """This process's random number generators (torch CPU and CUDA, numpy, Python), to :func:`restore_rng` later:
-    how several drafts trained in one process each keep their own streams."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return torch.get_rng_state(), cuda, np.random.get_state(), random.getstate()
-
-
-def restore_rng(states: tuple) -> None:
-    cpu, cuda, numpy_state, python_state = states
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-    np.random.set_state(numpy_state)
-    random.setstate(python_state)
+    restore_rng((tensors["torch"], cuda, (kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached),
+                 (version, tuple(python_state), gauss)))
 
 
 # ---- the whole state ------------------------------------------------------------------------------------------------
