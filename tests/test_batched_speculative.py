@@ -107,6 +107,27 @@ def test_fixed_tree_rows_equal_batch_one(tiny_base):
         assert results[r.tag].tokens == batch_one(make(tiny_base, "clover2", tree="mc_sim_7b_63", budget=None), r)
 
 
+def test_the_draft_runs_once_per_step_and_tree_level_for_all_rows(tiny_base):
+    """Three rows drafting the fixed tree: each step feeds every row's committed pairs to the draft in one call and
+    expands each of the tree's four levels in one call for every row; no row allocates a draft cache of its own."""
+    model = make(tiny_base, "clover2", tree="mc_sim_7b_63", budget=None)
+    decoder = BatchedSpeculativeDecoder(model, batch_size=3, max_len=128)
+    calls = []
+    for name in ("start", "expand"):
+        method = getattr(decoder.drafter, name)
+        setattr(decoder.drafter, name,
+                lambda rows, *args, _m=method, _n=name: calls.append((_n, rows)) or _m(rows, *args))
+    reqs = [SpeculativeRequest(list(range(3 + i, 9 + 2 * i)), max_new_tokens=10, tag=i, stop_token_ids=())
+            for i in range(3)]
+    for event in decoder.run(reqs):
+        if event.tag == 0 and not event.finish_reason:
+            assert all(row is None or row.state.cache is None for row in decoder.rows)
+    starts = [rows for name, rows in calls if name == "start"]
+    assert len(starts) == decoder.stats["steps"] and starts[0] == [0, 1, 2]
+    assert [name for name, _ in calls] == ["start", "expand", "expand", "expand", "expand"] * len(starts)
+    assert [rows for name, rows in calls[1:5]] == [[0, 1, 2]] * 4
+
+
 def test_sampled_rows_follow_the_base_distribution(tmp_path):
     """The first two tokens of 4,000 sampled requests (T=0.7, top-p 0.9, a seed each), decoded eight rows at a time,
     follow the base model's distribution, draft tokens accepted along the way."""
@@ -139,10 +160,17 @@ def test_auto_budget_rows_stay_exact_and_use_the_batched_cost(tiny_base):
     model = make(tiny_base, "clover2", budget="auto")
     decoder = BatchedSpeculativeDecoder(model, batch_size=4, max_len=96)
     reqs = requests(6, seed=3)
+    used = set()  # the draft costs the rows' depth policies weighed
+    decoder.step = lambda step=decoder.step: used.update(
+        row.state.depth_policy.start_cost for row in decoder.rows if row is not None) or step()
     results = run_all(decoder, reqs)
     for r in reqs:
         assert results[r.tag].tokens == batch_one(make(tiny_base, "clover2", budget=6), r)
     assert set(decoder.costs) <= {1, 2, 3, 4} and 4 in decoder.costs
+    # the draft's cost per row was measured on its batch runner for each batch size that drafted, and used
+    assert set(decoder.draft_costs) <= set(decoder.costs) and 4 in decoder.draft_costs
+    assert all(start > 0 and level > 0 for start, level in decoder.draft_costs.values())
+    assert decoder.draft_costs[4][0] in used
     assert 0 < decoder.stats["drafting_steps"] < decoder.stats["steps"]  # both kinds of step were measured
 
 

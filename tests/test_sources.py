@@ -16,7 +16,7 @@ from clover.generate.recycle import TokenRecycling
 from clover.generate.sampling import SamplingParams, processed_probs
 from clover.generate.sources import split_drafts
 from clover.generate.speculative import SpeculativeModel
-from clover.generate.tree import Candidates, cap_siblings, merge_candidates, select_tree
+from clover.generate.candidates import Candidates, cap_siblings, merge_candidates, select_tree
 from clover.generate.verify import verify_tree
 from clover.model.base import BaseModel
 from clover.model.checkpoint import init_draft

@@ -60,8 +60,14 @@ def test_greedy_equals_plain_with_a_draft_vocabulary(tiny_base, kind, tree):
     draft.allocate_cache(tiny_base.max_len)
     model = SpeculativeModel(tiny_base, draft, tree=tree, tree_budget=12 if tree == "dynamic" else None)
     drafted = []
-    build = model._draft_tree
-    model._draft_tree = lambda *a: drafted.append(build(*a)) or drafted[-1]
+    propose = model.propose
+
+    def spy(*args):
+        tree, depth = propose(*args)
+        drafted.append(tree)
+        return tree, depth
+
+    model.propose = spy
     gen = torch.Generator().manual_seed(4)
     for _ in range(3):
         prompt = torch.randint(3, 97, (6,), generator=gen).tolist()

@@ -9,7 +9,8 @@ import torch
 
 from clover.errors import CloverError
 from clover.generate.sampling import SamplingParams
-from clover.generate.tree import MC_SIM_7B_63, DraftTree, TreeSpec, build_dynamic_tree
+from clover.generate.candidates import build_dynamic_tree
+from clover.generate.tree import MC_SIM_7B_63, DraftTree, TreeSpec
 from clover.generate.verify import verify_tree
 
 V = 50

@@ -2,18 +2,21 @@
 
 A :class:`BatchedSpeculativeDecoder` keeps the rows of one :class:`~clover.model.cache.RaggedKVCache` busy with
 requests that join and leave at any step. Each row has its own drafting state (a
-:class:`~clover.generate.speculative.DraftState`: the trained draft's runner and its own draft cache, its own prompt
-lookup; token recycling's table is shared), its own tree, sampling settings and random generator. A step drafts every
-busy row's tree, verifies all of them in one ragged forward (each row's tree padded to the largest, at the row's own
-positions, under its own tree mask), then accepts, commits and feeds back per row.
+:class:`~clover.generate.speculative.DraftState`: its row of the trained draft's batch runner, its own prompt lookup;
+token recycling's table is shared), its own tree, sampling settings and random generator. A step drafts every busy
+row's tree, the trained draft's calls made once for all rows (one forward over every row's newly committed pairs
+in the draft's own ragged cache, then one call per tree level for the nodes of every row:
+:mod:`clover.model.draft_rows`), verifies all the trees in one ragged forward (each row's tree padded to the largest,
+at the row's own positions, under its own tree mask), then accepts, commits and feeds back per row.
 
 With the ``auto`` tree each row's depth and node count come from the measured cost of the whole batched forward
 (:func:`clover.generate.budget.batched_verification_cost`: seconds per row for ``s`` tokens per row at this batch
-size): at a large batch an extra node costs nearly what a whole token does, so rows draft less. Whether a step drafts
+size) and of the draft's batched calls (per row): at a large batch an extra node costs nearly what a whole token
+does, so rows draft less, while a draft level costs each row a fraction of what it costs one sequence alone. Whether a step drafts
 at all is measured too (:class:`clover.generate.budget.StepModePolicy`): from two busy rows on, per size class of the
 batch, the decoder keeps the tokens per second of drafting steps and of plain steps (one token per row, no draft or
-source calls) and takes the faster, trying the other now and then. Greedy decoding gives, row for row, the tokens of batch-1 decoding
-(tested).
+source calls) and takes the faster, trying the other now and then. Greedy decoding gives, row for row, the tokens
+of batch-1 decoding (tested).
 
     decoder = BatchedSpeculativeDecoder(model, batch_size=16, max_len=1024)
     for event in decoder.run([SpeculativeRequest(prompt_ids, max_new_tokens=128, tag=i) for i, prompt_ids in ...]):
@@ -29,13 +32,14 @@ import numpy as np
 import torch
 
 from clover.errors import CloverError
-from clover.generate.budget import StepModePolicy, batched_verification_cost
+from clover.generate.budget import StepModePolicy, batched_verification_cost, draft_costs
 from clover.generate.output import GenerationResult, OutputTracker
 from clover.generate.sampling import SamplingParams, select_tokens
 from clover.generate.speculative import DraftState, SpeculativeModel
 from clover.generate.tree import DraftTree
 from clover.generate.verify import Verdict, verify_tree
 from clover.model.base import BaseModel
+from clover.model.draft_rows import BatchRow
 
 
 @dataclass
@@ -80,9 +84,12 @@ class BatchedSpeculativeDecoder:
             self.model, self.base = model, model.base
         self.cache = self.base.batch_cache(batch_size, max_len or self.base.max_len)
         self.capacity = self.cache.capacity
+        # the trained draft's rows: one draft cache for the batch, each draft call made once for all drafting rows
+        self.drafter = self.model.batch_runner(batch_size, self.capacity) if self.model is not None else None
         self.rows: list[_Row | None] = [None] * batch_size
         self.lengths = np.zeros(batch_size, dtype=np.int64)  # tokens each row's cache holds (host, exact)
         self.costs: dict[int, torch.Tensor] = {}  # per busy-row count: seconds per row to verify s tokens per row
+        self.draft_costs: dict[int, tuple[float, float]] = {}  # per busy-row count: seconds per row of the draft
         self.stats = {"steps": 0, "drafting_steps": 0, "new_tokens": 0, "verified_tokens": 0, "row_steps": 0,
                       "completions": 0}
         # drafting or plain steps, by measured throughput per batch size class from 2 rows on (``auto`` tree only;
@@ -124,7 +131,7 @@ class BatchedSpeculativeDecoder:
         root = select_tokens(out.logits[0, -1], request.params, generator)
         state = None
         if self.model is not None:
-            state = self.model.new_state(self.capacity)
+            state = self.model.new_state(self.capacity, runner=BatchRow(self.drafter, r) if self.drafter else None)
             self.model.begin(state, ids, root, out, getattr(out, self.model.hidden_attr))
         self.rows[r] = row = _Row(request, state, tracker, generator, root)
         return self._event(r, row, tracker.add([int(root)]))
@@ -155,15 +162,20 @@ class BatchedSpeculativeDecoder:
         drafting = self.model is not None and (not measured or self.modes.choose(len(busy)))
         cost = self._cost(len(busy)) if drafting and self.model.cost is not None else None
         cost_list = cost.tolist() if cost is not None else None  # once per step, for every row's depth policy
+        if drafting:
+            if cost_list is not None:  # every row's depth policy weighs this batch size's costs
+                start_cost, level_cost = self._draft_cost(len(busy))
+                for r in busy:
+                    policy = self.rows[r].state.depth_policy
+                    if policy is not None:
+                        policy.verify, policy.start_cost, policy.level_cost = cost_list, start_cost, level_cost
+            proposals = self.model.propose_many([self.rows[r].state for r in busy],
+                                                [self.rows[r].root for r in busy], cost)
+        else:
+            proposals = [(DraftTree.single(self.rows[r].root), 0) for r in busy]
         events, trees, depths = [], {}, {}
-        for r in busy:
+        for r, (tree, depth) in zip(busy, proposals):
             row = self.rows[r]
-            if not drafting:
-                tree, depth = DraftTree.single(row.root), 0
-            else:
-                if row.state.depth_policy is not None and cost_list is not None:
-                    row.state.depth_policy.verify = cost_list
-                tree, depth = self.model.propose(row.state, row.root, cost)
             if self.lengths[r] + tree.size > self.capacity:  # the row is full: end it as single decoding does
                 row.tracker.result.finish_reason = "context"
                 events.append(self._event(r, row, []))
@@ -259,10 +271,12 @@ class BatchedSpeculativeDecoder:
 
     def measure_costs(self) -> None:
         """Measure now (or read from the disk cache) the batched verification cost of every batch size this decoder
-        can run, so that no step waits for a measurement (``auto`` tree only; a few seconds per size, once)."""
+        can run, and the draft's cost per row at each, so that no step waits for a measurement (``auto`` tree only;
+        a few seconds per size, once)."""
         if self.model is not None and self.model.cost is not None:
             for busy in range(1, self.batch_size + 1):
                 self._cost(busy)
+                self._draft_cost(busy)
 
     def _cost(self, busy: int) -> torch.Tensor:
         """Seconds per row to verify ``s`` tokens per row with ``busy`` rows in the batch (measured once per size,
@@ -270,6 +284,16 @@ class BatchedSpeculativeDecoder:
         if busy not in self.costs:
             self.costs[busy] = batched_verification_cost(self.base, busy)
         return self.costs[busy]
+
+    def _draft_cost(self, busy: int) -> tuple[float | None, float | None]:
+        """Seconds per row of the draft's start and of one tree level when ``busy`` rows draft together (measured
+        once per size on a batch runner of its own, a few milliseconds); (None, None) without a costed draft."""
+        if self.model.draft_costs is None:
+            return None, None
+        if busy not in self.draft_costs:
+            self.draft_costs[busy] = draft_costs(self.model.batch_runner(busy, 0), self.base,
+                                                 self.model.dynamic_expand, busy=busy)
+        return self.draft_costs[busy]
 
     def _event(self, r: int, row: _Row, tokens: list[int]) -> RowEvent:
         self.stats["new_tokens"] += len(tokens)

@@ -118,25 +118,47 @@ def _interpolate(curve: dict[int, float], max_size: int) -> torch.Tensor:
     return torch.where(sizes <= xs[0], ys[0], cost)
 
 
-def draft_costs(runner, base: BaseModel, rows: int, repeats: int = 5) -> tuple[float, float]:
+def draft_costs(runner, base: BaseModel, rows: int, repeats: int = 5, busy: int | None = None) -> tuple[float, float]:
     """Median seconds of the draft's two calls in a step, measured on a dummy context: ``start`` (feed two newly
     committed positions, propose the root's children) and one further tree level (``expand`` on ``rows`` nodes),
-    LM head included. The runner is reset afterwards."""
+    LM head included. With ``busy``, ``runner`` is a batch runner (:mod:`clover.model.draft_rows`) whose rows
+    ``0 .. busy-1`` all draft in each call, and the seconds are per row. The runner is reset afterwards."""
     hidden = torch.zeros(1, 2, base.args.hidden_size, dtype=base.dtype, device=base.device)
     ids = torch.zeros(1, 2, dtype=torch.long, device=base.device)
     parents = torch.zeros(rows, dtype=torch.long, device=base.device)
+    level = ids[0, :1].expand(rows)
+    if busy is None:
+        def start():
+            runner.start(hidden, ids)
+
+        def expand():
+            runner.expand(parents, level, 1)
+        reset, share = runner.reset, 1
+    else:
+        every = list(range(busy))
+
+        def start():
+            runner.start(every, [hidden] * busy, [ids] * busy)
+
+        def expand():
+            runner.expand(every, [parents] * busy, [level] * busy, [1] * busy)
+
+        def reset():
+            for row in every:
+                runner.reset(row)
+        share = busy
 
     def timed(fn):
         with device_timer(base.device) as timer:
             fn()
-        return timer.seconds
+        return timer.seconds / share
 
     starts, levels = [], []
     for _ in range(repeats + 1):
-        runner.reset()
-        starts.append(timed(lambda: runner.start(hidden, ids)))
-        levels.append(timed(lambda: runner.expand(parents, ids[0, :1].expand(rows), 1)))
-    runner.reset()
+        reset()
+        starts.append(timed(start))
+        levels.append(timed(expand))
+    reset()
     return sorted(starts[1:])[repeats // 2], sorted(levels[1:])[repeats // 2]
 
 

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from clover.generate.tree import Candidates
+from clover.generate.candidates import Candidates
 
 
 class PromptLookup:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from clover.generate.tree import Candidates
+from clover.generate.candidates import Candidates
 from clover.model.reduce import topk
 
 

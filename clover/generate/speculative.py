@@ -23,7 +23,8 @@ from clover.generate.output import GenerationResult, OutputTracker
 from clover.generate.plain import _drain, check_prompt, stream_plain
 from clover.generate.sampling import SamplingParams, select_tokens
 from clover.generate.sources import SOURCE_NAMES, make_source
-from clover.generate.tree import DraftTree, TreeSpec, dynamic_candidates, select_tree
+from clover.generate.candidates import dynamic_candidate_steps, select_tree
+from clover.generate.tree import DraftTree, Expansions, TreeSpec, drive, drive_together
 from clover.generate.verify import verify_tree
 from clover.model.base import BaseModel
 from clover.model.clover2 import Clover2Draft
@@ -135,21 +136,28 @@ class SpeculativeModel:
 
         return DepthPolicy(cost, *self.draft_costs, self.num_heads)
 
-    def new_state(self, max_len: int, cost: torch.Tensor | None = None) -> DraftState:
+    def new_state(self, max_len: int, cost: torch.Tensor | None = None, runner=None) -> DraftState:
         """Drafting state for one more sequence (a row of a batch): a runner with its own draft cache for a
-        sequence of ``max_len`` positions (and the nodes of a step's tree), its own copies of the sources that keep
-        per-request state (``shared`` False), and (``auto`` tree) a depth policy for the verification costs
-        ``cost``."""
-        cache = runner = policy = None
+        sequence of ``max_len`` positions (and the nodes of a step's tree), or ``runner`` (a row of a batch runner,
+        :meth:`batch_runner`), its own copies of the sources that keep per-request state (``shared`` False), and
+        (``auto`` tree) a depth policy for the verification costs ``cost``."""
+        cache = policy = None
         if self.draft is not None:
-            own = self.draft.cache
-            self.draft.allocate_cache(max_len + DRAFT_HEADROOM)
-            cache, self.draft.cache = self.draft.cache, own
-            runner = self.draft.runner()
+            if runner is None:
+                own = self.draft.cache
+                self.draft.allocate_cache(max_len + DRAFT_HEADROOM)
+                cache, self.draft.cache = self.draft.cache, own
+                runner = self.draft.runner()
             if self.draft_costs is not None:
                 policy = self.new_depth_policy(cost if cost is not None else self.cost)
         sources = [s if getattr(s, "shared", False) else copy.deepcopy(s) for s in self.sources]
         return DraftState(runner, cache, sources, policy)
+
+    def batch_runner(self, batch: int, max_len: int):
+        """The trained draft's runner for ``batch`` rows of ``max_len`` positions each (None without a draft); its
+        rows (:class:`clover.model.draft_rows.BatchRow`) are the runners of :meth:`new_state` for
+        :meth:`propose_many`."""
+        return None if self.draft is None else self.draft.batch_runner(batch, max_len + DRAFT_HEADROOM)
 
     # ---- one step of one sequence: propose a tree, learn from its verdict ---------------------------------------
     def begin(self, state: DraftState, prompt: torch.Tensor, root: torch.Tensor, out, hidden: torch.Tensor) -> None:
@@ -174,7 +182,29 @@ class SpeculativeModel:
             if depth > 0:
                 hidden, next_ids = (torch.cat(x, dim=1) for x in zip(*state.pending))
                 root_logits, state.pending = state.runner.start(hidden, next_ids), []
-            return self._draft_tree(state, root, root_logits, depth, cost), depth
+            return drive(self._tree_steps(state, root, root_logits, depth, cost), state.runner), depth
+
+    def propose_many(self, states: list[DraftState], roots: list[torch.Tensor],
+                     cost: torch.Tensor | None = None) -> list[tuple[DraftTree, int]]:
+        """:meth:`propose` for the rows of a batch, whose runners are rows of one batch runner (:meth:`new_state`
+        with ``runner``): one draft call feeds every drafting row its committed pairs, one per tree level expands
+        every row's nodes."""
+        depths = [self._next_depth(state) for state in states]
+        drafting = [i for i, depth in enumerate(depths) if depth > 0]
+        root_logits: list = [None] * len(states)
+        batch = states[drafting[0]].runner.batch if drafting else None
+        if drafting:
+            pairs = [[torch.cat(x, dim=1) for x in zip(*states[i].pending)] for i in drafting]
+            found = batch.start([states[i].runner.row for i in drafting], *zip(*pairs))
+            for i, logits in zip(drafting, found):
+                root_logits[i], states[i].pending = logits, []
+
+        def expand(which: list[int], requests: list[tuple]) -> list[torch.Tensor]:
+            return batch.expand([states[i].runner.row for i in which], *map(list, zip(*requests)))
+
+        builders = [self._tree_steps(state, root, logits, depth, cost)
+                    for state, root, logits, depth in zip(states, roots, root_logits, depths)]
+        return list(zip(drive_together(builders, expand), depths))
 
     def observe(self, state: DraftState, tree: DraftTree, verdict, logits: torch.Tensor, hidden: torch.Tensor,
                 depth: int) -> None:
@@ -236,15 +266,18 @@ class SpeculativeModel:
             return self.spec.depth
         return state.depth_policy.depth() if state.depth_policy else self.num_heads
 
-    def _draft_tree(self, state: DraftState, root, root_logits, depth: int, cost: torch.Tensor | None = None):
-        """The step's tree: the trained draft's candidates (when it drafts) and every source's, merged."""
+    def _tree_steps(self, state: DraftState, root, root_logits, depth: int,
+                    cost: torch.Tensor | None = None) -> Expansions[DraftTree]:
+        """The step's tree as a tree builder (:data:`clover.generate.tree.Expansions`): the trained draft's
+        candidates (when it drafts) and every source's, merged."""
+        vocab = state.runner.vocab if state.runner is not None else None
         if not self.dynamic:
-            return self.spec.build(root, root_logits, state.runner)
+            return (yield from self.spec.build_steps(root, root_logits, vocab))
         candidates = []
         if depth > 0:
-            candidates.append(dynamic_candidates(root_logits, state.runner, max_depth=depth,
-                                                 width=self.dynamic_width, expand=self.dynamic_expand)
-                              .top(MAX_CANDIDATES))
+            found = yield from dynamic_candidate_steps(root_logits, vocab, max_depth=depth, width=self.dynamic_width,
+                                                       expand=self.dynamic_expand)
+            candidates.append(found.top(MAX_CANDIDATES))
         for source in state.sources:
             found = source.propose(root)
             if found.size:

@@ -84,7 +84,8 @@ class RaggedKVCache:
         return slice(int(rows), int(rows) + 1)
 
     def begin(self, n_tokens: int, n_new=None, rows=None, position_ids: torch.Tensor | None = None,
-              tree_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              tree_mask: torch.Tensor | None = None,
+              past_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepare a pass that appends ``T = n_tokens`` tokens to each of ``rows`` (None: all; an int or a slice).
 
         ``n_new``: how many of each row's ``T`` tokens are real, the rest being padding after them: None (all),
@@ -92,7 +93,9 @@ class RaggedKVCache:
         bounds grow by ``T``). Returns ``positions [R, T]`` (``position_ids``, else ``lengths + arange(T)``) and the
         additive key mask ``[R, 1, T, S]`` (0 = attend, -inf = not) over the first ``S`` slots: a real token sees
         its row's cache and the real tokens before it or, with ``tree_mask`` (``[T, T]`` or ``[R, T, T]``, True =
-        attend, which must not let real tokens see padding), the new tokens it allows.
+        attend, which must not let real tokens see padding), the new tokens it allows. ``past_mask`` (``[R, T, P]``,
+        with ``tree_mask`` only) narrows what the new tokens see of the last ``P`` cached slots of each row (the
+        nodes of a tree drafted earlier; the slots before them are seen).
         """
         rs = self._rows(rows)
         r, t, dev = rs.stop - rs.start, n_tokens, self.lengths.device
@@ -127,7 +130,12 @@ class RaggedKVCache:
             rel = keys - lo[:, None, None]  # [R, 1, S]: the key's index among the new tokens (< 0: cached)
             local = tree_mask.to(device=dev, dtype=torch.bool).expand(r, t, t)
             seen = local.gather(2, rel.clamp(0, t - 1).expand(r, t, span))
-            mask = (rel < 0) | (seen & (rel < t))
+            cached = rel < 0
+            if past_mask is not None:
+                p = past_mask.shape[-1]
+                old = past_mask.to(device=dev, dtype=torch.bool).expand(r, t, p)
+                cached = (rel < -p) | (cached & old.gather(2, (rel + p).clamp(0, p - 1).expand(r, t, span)))
+            mask = cached | (seen & (rel >= 0) & (rel < t))
         split = None
         if t == 1 and tree_mask is None and host_new is not None:
             split = _split_plan(bounds, span, dev)
@@ -185,12 +193,14 @@ class RaggedKVCache:
     def reset_rows(self, rows=None) -> None:
         self.truncate_rows(rows, 0)
 
-    def truncate_rows(self, rows, length: int) -> None:
-        """Set the length of ``rows`` (None, an int or a slice) to ``length``; at most their current length."""
+    def truncate_rows(self, rows, length) -> None:
+        """Set the length of ``rows`` (None, an int or a slice) to ``length`` (one for all, or host integers
+        ``[R]``, one per row); at most their current length."""
         rs = self._rows(rows)
-        if length < 0:
-            raise ValueError(f"cannot truncate a row to {length} tokens")
-        self.lengths[rs] = torch.minimum(self.lengths[rs], torch.tensor(length, device=self.lengths.device))
+        length = np.asarray(length, dtype=np.int64)
+        if (length < 0).any():
+            raise ValueError(f"cannot truncate a row to {length.min()} tokens")
+        self.lengths[rs] = torch.minimum(self.lengths[rs], torch.from_numpy(length).to(self.lengths.device))
         self.bounds[rs] = np.minimum(self.bounds[rs], length)
 
     def select_rows(self, index) -> None:

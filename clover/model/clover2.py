@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from clover.errors import CloverError
 from clover.model.base import BaseModel
 from clover.model.draft import DraftConfig, DraftModel, check_choice, check_number, check_positive_int
+from clover.model.draft_rows import last_of_rows, pad_rows, row_cache, run_rows
 from clover.model.layers import DecoderLayer, RMSNorm
 from clover.model.losses import clover_loss
 
@@ -184,6 +185,9 @@ class Clover2Draft(DraftModel):
     def runner(self) -> "Clover2Runner":
         return Clover2Runner(self)
 
+    def batch_runner(self, batch: int, capacity: int) -> "Clover2BatchRunner":
+        return Clover2BatchRunner(self, batch, capacity)
+
     # ---- initialisation (training from scratch only) ------------------------------------------------------------
     @torch.no_grad()
     def init_from_base(self, base: BaseModel, hidden_sample: torch.Tensor | None = None) -> None:
@@ -329,3 +333,38 @@ class Clover2Runner:
     def expand(self, parent_rows: torch.Tensor, tokens: torch.Tensor, depth: int) -> torch.Tensor:
         self.states, out = self.draft.head(self.states[parent_rows], tokens, depth)
         return self.draft.draft_logits(out)
+
+
+class Clover2BatchRunner:
+    """:class:`Clover2Runner` for the rows of a batch (see :mod:`clover.model.draft_rows`): one trunk forward over
+    every starting row's new pairs, one head call per tree level for every row."""
+
+    def __init__(self, draft: Clover2Draft, batch: int, capacity: int):
+        self.draft, self.vocab = draft, draft.draft_vocab
+        self.cache = row_cache(draft, batch, capacity)
+        self.states: list[torch.Tensor | None] = [None] * batch
+
+    def reset(self, row: int) -> None:
+        self.cache.truncate_rows(row, 0)
+
+    @torch.no_grad()
+    def start(self, rows: list[int], hidden: list[torch.Tensor], next_ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        span = max(rows) + 1
+        hidden, counts = pad_rows(rows, hidden, span)
+        ids, _ = pad_rows(rows, next_ids, span)
+        draft = self.draft
+        x = run_rows(draft, draft.fuse(hidden.to(draft.dtype), draft.embed(ids)), self.cache, counts)
+        states, out = draft.head(draft.trunk_norm(last_of_rows(x, rows, counts)), None, 0)
+        for j, row in enumerate(rows):
+            self.states[row] = states[j:j + 1]
+        return list(draft.draft_logits(out))
+
+    @torch.no_grad()
+    def expand(self, rows: list[int], parent_rows: list[torch.Tensor], tokens: list[torch.Tensor],
+               depths: list[int]) -> list[torch.Tensor]:
+        counts = [t.numel() for t in tokens]
+        parents = torch.cat([self.states[row][p] for row, p in zip(rows, parent_rows)])
+        states, out = self.draft.head(parents, torch.cat(tokens), max(depths))  # every depth >= 1: one RNN step
+        for row, state in zip(rows, states.split(counts)):
+            self.states[row] = state
+        return list(self.draft.draft_logits(out).split(counts))

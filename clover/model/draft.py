@@ -3,7 +3,7 @@
 A draft reads the base model's last hidden states and proposes a tree of likely next tokens. Callers (the trainer,
 the speculative decoder, the evaluation) never ask a draft for its type name; they ask it for the property they
 need. A subclass sets the class attributes below and implements ``init_from_base``, ``forward_train``, ``extend``,
-``runner`` and ``greedy_chain``; :mod:`clover.model.registry` maps a type name to the class.
+``runner``, ``batch_runner`` and ``greedy_chain``; :mod:`clover.model.registry` maps a type name to the class.
 
 Class attributes of a draft class:
 
@@ -228,6 +228,10 @@ class DraftModel(nn.Module):
 
     def runner(self):
         """A fresh tree runner (:class:`clover.generate.tree.DraftExpander` with ``start``/``reset``)."""
+        raise NotImplementedError
+
+    def batch_runner(self, batch: int, capacity: int):
+        """A runner for the rows of a batch, with its own draft cache (see :mod:`clover.model.draft_rows`)."""
         raise NotImplementedError
 
     def greedy_chain(self, hidden: torch.Tensor, next_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from clover.model.base import BaseModel
 from clover.model.draft import DraftConfig, DraftModel, check_number, check_positive_int
 from clover.model.cache import KVCache
+from clover.model.draft_rows import last_of_rows, pad_rows, row_cache, run_rows
 from clover.model.layers import DecoderLayer
 from clover.model.losses import eagle_loss
 
@@ -74,6 +76,9 @@ class EagleDraft(DraftModel):
 
     def runner(self) -> "EagleRunner":
         return EagleRunner(self)
+
+    def batch_runner(self, batch: int, capacity: int) -> "EagleBatchRunner":
+        return EagleBatchRunner(self, batch, capacity)
 
     def init_from_base(self, base: BaseModel, hidden_sample: torch.Tensor | None = None) -> None:
         """Nothing to copy: EAGLE-1 keeps PyTorch's default initialisation (the embedding is the frozen base one)."""
@@ -172,3 +177,59 @@ class EagleRunner:
         positions = torch.full((r,), self.committed + depth - 1, dtype=torch.long, device=device)
         self.feats = self.draft.tree_step(self.feats[parent_rows], tokens, positions, mask)
         return self.draft.draft_logits(self.feats)
+
+
+class EagleBatchRunner:
+    """:class:`EagleRunner` for the rows of a batch (see :mod:`clover.model.draft_rows`): one forward of the draft's
+    layers over every starting row's new pairs, and one per tree level over every row's nodes, each node attending
+    to its row's committed prefix and its own expanded ancestors."""
+
+    def __init__(self, draft: EagleDraft, batch: int, capacity: int):
+        self.draft, self.vocab = draft, draft.draft_vocab
+        self.cache = row_cache(draft, batch, capacity)
+        self.committed = np.zeros(batch, dtype=np.int64)  # each row's committed positions (host, exact)
+        self.feats: list[torch.Tensor | None] = [None] * batch
+        self.ancestors: list[torch.Tensor | None] = [None] * batch  # per row: its last level's nodes x its tree
+
+    def reset(self, row: int) -> None:
+        self.cache.truncate_rows(row, 0)
+        self.committed[row] = 0
+
+    @torch.no_grad()
+    def start(self, rows: list[int], hidden: list[torch.Tensor], next_ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        span = max(rows) + 1
+        self.cache.truncate_rows(slice(0, span), self.committed[:span])  # drop the last step's tree nodes
+        hidden, counts = pad_rows(rows, hidden, span)
+        ids, _ = pad_rows(rows, next_ids, span)
+        feats = last_of_rows(run_rows(self.draft, self.draft._features(hidden, ids), self.cache, counts), rows, counts)
+        self.committed[:span] += counts
+        for j, row in enumerate(rows):
+            self.feats[row] = feats[j:j + 1]
+            self.ancestors[row] = torch.zeros(1, 0, dtype=torch.bool, device=feats.device)
+        return list(self.draft.draft_logits(feats))
+
+    @torch.no_grad()
+    def expand(self, rows: list[int], parent_rows: list[torch.Tensor], tokens: list[torch.Tensor],
+               depths: list[int]) -> list[torch.Tensor]:
+        span, device = max(rows) + 1, tokens[0].device
+        counts = np.zeros(span, dtype=np.int64)
+        counts[rows] = sizes = [t.numel() for t in tokens]
+        width, past = int(counts.max()), max(self.ancestors[row].shape[1] for row in rows)
+        # what each node sees of its row's tree so far: its ancestors (the columns before a shorter tree: committed)
+        past_mask = torch.ones(span, width, past, dtype=torch.bool, device=device)
+        positions = torch.zeros(span, width, dtype=torch.long, device=device)
+        for row, p, n, depth in zip(rows, parent_rows, sizes, depths):
+            seen = self.ancestors[row][p]
+            past_mask[row, :n, past - seen.shape[1]:] = seen
+            self.ancestors[row] = torch.cat([seen, torch.eye(n, dtype=torch.bool, device=device)], 1)
+            positions[row] = int(self.committed[row]) + depth - 1
+        parents = torch.cat([self.feats[row][p] for row, p in zip(rows, parent_rows)])
+        x, _ = pad_rows(rows, list(self.draft._features(parents, torch.cat(tokens))[None].split(sizes, dim=1)), span)
+        eye = torch.eye(width, dtype=torch.bool, device=device)
+        out = run_rows(self.draft, x, self.cache, counts, positions, eye, past_mask if past else None)
+        at_row = np.repeat(np.asarray(rows, dtype=np.int64), sizes)
+        at_col = np.concatenate([np.arange(n) for n in sizes])
+        feats = out[torch.from_numpy(at_row).to(device), torch.from_numpy(at_col).to(device)]
+        for row, f in zip(rows, feats.split(sizes)):
+            self.feats[row] = f
+        return list(self.draft.draft_logits(feats).split(sizes))

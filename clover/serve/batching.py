@@ -46,11 +46,13 @@ class BatchedEngine(Engine):
                                                             max_len, template, system, compile)
         base = decoding.base
         decoder = BatchedSpeculativeDecoder(decoding.model or base, max_batch_size, max_len=base.max_len)
-        log.info("KV cache: %d rows of %d tokens (%.0f MiB)", max_batch_size, base.max_len,
-                 (decoder.cache.k.numel() + decoder.cache.v.numel()) * decoder.cache.k.element_size() / 2**20)
+        for name, cache in (("KV cache", decoder.cache), ("draft cache", getattr(decoder.drafter, "cache", None))):
+            if cache is not None:
+                log.info("%s: %d rows of %d positions (%.0f MiB)", name, cache.batch, cache.capacity,
+                         (cache.k.numel() + cache.v.numel()) * cache.k.element_size() / 2**20)
         if decoding.speculative and decoding.model.cost is not None:
-            log.info("measuring the verification cost at each batch size up to %d (once per machine) ...",
-                     max_batch_size)
+            log.info("measuring the verification and draft costs at each batch size up to %d (the verification "
+                     "cost once per machine) ...", max_batch_size)
             decoder.measure_costs()
         return cls(decoder, tokenizer, chat, base.max_len, base.device,
                    f"{description}; batched, {max_batch_size} rows; {base.dtype}, {base.device}, context "

@@ -78,7 +78,7 @@ def _instrument(model, timers: dict, counts: dict, labels: bool):
     for source in model.sources:  # training-free sources: proposing (inside tree building) and learning
         stack.enter_context(_patched(source, "propose", timed("sources propose")))
         stack.enter_context(_patched(source, "observe", timed("sources observe")))
-    stack.enter_context(_patched(model, "_draft_tree", timed("tree building")))
+    stack.enter_context(_patched(speculative, "drive", timed("tree building")))
     stack.enter_context(_patched(speculative, "verify_tree", timed("verify")))
     return stack
 
