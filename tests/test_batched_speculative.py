@@ -171,6 +171,11 @@ def test_auto_budget_rows_stay_exact_and_use_the_batched_cost(tiny_base):
     assert set(decoder.draft_costs) <= set(decoder.costs) and 4 in decoder.draft_costs
     assert all(start > 0 and level > 0 for start, level in decoder.draft_costs.values())
     assert decoder.draft_costs[4][0] in used
+    # a new request starts from what the last finished one observed, as the next call of batch-1 decoding does
+    assert decoder.learned is not None and sum(decoder.learned.tried) > 0
+    decoder.add(reqs[0])
+    policy = next(row for row in decoder.rows if row is not None).state.depth_policy
+    assert policy is not decoder.learned and policy.tried == decoder.learned.tried
     assert 0 < decoder.stats["drafting_steps"] < decoder.stats["steps"]  # both kinds of step were measured
 
 

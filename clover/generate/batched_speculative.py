@@ -95,6 +95,9 @@ class BatchedSpeculativeDecoder:
         # drafting or plain steps, by measured throughput per batch size class from 2 rows on (``auto`` tree only;
         # a fixed tree or budget always drafts, as asked)
         self.modes = StepModePolicy() if self.model is not None and self.model.cost is not None else None
+        # the depth policy of the last request that ended: a new row starts from what it observed, as one sequence
+        # decoded after another does (batch-1 decoding keeps its statistics from call to call)
+        self.learned = None
 
     @property
     def batch_size(self) -> int:
@@ -132,6 +135,8 @@ class BatchedSpeculativeDecoder:
         state = None
         if self.model is not None:
             state = self.model.new_state(self.capacity, runner=BatchRow(self.drafter, r) if self.drafter else None)
+            if self.learned is not None and state.depth_policy is not None:
+                state.depth_policy.adopt(self.learned)
             self.model.begin(state, ids, root, out, getattr(out, self.model.hidden_attr))
         self.rows[r] = row = _Row(request, state, tracker, generator, root)
         return self._event(r, row, tracker.add([int(root)]))
@@ -301,6 +306,8 @@ class BatchedSpeculativeDecoder:
             return RowEvent(row.request.tag, tokens)
         self._free(r)
         self.stats["completions"] += 1
+        if row.state is not None and row.state.depth_policy is not None:
+            self.learned = row.state.depth_policy
         result = row.tracker.result
         return RowEvent(row.request.tag, tokens, result.finish_reason, result)
 

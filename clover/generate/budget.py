@@ -209,6 +209,10 @@ class DepthPolicy:
                 best, best_rate = d, rate
         return best
 
+    def adopt(self, other: "DepthPolicy") -> None:
+        """Start from what ``other`` (a finished sequence's policy) observed: its acceptance counts and tree sizes."""
+        self.reached, self.tried, self.size = list(other.reached), list(other.tried), list(other.size)
+
     def update(self, depth: int, accepted: int, tree_size: int) -> None:
         """Record a step drafted to ``depth`` (0: a plain step) whose accepted path had ``accepted`` draft tokens
         (bonus excluded)."""
