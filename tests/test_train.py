@@ -8,6 +8,7 @@ real forward; since the tiny base has no tokenizer, messages carry token ids and
 from __future__ import annotations
 
 import json
+import math
 import re
 import os
 import shutil
@@ -410,6 +411,22 @@ def test_online_training_trains_and_resumes(tmp_path):
     assert history[-1]["tokens"] > 0 and "test_top1_0" in history[-1]
     error = launch("main", *args, "--data-dir", tmp_path)
     assert error.returncode == 2 and "not both" in error.stderr
+
+
+def test_packed_online_training_trains_and_resumes_only_packed(tmp_path):
+    """--pack: the 8 training conversations go into fewer rows, a run stops and resumes; resuming without --pack is
+    refused (other batches)."""
+    data = conversations_file(tmp_path / "c.jsonl")
+    args = ["--conversations", data, "--outdir", tmp_path / "ckpt", "--max-len", "160", "--bs", "2", "--pack",
+            "--num_workers", "0", "--test_fraction", "0.2", "--warmup_steps", "1", "--epochs", "2"]
+    result = ok(launch("main_clover2", *args, "--max_steps", "2"))
+    rows = re.search(r"on 8 conversations packed into (\d+) rows \(2 held out\)", result.stdout)
+    assert rows and int(rows[1]) < 8
+    ok(launch("main_clover2", *args, "--resume"))
+    history = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["epoch"] == 2 and history[-1]["step"] == 2 * math.ceil(int(rows[1]) / 2)
+    error = launch("main_clover2", *[a for a in args if a != "--pack"], "--resume")
+    assert error.returncode != 0 and "--pack True there, False now" in error.stderr
 
 
 def test_drafts_trained_together_equal_drafts_trained_alone(tmp_path):

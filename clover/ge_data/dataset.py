@@ -179,20 +179,19 @@ def _resolved(name_or_path) -> str | None:
 
 
 def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Right-pad items to the longest one (ids 0, mask 0, hidden 0, where items have hidden states); adds
-    ``attention_mask`` (1 = real token)."""
+    """Right-pad items to the longest one (ids 0, mask 0, hidden 0, where items have hidden states; packed items'
+    ``position_ids`` and ``doc_ids`` 0); adds ``attention_mask`` (1 = real token)."""
     longest = max(item["input_ids"].shape[0] for item in batch)
-    out = {"input_ids": torch.zeros(len(batch), longest, dtype=torch.long),
-           "loss_mask": torch.zeros(len(batch), longest, dtype=torch.long),
-           "attention_mask": torch.zeros(len(batch), longest, dtype=torch.long)}
+    out = {key: torch.zeros(len(batch), longest, dtype=torch.long)
+           for key in ("input_ids", "loss_mask", "position_ids", "doc_ids") if key in batch[0]}
+    out["attention_mask"] = torch.zeros(len(batch), longest, dtype=torch.long)
     first = batch[0].get("hidden_prenorm")
     if first is not None:
         out["hidden_prenorm"] = torch.zeros(len(batch), longest, first.shape[-1], dtype=first.dtype)
     for row, item in enumerate(batch):
         n = item["input_ids"].shape[0]
-        out["input_ids"][row, :n] = item["input_ids"]
-        out["loss_mask"][row, :n] = item["loss_mask"]
-        if first is not None:
-            out["hidden_prenorm"][row, :n] = item["hidden_prenorm"]
+        for key, value in out.items():
+            if key != "attention_mask":
+                value[row, :n] = item[key]
         out["attention_mask"][row, :n] = 1
     return out

@@ -178,9 +178,9 @@ class Clover2Draft(DraftModel):
     def train_heads(self) -> int:
         return self.num_heads
 
-    def loss(self, preds, target, loss_mask, mask_alignment="predicted"):
+    def loss(self, preds, target, loss_mask, mask_alignment="predicted", doc_ids=None):
         return clover_loss(preds, target, self.lm_head_weight, loss_mask, self.cfg, mask_alignment,
-                           draft_vocab=self.draft_vocab)
+                           draft_vocab=self.draft_vocab, doc_ids=doc_ids)
 
     def runner(self) -> "Clover2Runner":
         return Clover2Runner(self)
@@ -247,27 +247,31 @@ class Clover2Draft(DraftModel):
         """Trunk states ``c0 [B, L, H]`` for a whole sequence (positions ``0 .. L-1``, causal, no cache)."""
         return self._trunk(hidden_prenorm, self.embed(next_ids))
 
-    def _trunk(self, hidden_prenorm: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _trunk(self, hidden_prenorm: torch.Tensor, emb: torch.Tensor, position_ids: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden_prenorm = hidden_prenorm.to(self.dtype)
         if self.gradient_checkpointing and self.training:
             x = checkpoint(self.fuse, hidden_prenorm, emb, use_reentrant=False)
         else:
             x = self.fuse(hidden_prenorm, emb)
-        return self.trunk_norm(self.run_layers(x, 0, None))
+        return self.trunk_norm(self.run_layers(x, 0, None, position_ids, mask))
 
-    def forward_train(self, hidden_prenorm: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    def forward_train(self, hidden_prenorm: torch.Tensor, next_ids: torch.Tensor,
+                      position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced predictions ``[N, B, L, H]`` from pre-norm states ``[B, L, H]`` and shifted ids ``[B, L]``
         (``next_ids[t] = x_{t+1}``): head ``i`` at ``t`` sees ``h~_0..t`` and ``x_{t+1}..x_{t+1+i}`` and predicts
-        ``h_{t+1+i}``; positions ``t >= L - i`` are zero."""
+        ``h_{t+1+i}``; positions ``t >= L - i`` are zero. Packed rows (:mod:`clover.train.packing`) give
+        ``position_ids [B, L]`` and the trunk's attention ``mask [B, 1, L, L]`` (True = attend)."""
         emb = self.embed(next_ids)
-        c0 = self._trunk(hidden_prenorm, emb)
+        c0 = self._trunk(hidden_prenorm, emb, position_ids, mask)
         if self.gradient_checkpointing and self.training:
             return checkpoint(self._heads_train, c0, emb, use_reentrant=False)
         return self._heads_train(c0, emb)
 
-    def forward(self, hidden_prenorm: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_prenorm: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Same as :meth:`forward_train` (call the module itself when it is wrapped by DDP)."""
-        return self.forward_train(hidden_prenorm, next_ids)
+        return self.forward_train(hidden_prenorm, next_ids, position_ids, mask)
 
     def _heads_train(self, c0: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         length = c0.shape[1]

@@ -222,8 +222,9 @@ class DraftModel(nn.Module):
         return 0.0
 
     def loss(self, preds: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor,
-             mask_alignment: str = "predicted") -> tuple[torch.Tensor, dict]:
-        """Training loss and metrics of ``forward_train``'s output (see :mod:`clover.model.losses`)."""
+             mask_alignment: str = "predicted", doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Training loss and metrics of ``forward_train``'s output (see :mod:`clover.model.losses`; ``doc_ids``:
+        the conversation of each position of packed rows)."""
         raise NotImplementedError
 
     def runner(self):

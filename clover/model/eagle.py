@@ -70,9 +70,9 @@ class EagleDraft(DraftModel):
     def training_noise(self) -> float:
         return self.cfg.input_noise
 
-    def loss(self, preds, target, loss_mask, mask_alignment="predicted"):
+    def loss(self, preds, target, loss_mask, mask_alignment="predicted", doc_ids=None):
         return eagle_loss(preds, target, self.lm_head_weight, loss_mask, self.cfg, mask_alignment=mask_alignment,
-                          draft_vocab=self.draft_vocab)
+                          draft_vocab=self.draft_vocab, doc_ids=doc_ids)
 
     def runner(self) -> "EagleRunner":
         return EagleRunner(self)
@@ -87,14 +87,17 @@ class EagleDraft(DraftModel):
         return self.fc(torch.cat([self.embed(ids), hidden.to(self.dtype)], dim=-1))
 
     # ---- training -----------------------------------------------------------------------------------------------
-    def forward_train(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    def forward_train(self, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted features ``[B, L, H]`` from post-norm states ``[B, L, H]`` and shifted ids ``[B, L]``
-        (``next_ids[t] = x_{t+1}``); the output at ``t`` targets ``h_{t+1}``."""
-        return self.run_layers(self._features(hidden, next_ids), 0, None)
+        (``next_ids[t] = x_{t+1}``); the output at ``t`` targets ``h_{t+1}``. Packed rows give ``position_ids`` and
+        an attention ``mask`` (see :meth:`Clover2Draft.forward_train`)."""
+        return self.run_layers(self._features(hidden, next_ids), 0, None, position_ids, mask)
 
-    def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Same as :meth:`forward_train` (call the module itself when it is wrapped by DDP)."""
-        return self.forward_train(hidden, next_ids)
+        return self.forward_train(hidden, next_ids, position_ids, mask)
 
     @torch.no_grad()
     def greedy_chain(self, hidden: torch.Tensor, next_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:

@@ -90,22 +90,27 @@ def target_from_prenorm(hidden_prenorm: torch.Tensor, final_norm_weight: torch.T
 
 def clover_loss(preds: torch.Tensor, target_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                 loss_mask: torch.Tensor, cfg, mask_alignment: str = "predicted",
-                chunk_size: int = 1024, draft_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+                chunk_size: int = 1024, draft_vocab: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """Clover-2 loss for ``preds [N, B, L, H]`` (``forward_train``), ``target_hidden [B, L, H]`` (post-norm
     ``h_{t+1}`` at index ``t``), ``loss_mask [B, L]`` (data mask of token ``x_t`` at index ``t``) and the Clover-2
-    config (``regression_weight``, ``distill_weight``, ``decay_coefficient``, ``heads_coefficient``)."""
+    config (``regression_weight``, ``distill_weight``, ``decay_coefficient``, ``heads_coefficient``). Packed rows
+    give ``doc_ids [B, L]`` (the conversation of each position): a head's prediction counts only when the position
+    it predicts from and the token it predicts are in one conversation."""
     head_weights = [cfg.decay_coefficient ** i * cfg.heads_coefficient for i in range(preds.shape[0])]
     return _loss(preds, target_hidden, lm_head_weight, _target_mask(loss_mask, mask_alignment), head_weights,
-                 cfg.regression_weight, cfg.distill_weight, chunk_size, draft_vocab)
+                 cfg.regression_weight, cfg.distill_weight, chunk_size, draft_vocab,
+                 _same_doc(doc_ids, mask_alignment))
 
 
 def eagle_loss(pred: torch.Tensor, target: torch.Tensor, lm_head_weight: torch.Tensor, loss_mask: torch.Tensor,
                cfg, chunk_size: int = 1024, mask_alignment: str = "predicted",
-               draft_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+               draft_vocab: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, Metrics]:
     """EAGLE-1 loss ``regression_weight * Lv + distill_weight * Lp`` for ``pred [B, L, H]`` (one head, metrics as
-    head 0 of :func:`clover_loss`; ``cfg`` is the EAGLE-1 config)."""
+    head 0 of :func:`clover_loss`; ``cfg`` is the EAGLE-1 config; ``doc_ids`` as there)."""
     return _loss(pred[None], target, lm_head_weight, _target_mask(loss_mask, mask_alignment), [1.0],
-                 cfg.regression_weight, cfg.distill_weight, chunk_size, draft_vocab)
+                 cfg.regression_weight, cfg.distill_weight, chunk_size, draft_vocab, _same_doc(doc_ids, mask_alignment))
 
 
 def _target_mask(loss_mask: torch.Tensor, alignment: str) -> torch.Tensor:
@@ -119,12 +124,25 @@ def _target_mask(loss_mask: torch.Tensor, alignment: str) -> torch.Tensor:
     raise ValueError(f"mask_alignment must be 'predicted' or 'eagle', got {alignment!r}")
 
 
+def _same_doc(doc_ids: torch.Tensor | None, alignment: str):
+    """For packed rows: ``same(b, t, s)``, whether position ``t`` (where a head predicts from) and the end of what
+    target index ``s`` stands for (the predicted token ``x_{s+2}``, or with the "eagle" alignment the target state
+    ``h_{s+1}``) lie in one conversation; None for unpacked rows."""
+    if doc_ids is None:
+        return None
+    reach = 2 if alignment == "predicted" else 1
+    ahead = torch.cat([doc_ids[:, reach:], doc_ids.new_full((doc_ids.shape[0], min(reach, doc_ids.shape[1])), -1)], 1)
+    return lambda b, t, s: doc_ids[b, t] == ahead[b, s]
+
+
 def _loss(preds, target, weight_lm, target_mask, head_weights, regression_weight, distill_weight, chunk_size,
-          draft_vocab):
+          draft_vocab, same_doc=None):
     n = preds.shape[0]
     b_idx, s_idx = target_mask.nonzero(as_tuple=True)
     heads = torch.arange(n, device=preds.device)[:, None]
     weights = target_mask[b_idx, s_idx].float()[None] * (s_idx[None] >= heads)  # [N, M]: head i needs t = s-i >= 0
+    if same_doc is not None:
+        weights = weights * same_doc(b_idx[None], (s_idx[None] - heads).clamp(min=0), s_idx[None])
     rows = preds[heads, b_idx[None], (s_idx[None] - heads).clamp(min=0)]  # [N, M, H]
     targets = target[b_idx, s_idx]  # [M, H]
     reg = F.smooth_l1_loss(rows.float(), targets.float().expand_as(rows), reduction="none", beta=1.0).mean(-1)

@@ -92,7 +92,7 @@ def save_snapshot(accelerator, model, cpdir: Path, step: int) -> None:
 def data_order(args) -> dict:
     """What fixes the train/test split and each epoch's order (the sampler seeds ``seed + epoch``) and the batches."""
     return {"seed": args.seed, "test_fraction": args.test_fraction, "bs": args.bs, "grad_accum": args.grad_accum,
-            "skip_conversations": args.skip_conversations}
+            "skip_conversations": args.skip_conversations, "pack": args.pack}
 
 
 def resume_point(args, cpdir: Path) -> Path | None:

@@ -25,6 +25,7 @@ from clover.errors import CloverError
 from clover.ge_data.dataset import HiddenStateDataset, collate, split_indices
 from clover.model.base import BaseModel
 from clover.model.loading import load_tokenizer
+from clover.train.packing import PackedDataset
 
 
 def encode(conversations: list[Conversation], template, max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -97,9 +98,13 @@ class OnlineCollate:
     def _hidden(self, items: list[dict[str, torch.Tensor]], shape) -> torch.Tensor:
         hidden = torch.zeros(*shape, self.base.args.hidden_size, dtype=self.base.dtype)
         for row, item in enumerate(items):
-            ids = item["input_ids"]
-            out = self.base(ids[None].to(self.base.device), use_cache=False, logits_to_keep=0)
-            hidden[row, :ids.numel()] = out.hidden_prenorm[0].cpu()
+            ids, start = item["input_ids"], 0
+            # a packed item (clover.train.packing): each of its conversations alone
+            for n in (item["doc_ids"].unique_consecutive(return_counts=True)[1].tolist() if "doc_ids" in item
+                      else [ids.numel()]):
+                out = self.base(ids[None, start:start + n].to(self.base.device), use_cache=False, logits_to_keep=0)
+                hidden[row, start:start + n] = out.hidden_prenorm[0].cpu()
+                start += n
         return hidden
 
 
@@ -133,11 +138,20 @@ def load_data(args, base) -> tuple[torch.utils.data.Dataset, torch.utils.data.Da
     if len(train_set) == 0:
         raise CloverError(f"{source} has no training conversations left after holding out --test-fraction "
                           f"{args.test_fraction}; use more data or lower --test-fraction")
+    if args.pack:  # the held-out split stays one conversation per row, so that its metrics do not depend on packing
+        train_set = PackedDataset(train_set, max_len, args.seed)
     monitor = None
     if args.evaldata:  # an empty string means "none"
         monitor = HiddenStateDataset(args.evaldata, max_len=max_len, split="all")
         monitor.check_compatible(base.args.hidden_size, base.args.vocab_size, args.base_model)
     return train_set, test_set, monitor
+
+
+def conversation_count(dataset) -> str:
+    """How many conversations a training set has (and, packed, in how many rows)."""
+    if isinstance(dataset, PackedDataset):
+        return f"{len(dataset.dataset)} conversations packed into {len(dataset)} rows"
+    return f"{len(dataset)} conversations"
 
 
 def hidden_sample(dataset, conversations: int = 32) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 
 from clover.model.losses import TOPK, Metrics, target_from_prenorm
 from clover.train.data import collate_for
+from clover.train.packing import block_causal_mask, doc_lengths
 
 
 def ahead(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -28,7 +29,10 @@ def model_inputs(draft, batch: dict, noise: float = 0.0) -> tuple[torch.Tensor, 
     post = target_from_prenorm(pre, draft.final_norm_weight, draft.args.rms_norm_eps)
     hidden = pre if draft.hidden_kind == "prenorm" else post
     if noise:
-        length = batch["attention_mask"].sum(1).clamp(min=1)[:, None, None]
+        if "doc_ids" in batch:  # packed rows: each conversation's own length
+            length = doc_lengths(batch["doc_ids"])[:, :, None]
+        else:
+            length = batch["attention_mask"].sum(1).clamp(min=1)[:, None, None]
         hidden = hidden + (torch.rand_like(hidden, dtype=torch.float32) - 0.5) * (noise * 512 / length)
     return hidden, ahead(batch["input_ids"], 1), post
 
@@ -39,7 +43,12 @@ def batch_loss(model, draft, batch: dict, mask_alignment: str, noise: float = 0.
     loss_mask = batch["loss_mask"]
     if mask_alignment == "eagle":  # the mask of x_t gates target h_{t+1}: drop each row's last position (no target)
         loss_mask = loss_mask * ahead(batch["attention_mask"], 1)
-    return draft.loss(model(hidden, next_ids), ahead(post, 1), loss_mask, mask_alignment)
+    doc_ids = batch.get("doc_ids")
+    if doc_ids is None:
+        preds = model(hidden, next_ids)
+    else:  # packed rows (clover.train.packing): positions per conversation, attention within it
+        preds = model(hidden, next_ids, batch["position_ids"], block_causal_mask(doc_ids))
+    return draft.loss(preds, ahead(post, 1), loss_mask, mask_alignment, doc_ids)
 
 
 def shard(dataset, rank: int, world: int, limit: int | None = None) -> torch.utils.data.Subset:

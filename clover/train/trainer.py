@@ -44,7 +44,7 @@ from clover.model.registry import draft_class
 from clover.train.checkpoints import (STATE, check_resumable, data_order, resume_point, save_checkpoint, save_final,
                                       save_snapshot)
 from clover.train.cli import build_parser, check_data_source, read_overrides
-from clover.train.data import collate_for, hidden_sample, load_data
+from clover.train.data import collate_for, conversation_count, hidden_sample, load_data
 from clover.train.evaluate import batch_loss, chain_counts, evaluate, format_summary, shard
 from clover.train.schedule import Clock, EpochSampler, decay_start, lr_factor
 from clover.train.state import load_rng, load_state
@@ -53,8 +53,8 @@ from clover.train.state import load_rng, load_state
 # ---- pieces ---------------------------------------------------------------------------------------------------------
 def autocast_dtype(choice: str, device: torch.device) -> str:
     """accelerate ``mixed_precision`` for ``--dtype``, whose auto means bf16 on CUDA (where supported) and, on a CPU,
-    whichever trains faster here, measured (:func:`clover.model.kernels.bf16_training_pays`): fp32 on every CPU seen
-    so far, even those that list native bf16 instructions."""
+    whichever trains faster here, measured (:func:`clover.model.kernels.bf16_training_pays`): fp32 on the Intel Xeon
+    VMs that list native bf16 instructions, bf16 on a Zen 4 EPYC (2026-12-07)."""
     if choice == "auto":
         if device.type == "cpu":
             return "bf16" if bf16_training_pays() else "no"
@@ -207,7 +207,7 @@ def setup(args, draft_type: str, shared: tuple | None = None, keep_shared: bool 
                                                                   if isinstance(v, (int, float, str, bool))})
     accelerator.print(
         f"training a {cls.label} draft ({sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters) on "
-        f"{len(train_set)} conversations ({len(test_set)} held out), {world} process(es) on {device}, "
+        f"{conversation_count(train_set)} ({len(test_set)} held out), {world} process(es) on {device}, "
         f"autocast {'bf16' if bf16 else 'off (fp32)'}, {steps_per_epoch} optimizer steps per epoch")
     return run
 
