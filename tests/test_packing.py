@@ -64,10 +64,10 @@ def test_packed_rows_give_each_conversation_its_own_losses(tiny_base, draft_type
     dumped = [{**online[i], "hidden_prenorm": online.collate([online[i]])["hidden_prenorm"][0]}
               for i in range(len(online))]
     items = PackedDataset.__new__(PackedDataset)
-    items.dataset, items.packs, items.collate, items.kept = dumped, packed.packs, collate, None
+    items.dataset, items.packs, items.kept = dumped, packed.packs, None
     total = None
     for k in range(0, len(items), 2):
-        batch = items.collate([items[j] for j in range(k, min(k + 2, len(items)))])
+        batch = collate([items[j] for j in range(k, min(k + 2, len(items)))])
         metrics = batch_loss(draft, draft, batch, alignment)[1]
         total = metrics if total is None else total + metrics
     torch.testing.assert_close(total.sums[:, 1:], alone.sums[:, 1:], rtol=1e-4, atol=1e-3)

@@ -49,6 +49,14 @@ class DraftState:
     pending: list = field(default_factory=list)
 
 
+def take_pending(state: DraftState) -> tuple[torch.Tensor, torch.Tensor]:
+    """The committed pairs the draft has not been fed yet, as one ``(hidden [1, n, H], next_ids [1, n])``; the state
+    holds none after it."""
+    hidden, next_ids = (torch.cat(x, dim=1) for x in zip(*state.pending))
+    state.pending = []
+    return hidden, next_ids
+
+
 class SpeculativeModel:
     draft_class: type[DraftModel] = DraftModel  # subclasses accept only checkpoints of their own draft
 
@@ -180,8 +188,7 @@ class SpeculativeModel:
         with self._drafting(state):
             root_logits = None
             if depth > 0:
-                hidden, next_ids = (torch.cat(x, dim=1) for x in zip(*state.pending))
-                root_logits, state.pending = state.runner.start(hidden, next_ids), []
+                root_logits = state.runner.start(*take_pending(state))
             return drive(self._tree_steps(state, root, root_logits, depth, cost), state.runner), depth
 
     def propose_many(self, states: list[DraftState], roots: list[torch.Tensor],
@@ -194,10 +201,10 @@ class SpeculativeModel:
         root_logits: list = [None] * len(states)
         batch = states[drafting[0]].runner.batch if drafting else None
         if drafting:
-            pairs = [[torch.cat(x, dim=1) for x in zip(*states[i].pending)] for i in drafting]
+            pairs = [take_pending(states[i]) for i in drafting]
             found = batch.start([states[i].runner.row for i in drafting], *zip(*pairs))
             for i, logits in zip(drafting, found):
-                root_logits[i], states[i].pending = logits, []
+                root_logits[i] = logits
 
         def expand(which: list[int], requests: list[tuple]) -> list[torch.Tensor]:
             return batch.expand([states[i].runner.row for i in which], *map(list, zip(*requests)))

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from clover.errors import CloverError
 from clover.model.base import BaseModel
 from clover.model.draft import DraftConfig, DraftModel, check_choice, check_number, check_positive_int
-from clover.model.draft_rows import last_of_rows, pad_rows, row_cache, run_rows
+from clover.model.draft_rows import extend_rows, row_cache
 from clover.model.layers import DecoderLayer, RMSNorm
 from clover.model.losses import clover_loss
 
@@ -353,12 +353,10 @@ class Clover2BatchRunner:
 
     @torch.no_grad()
     def start(self, rows: list[int], hidden: list[torch.Tensor], next_ids: list[torch.Tensor]) -> list[torch.Tensor]:
-        span = max(rows) + 1
-        hidden, counts = pad_rows(rows, hidden, span)
-        ids, _ = pad_rows(rows, next_ids, span)
         draft = self.draft
-        x = run_rows(draft, draft.fuse(hidden.to(draft.dtype), draft.embed(ids)), self.cache, counts)
-        states, out = draft.head(draft.trunk_norm(last_of_rows(x, rows, counts)), None, 0)
+        last, _ = extend_rows(draft, self.cache, rows, hidden, next_ids,
+                              lambda h, ids: draft.fuse(h.to(draft.dtype), draft.embed(ids)))
+        states, out = draft.head(draft.trunk_norm(last), None, 0)
         for j, row in enumerate(rows):
             self.states[row] = states[j:j + 1]
         return list(draft.draft_logits(out))

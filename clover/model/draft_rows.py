@@ -32,18 +32,40 @@ def row_cache(draft, batch: int, capacity: int) -> RaggedKVCache:
                          a.head_dim, draft.dtype, draft.device)
 
 
+def _slots(rows: Sequence[int], sizes: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every real token when row ``rows[i]`` holds ``sizes[i]`` tokens, left-aligned, row by row."""
+    at_row = np.repeat(np.asarray(rows, dtype=np.int64), sizes)
+    at_col = np.concatenate([np.arange(n) for n in sizes])
+    return torch.from_numpy(at_row).to(device), torch.from_numpy(at_col).to(device)
+
+
 def pad_rows(rows: Sequence[int], tensors: Sequence[torch.Tensor], span: int) -> tuple[torch.Tensor, np.ndarray]:
     """Row ``rows[i]`` of ``[span, T, ...]`` := ``tensors[i] [1, n_i, ...]`` (left-aligned, zeros after it and in the
     rows not listed); returns it and the counts ``n [span]`` (host; 0 for the rows not listed)."""
     counts = np.zeros(span, dtype=np.int64)
-    counts[list(rows)] = [t.shape[1] for t in tensors]
+    counts[list(rows)] = sizes = [t.shape[1] for t in tensors]
     first = tensors[0]
     out = first.new_zeros((span, int(counts.max())) + tuple(first.shape[2:]))
-    row_index = np.repeat(np.asarray(rows, dtype=np.int64), counts[list(rows)])
-    col_index = np.concatenate([np.arange(n) for n in counts[list(rows)]])
-    out[torch.from_numpy(row_index).to(out.device), torch.from_numpy(col_index).to(out.device)] = torch.cat(
-        [t[0] for t in tensors])
+    out[_slots(rows, sizes, out.device)] = torch.cat([t[0] for t in tensors])
     return out, counts
+
+
+def unpad_rows(x: torch.Tensor, rows: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+    """The inverse of :func:`pad_rows`: the real tokens of ``x [S, T, ...]``, row ``rows[0]``'s first, ``[sum(sizes),
+    ...]``."""
+    return x[_slots(rows, sizes, x.device)]
+
+
+def extend_rows(draft, cache: RaggedKVCache, rows: Sequence[int], hidden: Sequence[torch.Tensor],
+                next_ids: Sequence[torch.Tensor], features) -> tuple[torch.Tensor, np.ndarray]:
+    """Append each row's committed pairs (``hidden[i] [1, n_i, H]``, ``next_ids[i] [1, n_i]``) to its rows of
+    ``cache`` in one forward of the draft's layers over ``features(hidden, ids)`` (padded ``[S, T, H]`` and ``[S, T]``);
+    returns each row's output at its last pair ``[R, H]`` and the counts ``n [S]`` (host)."""
+    span = max(rows) + 1
+    hidden, counts = pad_rows(rows, hidden, span)
+    ids, _ = pad_rows(rows, next_ids, span)
+    x = run_rows(draft, features(hidden, ids), cache, counts)
+    return last_of_rows(x, rows, counts), counts
 
 
 def run_rows(draft, x: torch.Tensor, cache: RaggedKVCache, counts: np.ndarray, position_ids: torch.Tensor | None = None,

@@ -18,7 +18,7 @@ from torch import nn
 from clover.model.base import BaseModel
 from clover.model.draft import DraftConfig, DraftModel, check_number, check_positive_int
 from clover.model.cache import KVCache
-from clover.model.draft_rows import last_of_rows, pad_rows, row_cache, run_rows
+from clover.model.draft_rows import extend_rows, pad_rows, row_cache, run_rows, unpad_rows
 from clover.model.layers import DecoderLayer
 from clover.model.losses import eagle_loss
 
@@ -202,9 +202,7 @@ class EagleBatchRunner:
     def start(self, rows: list[int], hidden: list[torch.Tensor], next_ids: list[torch.Tensor]) -> list[torch.Tensor]:
         span = max(rows) + 1
         self.cache.truncate_rows(slice(0, span), self.committed[:span])  # drop the last step's tree nodes
-        hidden, counts = pad_rows(rows, hidden, span)
-        ids, _ = pad_rows(rows, next_ids, span)
-        feats = last_of_rows(run_rows(self.draft, self.draft._features(hidden, ids), self.cache, counts), rows, counts)
+        feats, counts = extend_rows(self.draft, self.cache, rows, hidden, next_ids, self.draft._features)
         self.committed[:span] += counts
         for j, row in enumerate(rows):
             self.feats[row] = feats[j:j + 1]
@@ -230,9 +228,7 @@ class EagleBatchRunner:
         x, _ = pad_rows(rows, list(self.draft._features(parents, torch.cat(tokens))[None].split(sizes, dim=1)), span)
         eye = torch.eye(width, dtype=torch.bool, device=device)
         out = run_rows(self.draft, x, self.cache, counts, positions, eye, past_mask if past else None)
-        at_row = np.repeat(np.asarray(rows, dtype=np.int64), sizes)
-        at_col = np.concatenate([np.arange(n) for n in sizes])
-        feats = out[torch.from_numpy(at_row).to(device), torch.from_numpy(at_col).to(device)]
+        feats = unpad_rows(out, rows, sizes)
         for row, f in zip(rows, feats.split(sizes)):
             self.feats[row] = f
         return list(self.draft.draft_logits(feats).split(sizes))

@@ -109,7 +109,8 @@ class OnlineCollate:
 
 
 def collate_for(dataset):
-    """The collate function of ``dataset`` (or of the dataset a ``Subset`` takes its items from)."""
+    """The collate function of ``dataset`` (or of the dataset a ``Subset`` or a
+    :class:`~clover.train.packing.PackedDataset` takes its items from)."""
     inner = getattr(dataset, "dataset", dataset)
     return getattr(inner, "collate", collate)
 

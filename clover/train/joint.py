@@ -20,6 +20,7 @@ from pathlib import Path
 from clover.errors import CloverError, run_cli
 from clover.model.registry import draft_names
 from clover.train.cli import build_parser
+from clover.train.data import collate_for
 from clover.train.state import capture_rng, restore_rng
 from clover.train.trainer import finish, run_steps, setup
 
@@ -71,7 +72,7 @@ def train_together(draft_types: list[str], argv) -> dict[str, list[dict]]:
             rngs[i] = capture_rng()
     for run in runs:
         finish(run)
-    collate = getattr(runs[0].train_set, "collate", None)
+    collate = collate_for(runs[0].train_set)
     if getattr(collate, "batches", 0):
         runs[0].accelerator.print(f"hidden states: the base model computed {collate.base_batches} of the "
                                   f"{collate.batches} batches the {len(runs)} drafts read")

@@ -19,7 +19,6 @@ import random
 import torch
 
 from clover.errors import CloverError
-from clover.ge_data.dataset import collate
 
 
 def pack_lengths(lengths: list[int], max_len: int, seed: int) -> list[list[int]]:
@@ -50,8 +49,7 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset, max_len: int, seed: int = 0):
         self.dataset = dataset
-        self.packs = pack_lengths(item_lengths(dataset), max_len, seed)
-        self.collate = getattr(dataset, "collate", collate)
+        self.packs = pack_lengths(item_lengths(dataset), max_len, seed)  # collated as ``dataset`` is (collate_for)
         # online items are token ids only: each pack is built once and kept, so that its tensors stay the same
         # objects (the online collation recognises a batch it computed by its tensors)
         self.kept: dict[int, dict] | None = None if hasattr(dataset, "lengths") else {}
