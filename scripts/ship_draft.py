@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {
         "name": a.name, "draft_type": config["draft_type"], "base_model": config["base"]["name_or_path"],
-        "weights": "bf16 (trained in fp32; loading casts them to the base model's dtype)",
+        "weights": "bf16 (trained with fp32 master weights; loading casts them to the base model's dtype)",
         "training": with_stages(earlier, {
             "data": a.data, "command": a.command, **training_summary(a.run, a.training_hours), "run": str(a.run),
             "shipped": date.today().isoformat(), "commit": commit,

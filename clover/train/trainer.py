@@ -206,7 +206,7 @@ def setup(args, draft_type: str, shared: tuple | None = None, keep_shared: bool 
         accelerator.init_trackers(f"clover-{draft_type}", config={k: v for k, v in vars(args).items()
                                                                   if isinstance(v, (int, float, str, bool))})
     accelerator.print(
-        f"training a {cls.label} draft ({sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters) on "
+        f"training {cls.label} ({sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters) on "
         f"{conversation_count(train_set)} ({len(test_set)} held out), {world} process(es) on {device}, "
         f"autocast {'bf16' if bf16 else 'off (fp32)'}, {steps_per_epoch} optimizer steps per epoch")
     return run
