@@ -404,7 +404,7 @@ def test_online_training_trains_and_resumes(tmp_path):
     args = ["--conversations", data, "--outdir", tmp_path / "ckpt", "--max-len", "64", "--bs", "2",
             "--num_workers", "0", "--test_fraction", "0.2", "--warmup_steps", "1"]
     result = ok(launch("main", *args, "--epochs", "2", "--max_steps", "3"))
-    assert "training a EAGLE-1 draft" in result.stdout and "on 8 conversations (2 held out)" in result.stdout
+    assert "training EAGLE-1 (" in result.stdout and "on 8 conversations (2 held out)" in result.stdout
     ok(launch("main", *args, "--epochs", "2", "--resume"))
     history = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history][-2:] == [1, 2] and history[-1]["step"] == 8
