@@ -10,6 +10,7 @@ from clover.errors import CloverError
 from clover.generate.batched_speculative import BatchedSpeculativeDecoder, SpeculativeRequest
 from clover.generate.budget import batched_verification_cost, verification_cost
 from clover.generate.sampling import SamplingParams, processed_probs
+from clover.generate import speculative
 from clover.generate.speculative import SpeculativeModel
 from clover.model.base import BaseModel
 from clover.model.checkpoint import init_draft
@@ -156,14 +157,21 @@ def test_sampled_rows_follow_the_base_distribution(tmp_path):
     assert accepted > runs // 10
 
 
-def test_auto_budget_rows_stay_exact_and_use_the_batched_cost(tiny_base):
+def test_auto_budget_rows_stay_exact_and_use_the_batched_cost(tiny_base, monkeypatch):
     model = make(tiny_base, "clover2", budget="auto")
     decoder = BatchedSpeculativeDecoder(model, batch_size=4, max_len=96)
     reqs = requests(6, seed=3)
     used = set()  # the draft costs the rows' depth policies weighed
     decoder.step = lambda step=decoder.step: used.update(
         row.state.depth_policy.start_cost for row in decoder.rows if row is not None) or step()
+    sized, proposed = [], []  # each drafting step's rows are sized together, and each fills the common width
+    monkeypatch.setattr(speculative, "best_size", lambda ranked, *a, size=speculative.best_size: sized.append(
+        (ranked, size(ranked, *a))) or sized[-1][1])
+    model.propose_many = lambda *a, propose=model.propose_many: proposed.append(propose(*a)) or proposed[-1]
     results = run_all(decoder, reqs)
+    assert len(sized) == len(proposed) == decoder.stats["drafting_steps"] > 0
+    for (ranked, width), trees in zip(sized, proposed):
+        assert [tree.size for tree, _ in trees] == [1 if r is None else 1 + min(width, r.valid) for r in ranked]
     for r in reqs:
         assert results[r.tag].tokens == batch_one(make(tiny_base, "clover2", budget=6), r)
     assert set(decoder.costs) <= {1, 2, 3, 4} and 4 in decoder.costs
@@ -177,6 +185,28 @@ def test_auto_budget_rows_stay_exact_and_use_the_batched_cost(tiny_base):
     policy = next(row for row in decoder.rows if row is not None).state.depth_policy
     assert policy is not decoder.learned and policy.tried == decoder.learned.tried
     assert 0 < decoder.stats["drafting_steps"] < decoder.stats["steps"]  # both kinds of step were measured
+
+
+def test_rows_fill_the_width_one_forward_pays_for(tiny_base, monkeypatch):
+    # repetitive prompts give prompt lookup candidates; a flat verification cost makes every usable node pay
+    model = make(tiny_base, "lookup", budget="auto")
+    decoder = BatchedSpeculativeDecoder(model, batch_size=3, max_len=96)
+    decoder.costs = {busy: torch.full((65,), 1e-3) for busy in (1, 2, 3)}
+    decoder.modes = None  # every step drafts
+    reqs = [SpeculativeRequest([7, 8, 9, 10] * (3 + i), max_new_tokens=24, tag=i, seed=i, stop_token_ids=(5,))
+            for i in range(3)]
+    sized, proposed = [], []
+    monkeypatch.setattr(speculative, "best_size", lambda ranked, *a, size=speculative.best_size: sized.append(
+        (ranked, size(ranked, *a))) or sized[-1][1])
+    model.propose_many = lambda *a, propose=model.propose_many: proposed.append(propose(*a)) or proposed[-1]
+    results = run_all(decoder, reqs)
+    for r in reqs:
+        assert results[r.tag].tokens == batch_one(make(tiny_base, "lookup", budget=6), r)
+    for (ranked, width), trees in zip(sized, proposed):
+        usable = [0 if r is None else r.valid for r in ranked]
+        assert width == min(max(usable), 63)  # flat cost: as wide as the row with the most candidates
+        assert [tree.size for tree, _ in trees] == [1 + min(width, n) for n in usable]
+    assert any(width > 0 for _, width in sized)
 
 
 def test_step_mode_policy_takes_the_faster_kind_and_tries_the_other_now_and_then():

@@ -16,7 +16,8 @@ from clover.generate.recycle import TokenRecycling
 from clover.generate.sampling import SamplingParams, processed_probs
 from clover.generate.sources import split_drafts
 from clover.generate.speculative import SpeculativeModel
-from clover.generate.candidates import Candidates, cap_siblings, merge_candidates, select_tree
+from clover.generate.candidates import (Candidates, best_size, cap_siblings, merge_candidates, rank_candidates,
+                                       select_tree)
 from clover.generate.verify import verify_tree
 from clover.model.base import BaseModel
 from clover.model.checkpoint import init_draft
@@ -156,6 +157,26 @@ def test_the_cost_curve_decides_the_size_and_a_plain_step_when_nothing_pays():
     assert select_tree(torch.tensor(1), [chain], budget=None, cost_per_size=flat).size == 5
     steep = torch.arange(65, dtype=torch.float32).clamp(min=1)  # cost grows with every token: nothing pays
     assert select_tree(torch.tensor(1), [chain], budget=None, cost_per_size=steep).size == 1
+
+
+def test_a_batch_sizes_its_rows_trees_together_and_each_row_fills_the_width():
+    # row A: a chain accepted with probabilities 0.9, 0.8, 0.7, 0.6; row B: nothing to propose
+    chain = Candidates.chains([[5, 6, 7, 8]], [[math.log(p) for p in (0.9, 0.8, 0.7, 0.6)]], "cpu")
+    a = rank_candidates(torch.tensor(1), [chain])
+    assert a.gains(64).tolist() == pytest.approx([1, 1.9, 2.7, 3.4, 4.0])
+    cost = torch.tensor([0.0, 1.0, 1.1, 1.6, 1.8, 2.0] + [3.0] * 59)  # seconds per row for s tokens per row
+    # alone, A's best is all 4 nodes (4.0 / 2.0 tokens per second); beside a row that gains nothing from width,
+    # the batch's best is one node each ((1.9 + 1) / 1.1 beats (4.0 + 1) / 2.0)
+    assert best_size([a], cost) == 4 == select_tree(torch.tensor(1), [chain], budget=None, cost_per_size=cost).size - 1
+    assert best_size([a, None], cost) == 1
+    # a second row with its own candidates fills the same width, even where alone it would have taken fewer
+    short = Candidates.chains([[3, 4]], [[math.log(0.05), math.log(0.01)]], "cpu")
+    b = rank_candidates(torch.tensor(2), [short])
+    assert best_size([b], cost) == 0  # alone: a plain step (1.05 / 1.1 < 1 / 1.0)
+    width = best_size([a, b], cost)  # together: (1.9 + 1.05) / 1.1 is the best
+    assert width == 1 and a.tree(width).size == 2 and b.tree(width).size == 2
+    assert b.tree(4).size == 3  # never more than its usable nodes
+    assert best_size([None, None], cost) == 0
 
 
 def test_draft_values_split_into_one_checkpoint_and_sources():

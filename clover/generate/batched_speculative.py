@@ -9,14 +9,17 @@ in the draft's own ragged cache, then one call per tree level for the nodes of e
 :mod:`clover.model.draft_rows`), verifies all the trees in one ragged forward (each row's tree padded to the largest,
 at the row's own positions, under its own tree mask), then accepts, commits and feeds back per row.
 
-With the ``auto`` tree each row's depth and node count come from the measured cost of the whole batched forward
-(:func:`clover.generate.budget.batched_verification_cost`: seconds per row for ``s`` tokens per row at this batch
-size) and of the draft's batched calls (per row): at a large batch an extra node costs nearly what a whole token
-does, so rows draft less, while a draft level costs each row a fraction of what it costs one sequence alone. Whether
-a step drafts at all is measured too (:class:`clover.generate.budget.StepModePolicy`): from two busy rows on, per
-size class of the batch, the decoder keeps the tokens per second of drafting steps and of plain steps (one token per
-row, no draft or source calls) and takes the faster, trying the other now and then. Greedy decoding gives, row for
-row, the tokens of batch-1 decoding (tested).
+With the ``auto`` tree each row's depth and the step's node count come from the measured cost of the whole batched
+forward (:func:`clover.generate.budget.batched_verification_cost`: seconds per row for ``s`` tokens per row at this
+batch size) and of the draft's batched calls (per row): at a large batch an extra node costs nearly what a whole
+token does, so rows draft less, while a draft level costs each row a fraction of what it costs one sequence alone.
+Every row's tree is padded to the widest in the forward, so the node count is chosen once for all the rows (the
+width that maximises the batch's expected tokens per second, :func:`clover.generate.candidates.best_size`) and each
+row takes up to that many of its best candidates. Whether a step drafts at all is measured too
+(:class:`clover.generate.budget.StepModePolicy`): from two busy rows on, per size class of the batch, the decoder
+keeps the tokens per second of drafting steps and of plain steps (one token per row, no draft or source calls) and
+takes the faster, trying the other now and then. Greedy decoding gives, row for row, the tokens of batch-1 decoding
+(tested).
 
     decoder = BatchedSpeculativeDecoder(model, batch_size=16, max_len=1024)
     for event in decoder.run([SpeculativeRequest(prompt_ids, max_new_tokens=128, tag=i) for i, prompt_ids in ...]):

@@ -4,7 +4,9 @@
   rewritten); :func:`build_dynamic_tree` — the tree of the draft alone from them, within a node budget.
 * :class:`Candidates` — scored nodes of one source (a trained draft, prompt lookup, token recycling);
   :func:`select_tree` — the tree of one step from the candidates of several sources, duplicates merged
-  (:func:`merge_candidates`), sibling probabilities capped (:func:`cap_siblings`), sized by the verification cost.
+  (:func:`merge_candidates`), sibling probabilities capped (:func:`cap_siblings`), ranked
+  (:func:`rank_candidates`) and sized by the verification cost (:func:`best_size`, which sizes the trees of a
+  batch's rows together: they share one padded width).
 
 Everything loops over depths only; everything per node is a tensor operation.
 """
@@ -179,42 +181,82 @@ def cap_siblings(cands: Candidates) -> Candidates:
     return Candidates(cands.tokens, parents, cands.depths, scores - shift, cands.depth)
 
 
-def select_tree(root: torch.Tensor, sources: Sequence[Candidates], *, budget: int | None,
-                cost_per_size: torch.Tensor | None = None) -> DraftTree:
-    """The tree of one step: the root and the best candidates of every source by score, duplicates merged, the
-    children of each node capped at a total probability of 1 (:func:`cap_siblings`).
+@dataclass
+class RankedCandidates:
+    """A step's candidates from every source, merged and capped (:func:`rank_candidates`), in the order a tree takes
+    them: ``order[:j]`` is the best tree of ``j`` nodes (closed under parents)."""
 
-    ``budget`` caps the number of nodes; with ``budget=None`` and ``cost_per_size`` (seconds of a verification
-    forward of 1..K tokens) the size maximising the expected tokens per second ``(1 + Σ accept) / cost(size)`` is
-    chosen, where ``accept`` is each node's estimated acceptance probability: 0 nodes (a plain decoding step) when
-    no candidate pays for its verification. A child's score is below its parent's, so any top-scored set is closed
-    under parents. The tree's ``origin`` says which sources (bit ``s`` for ``sources[s]``) proposed each node."""
-    device = root.device
+    root: torch.Tensor
+    cands: Candidates
+    origin: torch.Tensor  # [N, sources] bool: which sources proposed each node
+    order: torch.Tensor   # [N] node indices, best first, a parent before a child of equal score
+    valid: int            # usable nodes (score above -inf), on the host
+
+    def gains(self, limit: int) -> torch.Tensor:
+        """``[k + 1]`` for ``k = min(valid, limit)``: the expected tokens of a step whose tree takes the best ``j``
+        nodes, ``1 + Σ accept`` (the bonus token and each node's estimated acceptance probability)."""
+        k = min(self.valid, limit)
+        accept = self.cands.scores[self.order[:k]].exp()
+        return torch.cat([torch.zeros(1, device=accept.device, dtype=accept.dtype), accept.cumsum(0)]) + 1
+
+    def tree(self, nodes: int) -> DraftTree:
+        """The tree of the root and the best ``nodes`` candidates (fewer when fewer are usable)."""
+        cands, device = self.cands, self.root.device
+        tok, parent, depth = cands.tokens, cands.parents, cands.depths
+        chosen = self.order[:min(nodes, self.valid)]
+        chosen = chosen[depth[chosen].argsort(stable=True)]                      # parents before children
+        n = chosen.numel() + 1
+        position = torch.full((tok.numel() + 1,), -1, dtype=torch.long, device=device)
+        position[0] = 0
+        position[chosen + 1] = torch.arange(1, n, device=device)                 # candidate index + 1; the root: 0
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        tokens = torch.cat([self.root.reshape(1), tok[chosen]])
+        parents = torch.cat([zero, position[parent[chosen] + 1]])
+        depths = torch.cat([zero, depth[chosen]])
+        bits = (self.origin[chosen].long() << torch.arange(self.origin.shape[1], device=device)).sum(-1)
+        tree = DraftTree.from_parents(tokens, parents, depths, min(cands.depth, n - 1))  # n - 1 nodes: no deeper
+        tree.origin = torch.cat([zero, bits])
+        return tree
+
+
+def rank_candidates(root: torch.Tensor, sources: Sequence[Candidates]) -> RankedCandidates:
+    """The candidates of every source for the step after ``root``, duplicates merged (:func:`merge_candidates`), the
+    children of each node capped at a total probability of 1 (:func:`cap_siblings`), ranked by score. A child's
+    score is below its parent's, so any top-scored set is closed under parents."""
     if len(sources) == 1:
         cands = sources[0]
-        origin = torch.ones(cands.size, 1, dtype=torch.bool, device=device)
+        origin = torch.ones(cands.size, 1, dtype=torch.bool, device=root.device)
     else:
         cands, origin = merge_candidates(sources)
     cands = cap_siblings(cands)
-    tok, parent, depth, score = cands.tokens, cands.parents, cands.depths, cands.scores
-    order = (score - 1e-6 * depth).argsort(descending=True)  # a parent before a child of equal score
-    valid = int((score > -torch.inf).sum())  # host sync: the number of usable nodes
-    if budget is None:  # cost_per_size[s] = seconds to verify s tokens; a tree of j nodes has j + 1 tokens
-        limit = min(valid, cost_per_size.numel() - 2)
-        gain = torch.cat([torch.zeros(1, device=device), score[order[:limit]].exp().cumsum(0)]) + 1
-        budget = int((gain / cost_per_size[1:limit + 2].to(device)).argmax())  # host sync: the size
-    chosen = order[:min(budget, valid)]
-    chosen = chosen[depth[chosen].argsort(stable=True)]                      # parents before children
-    n = chosen.numel() + 1
-    position = torch.full((tok.numel() + 1,), -1, dtype=torch.long, device=device)
-    position[0] = 0
-    position[chosen + 1] = torch.arange(1, n, device=device)                 # candidate index + 1; the root: 0
-    zero = torch.zeros(1, dtype=torch.long, device=device)
-    tokens = torch.cat([root.reshape(1), tok[chosen]])
-    parents = torch.cat([zero, position[parent[chosen] + 1]])
-    depths = torch.cat([zero, depth[chosen]])
-    bits = (origin[chosen].long() << torch.arange(origin.shape[1], device=device)).sum(-1)
-    tree = DraftTree.from_parents(tokens, parents, depths, min(cands.depth, n - 1))  # n - 1 nodes: no deeper
-    tree.origin = torch.cat([zero, bits])
-    return tree
+    order = (cands.scores - 1e-6 * cands.depths).argsort(descending=True)  # a parent before a child of equal score
+    valid = int((cands.scores > -torch.inf).sum())  # host sync: the number of usable nodes
+    return RankedCandidates(root, cands, origin, order, valid)
+
+
+def best_size(ranked: Sequence[RankedCandidates | None], cost_per_size: torch.Tensor) -> int:
+    """The number of tree nodes per row that maximises the expected tokens per second of one verification forward
+    of all the rows, ``Σ_rows (1 + Σ accept) / cost(nodes + 1)``: in a batch every row's tree is padded to the
+    widest, so one width serves them all (each row then takes up to that many of its best nodes). ``None`` rows have
+    no candidates (a gain of 1 whatever the width); ``cost_per_size[s]`` = seconds (per row) to verify ``s`` tokens.
+    For one row this is the size :func:`select_tree` chooses; 0 = a plain step."""
+    gains = [r.gains(cost_per_size.numel() - 2) for r in ranked if r is not None]
+    if not gains:
+        return 0
+    width = max(g.numel() for g in gains)
+    total = sum(torch.cat([g, g[-1:].expand(width - g.numel())]) for g in gains) + (len(ranked) - len(gains))
+    return int((total / cost_per_size[1:width + 1].to(total.device)).argmax())  # host sync: the size
+
+
+def select_tree(root: torch.Tensor, sources: Sequence[Candidates], *, budget: int | None,
+                cost_per_size: torch.Tensor | None = None) -> DraftTree:
+    """The tree of one step: the root and the best candidates of every source by score (:func:`rank_candidates`).
+
+    ``budget`` caps the number of nodes; with ``budget=None`` and ``cost_per_size`` (seconds of a verification
+    forward of 1..K tokens) the size maximising the expected tokens per second ``(1 + Σ accept) / cost(size)`` is
+    chosen (:func:`best_size`), where ``accept`` is each node's estimated acceptance probability: 0 nodes (a plain
+    decoding step) when no candidate pays for its verification. The tree's ``origin`` says which sources (bit ``s``
+    for ``sources[s]``) proposed each node."""
+    ranked = rank_candidates(root, sources)
+    return ranked.tree(best_size([ranked], cost_per_size) if budget is None else budget)
 

@@ -23,7 +23,7 @@ from clover.generate.output import GenerationResult, OutputTracker
 from clover.generate.plain import _drain, check_prompt, stream_plain
 from clover.generate.sampling import SamplingParams, select_tokens
 from clover.generate.sources import SOURCE_NAMES, make_source
-from clover.generate.candidates import dynamic_candidate_steps, select_tree
+from clover.generate.candidates import best_size, dynamic_candidate_steps, rank_candidates, select_tree
 from clover.generate.tree import DraftTree, Expansions, TreeSpec, drive, drive_together
 from clover.generate.verify import verify_tree
 from clover.model.base import BaseModel
@@ -195,7 +195,10 @@ class SpeculativeModel:
                      cost: torch.Tensor | None = None) -> list[tuple[DraftTree, int]]:
         """:meth:`propose` for the rows of a batch, whose runners are rows of one batch runner (:meth:`new_state`
         with ``runner``): one draft call feeds every drafting row its committed pairs, one per tree level expands
-        every row's nodes."""
+        every row's nodes. A dynamic tree sized by cost is sized for all the rows together (their trees are padded
+        to the widest in the verification forward, so one row's large tree would make every row pay for it): the
+        width that maximises the batch's expected tokens per second, each row taking up to that many of its best
+        nodes."""
         depths = [self._next_depth(state) for state in states]
         drafting = [i for i, depth in enumerate(depths) if depth > 0]
         root_logits: list = [None] * len(states)
@@ -209,9 +212,15 @@ class SpeculativeModel:
         def expand(which: list[int], requests: list[tuple]) -> list[torch.Tensor]:
             return batch.expand([states[i].runner.row for i in which], *map(list, zip(*requests)))
 
-        builders = [self._tree_steps(state, root, logits, depth, cost)
+        together = self._sized_together(cost)
+        builders = [self._tree_steps(state, root, logits, depth, cost, ranked=together)
                     for state, root, logits, depth in zip(states, roots, root_logits, depths)]
-        return list(zip(drive_together(builders, expand), depths))
+        found = drive_together(builders, expand)
+        if together:  # the rows' trees share one padded forward: one width for all, each row filling it
+            nodes = best_size(found, self._row_cost(cost))
+            found = [DraftTree.single(root) if ranked is None else ranked.tree(nodes)
+                     for ranked, root in zip(found, roots)]
+        return list(zip(found, depths))
 
     def observe(self, state: DraftState, tree: DraftTree, verdict, logits: torch.Tensor, hidden: torch.Tensor,
                 depth: int) -> None:
@@ -273,10 +282,22 @@ class SpeculativeModel:
             return self.spec.depth
         return state.depth_policy.depth() if state.depth_policy else self.num_heads
 
-    def _tree_steps(self, state: DraftState, root, root_logits, depth: int,
-                    cost: torch.Tensor | None = None) -> Expansions[DraftTree]:
+    def _sized_together(self, cost: torch.Tensor | None) -> bool:
+        """Whether the rows' trees of a batched step are sized together (:func:`best_size`): a dynamic tree sized
+        by cost."""
+        return self.dynamic and self.budget is None and (cost is not None or self.cost is not None)
+
+    def _row_cost(self, cost: torch.Tensor | None) -> torch.Tensor | None:
+        """The verification cost that sizes a tree: ``cost`` (default the model's own curve) plus the step's
+        measured overhead outside the forward."""
+        cost = cost if cost is not None else self.cost
+        return None if cost is None else cost + self.step_overhead
+
+    def _tree_steps(self, state: DraftState, root, root_logits, depth: int, cost: torch.Tensor | None = None,
+                    ranked: bool = False) -> Expansions:
         """The step's tree as a tree builder (:data:`clover.generate.tree.Expansions`): the trained draft's
-        candidates (when it drafts) and every source's, merged."""
+        candidates (when it drafts) and every source's, merged. ``ranked``: return the ranked candidates instead
+        (None without any), for a batch whose trees are sized together."""
         vocab = state.runner.vocab if state.runner is not None else None
         if not self.dynamic:
             return (yield from self.spec.build_steps(root, root_logits, vocab))
@@ -289,11 +310,11 @@ class SpeculativeModel:
             found = source.propose(root)
             if found.size:
                 candidates.append(found.top(MAX_CANDIDATES))
+        if ranked:
+            return rank_candidates(root, candidates) if candidates else None
         if not candidates:
             return DraftTree.single(root)
-        cost = cost if cost is not None else self.cost
-        cost = None if cost is None else cost + self.step_overhead
-        return select_tree(root, candidates, budget=self.budget, cost_per_size=cost)
+        return select_tree(root, candidates, budget=self.budget, cost_per_size=self._row_cost(cost))
 
     def stream(self, input_ids, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                max_new_tokens: int = 256, stop_token_ids=None, stop_sequences=(),
