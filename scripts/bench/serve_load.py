@@ -1,14 +1,16 @@
 """Load run of ``python -m clover.serve`` on this machine (127.0.0.1 only; a script, not a test): the batched engine
 against the one-at-a-time engine (``--sequential``), plain and speculative decoding, at several concurrencies.
 
-For every engine and decoding (``--engines``, ``--decodings``), the real server starts on a free localhost port, and
-after one untimed warm-up request, for every concurrency ``c`` in ``--concurrency`` (default 1, 4, 16, 32) ``c`` client
-threads each send
-``--rounds`` streamed greedy chat requests one after the other (a closed loop: ``c`` requests in flight at all
-times), each on one of ten short prompts with ``--max-tokens`` new tokens. Every answer is checked against the
-greedy output of ``clover generate`` (plain decoding, in this process). Reported per run: total tokens/s (all new
-tokens over the run's wall time), time to the first token and inter-token latency (per request: time after the first
-token over the tokens after it), p50 and p99, and τ (tokens per decoding step, from the usage).
+One real server per engine and decoding (``--engines``, ``--decodings``) starts on a free localhost port and answers
+one untimed warm-up request; then, for every concurrency ``c`` in ``--concurrency`` (default 1, 4, 16, 32), the
+servers take turns: in each of ``--rounds`` rounds (more at a low concurrency, to give each server
+``--min-requests``) every server in turn gets ``c`` streamed greedy chat requests at once (``c`` client threads, one
+request each, on ten short prompts with ``--max-tokens`` new tokens), the turn order reversed every other round.
+Because the turns interleave, a machine that speeds up or slows down over the run (these VMs drift by 20%) moves every
+server's numbers alike. Every answer is checked against the greedy output of ``clover generate`` (plain decoding, in
+this process). Reported per server and concurrency, over its turns: total tokens/s (its new tokens over the wall
+time of its turns), time to the first token and inter-token latency (per request: time after the first token over
+the tokens after it), p50 and p99, and τ (tokens per decoding step, from the usage).
 
 Then, on the batched server with speculative decoding, ``--disconnects`` streams (default 64) at once, a random half
 of which hang up after a random number of chunks: every surviving request must get its exact answer, none may hang
@@ -16,11 +18,11 @@ of which hang up after a random number of chunks: every surviving request must g
 grow at most 10% over the run.
 
 Prints a table with the CPU model and flags, writes ``--out`` (JSON) and ``--fig`` (tokens/s against concurrency);
-exits 1 when an answer was wrong, a request hung or memory grew. ``--time-limit`` bounds the whole run: what is left
-is skipped and the JSON says so.
+exits 1 when an answer was wrong, a request hung or memory grew. ``--time-limit`` bounds the whole run: the rounds
+left are skipped and the JSON says so.
 
     python scripts/bench/serve_load.py [--draft clover2-smollm2-135m-instruct --draft lookup --draft recycle] \\
-        [--concurrency 1,4,16,32] [--max-tokens 128] [--rounds 2]
+        [--concurrency 1,4,16,32] [--max-tokens 128] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -28,12 +30,12 @@ import contextlib
 import http.client
 import io
 import json
+import math
 import platform
 import random
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,7 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--engines", default="batched,sequential", help="batched and/or sequential (default both)")
     p.add_argument("--decodings", default="plain,speculative", help="plain and/or speculative (default both)")
     p.add_argument("--concurrency", default="1,4,16,32", help="concurrent clients per run, comma-separated")
-    p.add_argument("--rounds", type=positive_int, default=2, help="requests each client sends in turn (default 2)")
+    p.add_argument("--rounds", type=positive_int, default=3,
+                   help="turns of each server at each concurrency, c requests at once per turn (default 3)")
+    p.add_argument("--min-requests", type=positive_int, default=12,
+                   help="at a low concurrency, as many more turns as give each server this many requests (default "
+                        "12)")
     p.add_argument("--max-tokens", type=positive_int, default=128, help="new tokens per request (default 128)")
     p.add_argument("--max-batch-size", type=positive_int, default=None,
                    help="rows of the batched server (default: the largest --concurrency)")
@@ -197,25 +203,16 @@ def summary(results: list[dict], wall: float) -> dict:
             "tau": tokens / max(sum(r["steps"] for r in ok), 1)}
 
 
-def load_level(port: int, clients: int, args, expected: dict, deadline: float) -> dict | None:
-    """``clients`` threads each sending ``--rounds`` requests in turn; None when the time limit came first."""
-    results, lock = [], threading.Lock()
-
-    def client(i: int) -> None:
-        for k in range(args.rounds):
-            if time.monotonic() > deadline:
-                return
-            r = ask(port, PROMPTS[(i * args.rounds + k) % len(PROMPTS)], args.max_tokens, args.request_timeout)
-            r["correct"] = r.get("text") == expected[r["prompt"]]
-            with lock:
-                results.append(r)
+def load_turn(port: int, clients: int, turn: int, args, expected: dict) -> tuple[list[dict], float]:
+    """``clients`` requests at once (one client thread each); their results and the turn's wall time."""
+    def client(i: int) -> dict:
+        r = ask(port, PROMPTS[(turn * clients + i) % len(PROMPTS)], args.max_tokens, args.request_timeout)
+        return r | {"correct": r.get("text") == expected[r["prompt"]]}
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
-    if len(results) < clients * args.rounds:
-        return None
-    return summary(results, time.perf_counter() - start)
+        results = list(pool.map(client, range(clients)))
+    return results, time.perf_counter() - start
 
 
 def disconnect_run(port: int, proc, args, expected: dict) -> dict:
@@ -255,40 +252,47 @@ def main(argv=None) -> None:
     expected = references(args)
     speculative = [x for d in draft for x in ("--draft", str(d))] + ["--tree", args.tree, "--tree-budget",
                                                                       str(args.tree_budget)]
-    runs, disconnects = [], None
+    runs, servers, disconnects = [], {}, None
     logs = Path(args.out).with_suffix(".logs")
     logs.mkdir(parents=True, exist_ok=True)
-    for engine in args.engines.split(","):
-        for decoding in args.decodings.split(","):
-            flags = (["--sequential"] if engine == "sequential" else ["--max-batch-size", str(rows)]) + \
-                    (speculative if decoding == "speculative" else [])
-            run = {"engine": engine, "decoding": decoding, "flags": flags, "levels": {}}
-            runs.append(run)
-            if time.monotonic() > deadline:
-                continue
-            t0 = time.perf_counter()
-            proc, port = start_server(args, flags, logs / f"{engine}_{decoding}.log")
-            run["startup_s"] = time.perf_counter() - t0
-            try:
-                ask(port, PROMPTS[0], args.max_tokens, args.request_timeout)  # warm-up, untimed
-                for c in levels:
-                    level = load_level(port, c, args, expected, deadline)
-                    if level is None:
-                        break
-                    run["levels"][c] = level
-                    print(f"{engine:<10} {decoding:<11} c={c:<3} {level['tokens_per_s']:7.1f} tok/s  ttft p50 "
-                          f"{level['ttft_p50_s']:.2f} s  itl p50 {1000 * level['itl_p50_s']:.0f} ms  τ "
-                          f"{level['tau']:.2f}  wrong {level['wrong']}  errors {level['errors']}", flush=True)
-                if engine == "batched" and decoding == "speculative" and args.disconnects and \
-                        time.monotonic() < deadline:
-                    disconnects = disconnect_run(port, proc, args, expected)
-                    print(f"disconnect run: {disconnects}", flush=True)
-            finally:
-                stop_server(proc)
+    try:
+        for engine in args.engines.split(","):
+            for decoding in args.decodings.split(","):
+                flags = (["--sequential"] if engine == "sequential" else ["--max-batch-size", str(rows)]) + \
+                        (speculative if decoding == "speculative" else [])
+                run = {"engine": engine, "decoding": decoding, "flags": flags, "levels": {}}
+                runs.append(run)
+                t0 = time.perf_counter()
+                servers[len(runs) - 1] = start_server(args, flags, logs / f"{engine}_{decoding}.log")
+                run["startup_s"] = time.perf_counter() - t0
+                ask(servers[len(runs) - 1][1], PROMPTS[0], args.max_tokens, args.request_timeout)  # warm-up
+        for c in levels:
+            done = {i: ([], 0.0) for i in range(len(runs))}
+            for turn in range(max(args.rounds, math.ceil(args.min_requests / c))):
+                if time.monotonic() > deadline:
+                    break
+                for i in (range(len(runs)) if turn % 2 == 0 else reversed(range(len(runs)))):
+                    results, wall = load_turn(servers[i][1], c, turn, args, expected)
+                    done[i] = (done[i][0] + results, done[i][1] + wall)
+            for i, (results, wall) in done.items():
+                if not results:
+                    continue
+                level = runs[i]["levels"][c] = summary(results, wall) | {"rounds": len(results) // c}
+                print(f"{runs[i]['engine']:<10} {runs[i]['decoding']:<11} c={c:<3} {level['tokens_per_s']:7.1f} "
+                      f"tok/s  ttft p50 {level['ttft_p50_s']:.2f} s  itl p50 {1000 * level['itl_p50_s']:.0f} ms  "
+                      f"τ {level['tau']:.2f}  wrong {level['wrong']}  errors {level['errors']}", flush=True)
+        target = [i for i, r in enumerate(runs) if r["engine"] == "batched" and r["decoding"] == "speculative"]
+        if target and args.disconnects and time.monotonic() < deadline:
+            disconnects = disconnect_run(servers[target[0]][1], servers[target[0]][0], args, expected)
+            print(f"disconnect run: {disconnects}", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            stop_server(proc)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine, "base_model": args.base_model,
               "draft": draft, "max_batch_size": rows, "args": vars(args), "total_s": time.monotonic() - start,
               "runs": runs, "disconnects": disconnects}
-    finished = all(len(r["levels"]) == len(levels) for r in runs)
+    finished = all(len(r["levels"]) == len(levels) and all(lv["rounds"] >= args.rounds for lv in r["levels"].values())
+                   for r in runs)
     correct = all(lv["wrong"] == 0 and lv["errors"] == 0 for r in runs for lv in r["levels"].values())
     survived = disconnects is None or (disconnects["wrong"] == 0 and disconnects["errors"] == 0
                                        and disconnects["idle_after"] and disconnects["rss_growth"] <= 0.10)
