@@ -252,7 +252,7 @@ def main(argv=None) -> None:
     expected = references(args)
     speculative = [x for d in draft for x in ("--draft", str(d))] + ["--tree", args.tree, "--tree-budget",
                                                                       str(args.tree_budget)]
-    runs, servers, disconnects = [], {}, None
+    runs, servers, disconnects = [], [], None  # servers[i]: (process, port) of runs[i]
     logs = Path(args.out).with_suffix(".logs")
     logs.mkdir(parents=True, exist_ok=True)
     try:
@@ -263,22 +263,25 @@ def main(argv=None) -> None:
                 run = {"engine": engine, "decoding": decoding, "flags": flags, "levels": {}}
                 runs.append(run)
                 t0 = time.perf_counter()
-                servers[len(runs) - 1] = start_server(args, flags, logs / f"{engine}_{decoding}.log")
+                servers.append(start_server(args, flags, logs / f"{engine}_{decoding}.log"))
                 run["startup_s"] = time.perf_counter() - t0
-                ask(servers[len(runs) - 1][1], PROMPTS[0], args.max_tokens, args.request_timeout)  # warm-up
+                ask(servers[-1][1], PROMPTS[0], args.max_tokens, args.request_timeout)  # warm-up
         for c in levels:
-            done = {i: ([], 0.0) for i in range(len(runs))}
-            for turn in range(max(args.rounds, math.ceil(args.min_requests / c))):
+            planned = max(args.rounds, math.ceil(args.min_requests / c))
+            results, walls = [[] for _ in runs], [0.0] * len(runs)
+            for turn in range(planned):
                 if time.monotonic() > deadline:
                     break
                 for i in (range(len(runs)) if turn % 2 == 0 else reversed(range(len(runs)))):
-                    results, wall = load_turn(servers[i][1], c, turn, args, expected)
-                    done[i] = (done[i][0] + results, done[i][1] + wall)
-            for i, (results, wall) in done.items():
-                if not results:
+                    answered, wall = load_turn(servers[i][1], c, turn, args, expected)
+                    results[i] += answered
+                    walls[i] += wall
+            for i, run in enumerate(runs):
+                if not results[i]:
                     continue
-                level = runs[i]["levels"][c] = summary(results, wall) | {"rounds": len(results) // c}
-                print(f"{runs[i]['engine']:<10} {runs[i]['decoding']:<11} c={c:<3} {level['tokens_per_s']:7.1f} "
+                level = run["levels"][c] = summary(results[i], walls[i]) | {"rounds": len(results[i]) // c,
+                                                                             "planned_rounds": planned}
+                print(f"{run['engine']:<10} {run['decoding']:<11} c={c:<3} {level['tokens_per_s']:7.1f} "
                       f"tok/s  ttft p50 {level['ttft_p50_s']:.2f} s  itl p50 {1000 * level['itl_p50_s']:.0f} ms  "
                       f"τ {level['tau']:.2f}  wrong {level['wrong']}  errors {level['errors']}", flush=True)
         target = [i for i, r in enumerate(runs) if r["engine"] == "batched" and r["decoding"] == "speculative"]
@@ -286,13 +289,13 @@ def main(argv=None) -> None:
             disconnects = disconnect_run(servers[target[0]][1], servers[target[0]][0], args, expected)
             print(f"disconnect run: {disconnects}", flush=True)
     finally:
-        for proc, _ in servers.values():
+        for proc, _ in servers:
             stop_server(proc)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine, "base_model": args.base_model,
               "draft": draft, "max_batch_size": rows, "args": vars(args), "total_s": time.monotonic() - start,
               "runs": runs, "disconnects": disconnects}
-    finished = all(len(r["levels"]) == len(levels) and all(lv["rounds"] >= args.rounds for lv in r["levels"].values())
-                   for r in runs)
+    finished = all(len(r["levels"]) == len(levels) and all(lv["rounds"] == lv["planned_rounds"]
+                                                           for lv in r["levels"].values()) for r in runs)
     correct = all(lv["wrong"] == 0 and lv["errors"] == 0 for r in runs for lv in r["levels"].values())
     survived = disconnects is None or (disconnects["wrong"] == 0 and disconnects["errors"] == 0
                                        and disconnects["idle_after"] and disconnects["rss_growth"] <= 0.10)
