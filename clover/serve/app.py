@@ -35,8 +35,9 @@ def usage(done: Finished) -> dict:
             "decoding_steps": done.steps, "tau": round(done.tau, 4)}
 
 
-async def _events(engine: Engine, job: Job):
-    """The job's events, in order, on the event loop; the job is cancelled if the consumer stops early."""
+def _submit(engine: Engine, job: Job):
+    """Queue the job now, in the same event-loop turn as its admission check (so concurrent requests cannot all pass
+    the check before any of them is counted as waiting), and return its events as an async iterator."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -48,6 +49,11 @@ async def _events(engine: Engine, job: Job):
 
     job.emit = emit
     engine.submit(job)
+    return _events(job, events)
+
+
+async def _events(job: Job, events: asyncio.Queue):
+    """The job's events, in order, on the event loop; the job is cancelled if the consumer stops early."""
     try:
         while True:
             event = await events.get()
@@ -171,36 +177,39 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
                       code="model_not_found")
         return req
 
-    def make_job(req: GenerationRequest, ids: list[int], stop_token_ids) -> Job:
-        engine.admit()  # 429 before any response starts when too many requests wait
+    def start_job(req: GenerationRequest, ids: list[int], stop_token_ids):
+        """Admit and queue a job (429 before any response starts when too many requests wait); the job and its
+        events. Nothing awaits between the check and the queueing."""
+        engine.admit()
         room = engine.room(ids)
-        return Job(ids=ids, max_tokens=min(req.max_tokens or room, room), temperature=req.temperature,
-                   top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop, stop_token_ids=stop_token_ids)
+        job = Job(ids=ids, max_tokens=min(req.max_tokens or room, room), temperature=req.temperature,
+                  top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop, stop_token_ids=stop_token_ids)
+        return job, _submit(engine, job)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await read(request, parse_chat)
-        job = make_job(req, engine.encode_chat(req.messages), engine.template.stop_token_ids)
-        return await answer(request, req, job, chat=True)
+        job, events = start_job(req, engine.encode_chat(req.messages), engine.template.stop_token_ids)
+        return await answer(request, req, job, events, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await read(request, parse_completion)
-        job = make_job(req, engine.encode_prompt(req.prompt), None)
-        return await answer(request, req, job, chat=False)
+        job, events = start_job(req, engine.encode_prompt(req.prompt), None)
+        return await answer(request, req, job, events, chat=False)
 
-    async def answer(request: Request, req: GenerationRequest, job: Job, chat: bool):
+    async def answer(request: Request, req: GenerationRequest, job: Job, events, chat: bool):
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": served_model_name}
         if req.stream:
-            return EventStream(_sse(engine, job, req, dict(head, object=head["object"] + ".chunk") if chat else head,
+            return EventStream(_sse(events, req, dict(head, object=head["object"] + ".chunk") if chat else head,
                                     chat), job)
         result = {}
 
         async def collect():
             parts = []
-            async for event in _events(engine, job):
+            async for event in events:
                 if isinstance(event, Delta):
                     parts.append(event.text)
                 elif isinstance(event, Failed):
@@ -221,7 +230,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
     return app
 
 
-async def _sse(engine: Engine, job: Job, req: GenerationRequest, head: dict, chat: bool):
+async def _sse(events, req: GenerationRequest, head: dict, chat: bool):
     """OpenAI's streaming chunks as server-sent events, ending with ``data: [DONE]``."""
     def data(obj: dict) -> str:
         return "data: " + json.dumps(obj, separators=(",", ":")) + "\n\n"
@@ -237,7 +246,7 @@ async def _sse(engine: Engine, job: Job, req: GenerationRequest, head: dict, cha
 
     if chat:
         yield event(choice(None, None, first=True))
-    async for ev in _events(engine, job):
+    async for ev in events:
         if isinstance(ev, Delta):
             yield event(choice(ev.text, None))
         elif isinstance(ev, Failed):  # headers are sent already: the error goes in the stream
