@@ -85,6 +85,36 @@ def test_greedy_rows_equal_batch_one(tiny_base, kind):
         assert max(res.tau for res in results.values()) > 1.0
 
 
+@pytest.mark.parametrize("kind", ["clover2", "eagle"])
+def test_rows_that_end_first_are_filled_from_the_back_and_stay_exact(tiny_base, kind):
+    """Four rows whose first requests end first and nothing waits: the last busy rows move into the holes (base
+    cache, draft cache and draft state), so no forward spans an idle row, and every output is still batch 1's."""
+    model = make(tiny_base, kind)
+    reqs = requests(4, seed=6)
+    for r, n in zip(reqs, (4, 9, 30, 38)):
+        r.max_new_tokens, r.stop_token_ids = n, ()
+    decoder = BatchedSpeculativeDecoder(model, batch_size=4, max_len=96)
+    spans, moves, forward, move = [], [], decoder._verify_forward, decoder.cache.move_row
+
+    def checked_forward(trees, hi):
+        spans.append((hi, decoder.busy))
+        return forward(trees, hi)
+
+    def logged_move(src, dst):
+        moves.append((src, dst))
+        move(src, dst)
+    decoder._verify_forward, decoder.cache.move_row = checked_forward, logged_move
+    results = run_all(decoder, reqs)
+    assert moves and all(src > dst for src, dst in moves)
+    assert all(hi == busy for hi, busy in spans)  # every forward covers the busy rows only
+    for r in reqs:  # the same draft alone: the same tokens in the same steps (a moved row drafts from its state)
+        generator = torch.Generator().manual_seed(r.seed)
+        expected = model.generate(r.prompt, max_new_tokens=r.max_new_tokens, stop_token_ids=(), generator=generator)
+        assert results[r.tag].tokens == expected.tokens, r.tag
+        assert results[r.tag].accept_lengths == expected.accept_lengths, r.tag
+    assert max(res.tau for res in results.values()) > 1.0
+
+
 def test_plain_rows_equal_batch_one(tiny_base):
     """A bare base model decodes plainly, row for row as batch 1 (one token per row and step)."""
     from clover.generate.plain import generate_plain

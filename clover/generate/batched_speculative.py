@@ -158,9 +158,27 @@ class BatchedSpeculativeDecoder:
         self.cache.truncate_rows(r, 0)
         self.lengths[r] = 0
 
+    def _compact(self) -> None:
+        """Move the last busy rows into the idle rows before them, so that the busy rows are ``0 .. busy-1`` and
+        no forward spans an idle row (a forward costs what its rows do, busy or not). A move copies the row's
+        cached keys and values (and its draft's), once per request that ends before the last row's."""
+        busy = self.busy
+        holes = [r for r in range(busy) if self.rows[r] is None]
+        movers = [r for r in range(busy, self.batch_size) if self.rows[r] is not None]
+        for dst, src in zip(holes, movers):
+            row = self.rows[src]
+            self.cache.move_row(src, dst)
+            self.lengths[dst], self.lengths[src] = self.lengths[src], 0
+            if self.drafter is not None:
+                self.drafter.move_row(src, dst)
+                if row.state is not None and isinstance(row.state.runner, BatchRow):
+                    row.state.runner.row = dst
+            self.rows[dst], self.rows[src] = row, None
+
     # ---- one step of every busy row -----------------------------------------------------------------------------
     def step(self) -> list[RowEvent]:
         """Draft every busy row's tree, verify them all in one forward, commit per row; one event per busy row."""
+        self._compact()
         busy = [r for r, row in enumerate(self.rows) if row is not None]
         if not busy:
             return []
@@ -191,8 +209,8 @@ class BatchedSpeculativeDecoder:
             trees[r], depths[r] = tree, depth
         if not trees:
             return events
-        # the forward covers rows 0..hi-1 only (new requests take the lowest free row, so the busy ones stay near
-        # the front): the idle rows past the last busy one cost nothing
+        # the forward covers rows 0..hi-1 only (the busy rows are at the front: _compact); a row that ends now
+        # leaves a hole that the next step fills
         hi = max(trees) + 1
         out = self._verify_forward(trees, hi)
         width = max(tree.size for tree in trees.values())

@@ -203,6 +203,14 @@ class RaggedKVCache:
         self.lengths[rs] = torch.minimum(self.lengths[rs], torch.from_numpy(length).to(self.lengths.device))
         self.bounds[rs] = np.minimum(self.bounds[rs], length)
 
+    def move_row(self, src: int, dst: int) -> None:
+        """Row ``dst`` takes over row ``src``'s cached tokens and length; ``src`` is left empty."""
+        n = int(self.bounds[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst], self.bounds[dst] = self.lengths[src], n
+        self.lengths[src], self.bounds[src] = 0, 0
+
     def select_rows(self, index) -> None:
         """Keep only the rows ``index`` (host integers, in that order): the batch shrinks to ``len(index)``."""
         idx = torch.as_tensor(np.asarray(index, dtype=np.int64), device=self.lengths.device)

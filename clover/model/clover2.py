@@ -351,6 +351,11 @@ class Clover2BatchRunner:
     def reset(self, row: int) -> None:
         self.cache.truncate_rows(row, 0)
 
+    def move_row(self, src: int, dst: int) -> None:
+        """Row ``dst`` takes over row ``src``'s sequence (``src`` is left empty)."""
+        self.cache.move_row(src, dst)
+        self.states[dst], self.states[src] = self.states[src], None
+
     @torch.no_grad()
     def start(self, rows: list[int], hidden: list[torch.Tensor], next_ids: list[torch.Tensor]) -> list[torch.Tensor]:
         draft = self.draft

@@ -9,7 +9,9 @@ A draft's *batch runner* (``draft.batch_runner(batch, capacity)``: :class:`~clov
   the children of its root;
 * ``expand(rows, parent_rows, tokens, depths)``: one tree level of every row in one call (one read of the draft's
   weights and of its LM head for all of them); returns each row's logits ``[R_i, V]``;
-* ``reset(row)``: the row starts a new sequence.
+* ``reset(row)``: the row starts a new sequence;
+* ``move_row(src, dst)``: row ``dst`` takes over row ``src``'s sequence (the decoder keeps its busy rows at the
+  front, so that no forward spans an idle row).
 
 :class:`BatchRow` is one row of a batch runner with the batch-1 runner's interface, so that everything written for
 one sequence (the tree builders, :class:`~clover.generate.speculative.SpeculativeModel`) runs on a row unchanged.

@@ -198,6 +198,13 @@ class EagleBatchRunner:
         self.cache.truncate_rows(row, 0)
         self.committed[row] = 0
 
+    def move_row(self, src: int, dst: int) -> None:
+        """Row ``dst`` takes over row ``src``'s sequence (``src`` is left empty)."""
+        self.cache.move_row(src, dst)
+        self.committed[dst], self.committed[src] = self.committed[src], 0
+        for per_row in (self.feats, self.ancestors):
+            per_row[dst], per_row[src] = per_row[src], None
+
     @torch.no_grad()
     def start(self, rows: list[int], hidden: list[torch.Tensor], next_ids: list[torch.Tensor]) -> list[torch.Tensor]:
         span = max(rows) + 1
