@@ -115,6 +115,34 @@ def test_rows_that_end_first_are_filled_from_the_back_and_stay_exact(tiny_base, 
     assert max(res.tau for res in results.values()) > 1.0
 
 
+def test_a_draft_far_behind_after_plain_steps_restarts_on_a_window(tiny_base):
+    """Rows that decoded plainly for 40 steps: the next drafting step feeds each row's draft the last
+    CATCH_UP_WINDOW pairs (its cache restarted on them), not all 40; the prompt itself is read whole; outputs stay
+    batch 1's."""
+    from clover.generate.budget import StepModePolicy
+
+    model = make(tiny_base, "clover2")
+    reqs = requests(2, seed=8)
+    for r in reqs:
+        r.max_new_tokens, r.stop_token_ids = 70, ()
+    decoder = BatchedSpeculativeDecoder(model, batch_size=2, max_len=128)
+    decoder.modes = StepModePolicy()
+    plain_steps = iter([True] + [False] * 40)
+    decoder.modes.choose = lambda busy: next(plain_steps, True)
+    fed, start = [], decoder.drafter.start
+
+    def logged_start(rows, hidden, next_ids):
+        fed.append([h.shape[1] for h in hidden])
+        return start(rows, hidden, next_ids)
+    decoder.drafter.start = logged_start
+    results = run_all(decoder, reqs)
+    assert fed[0] == [len(r.prompt) for r in reqs]  # the prompts, whole
+    assert fed[1] == [speculative.CATCH_UP_WINDOW] * 2  # 40+ pairs behind: the last window only
+    assert all(n <= 6 for step in fed[2:] for n in step)  # then each step's accepted tokens
+    for r in reqs:
+        assert results[r.tag].tokens == batch_one(make(tiny_base, "clover2"), r)
+
+
 def test_plain_rows_equal_batch_one(tiny_base):
     """A bare base model decodes plainly, row for row as batch 1 (one token per row and step)."""
     from clover.generate.plain import generate_plain

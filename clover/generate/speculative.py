@@ -33,6 +33,7 @@ from clover.model.eagle import EagleDraft
 
 MAX_CANDIDATES = 64  # per source and step: more than a CPU's verification pays for
 DRAFT_HEADROOM = 128  # draft cache positions past a sequence's capacity: the tree nodes one step drafts into it
+CATCH_UP_WINDOW = 32  # batched rows: a draft further behind than this (after plain steps) restarts on the last ones
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DraftState:
     sources: list
     depth_policy: object | None = None
     pending: list = field(default_factory=list)
+    fed: bool = False  # the draft has read the prompt
 
 
 def take_pending(state: DraftState) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +206,7 @@ class SpeculativeModel:
         root_logits: list = [None] * len(states)
         batch = states[drafting[0]].runner.batch if drafting else None
         if drafting:
-            pairs = [take_pending(states[i]) for i in drafting]
+            pairs = [self._catch_up(states[i]) for i in drafting]
             found = batch.start([states[i].runner.row for i in drafting], *zip(*pairs))
             for i, logits in zip(drafting, found):
                 root_logits[i] = logits
@@ -221,6 +223,21 @@ class SpeculativeModel:
             found = [DraftTree.single(root) if ranked is None else ranked.tree(nodes)
                      for ranked, root in zip(found, roots)]
         return list(zip(found, depths))
+
+    @staticmethod
+    def _catch_up(state: DraftState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs a batched row's draft reads before it drafts: every pending one, except that a draft which has
+        read its prompt and is more than :data:`CATCH_UP_WINDOW` pairs behind (the row decoded plainly for a while:
+        at a large batch plain steps are the rule and drafting steps trials) restarts on the last of them. Reading
+        every pair would make such a trial cost more than several plain steps (16 rows 60 tokens behind: ~1,000
+        positions through the draft); attention under rotary positions depends only on the distance between
+        tokens, so the restarted draft reads them as a window of the text, and the output stays the base model's."""
+        hidden, next_ids = take_pending(state)
+        if state.fed and next_ids.shape[1] > CATCH_UP_WINDOW:
+            state.runner.reset()
+            hidden, next_ids = hidden[:, -CATCH_UP_WINDOW:], next_ids[:, -CATCH_UP_WINDOW:]
+        state.fed = True
+        return hidden, next_ids
 
     def observe(self, state: DraftState, tree: DraftTree, verdict, logits: torch.Tensor, hidden: torch.Tensor,
                 depth: int) -> None:
