@@ -7,7 +7,8 @@ token recycling's table is shared), its own tree, sampling settings and random g
 row's tree, the trained draft's calls made once for all rows (one forward over every row's newly committed pairs
 in the draft's own ragged cache, then one call per tree level for the nodes of every row:
 :mod:`clover.model.draft_rows`), verifies all the trees in one ragged forward (each row's tree padded to the largest,
-at the row's own positions, under its own tree mask), then accepts, commits and feeds back per row.
+at the row's own positions, under its own tree mask), then accepts, commits and feeds back per row. The busy rows
+are kept at the front (a row that ends before the last one is filled by it), so that no forward spans an idle row.
 
 With the ``auto`` tree each row's depth and the step's node count come from the measured cost of the whole batched
 forward (:func:`clover.generate.budget.batched_verification_cost`: seconds per row for ``s`` tokens per row at this
