@@ -170,10 +170,9 @@ class BatchedSpeculativeDecoder:
             row = self.rows[src]
             self.cache.move_row(src, dst)
             self.lengths[dst], self.lengths[src] = self.lengths[src], 0
-            if self.drafter is not None:
+            if self.drafter is not None:  # then every row's draft runner is a BatchRow of it
                 self.drafter.move_row(src, dst)
-                if row.state is not None and isinstance(row.state.runner, BatchRow):
-                    row.state.runner.row = dst
+                row.state.runner.row = dst
             self.rows[dst], self.rows[src] = row, None
 
     # ---- one step of every busy row -----------------------------------------------------------------------------
