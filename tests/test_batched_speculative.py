@@ -61,6 +61,16 @@ def batch_one(model: SpeculativeModel, request: SpeculativeRequest) -> list[int]
                           generator=generator).tokens
 
 
+def record_sizing(model, monkeypatch) -> tuple[list, list]:
+    """Lists that fill as ``model`` drafts batched steps: ``(ranked candidates per row, width chosen)`` of every
+    :func:`best_size` call, and what every ``propose_many`` call returned."""
+    sized, proposed = [], []
+    monkeypatch.setattr(speculative, "best_size", lambda ranked, *a, size=speculative.best_size: sized.append(
+        (ranked, size(ranked, *a))) or sized[-1][1])
+    model.propose_many = lambda *a, propose=model.propose_many: proposed.append(propose(*a)) or proposed[-1]
+    return sized, proposed
+
+
 def run_all(decoder, reqs) -> dict:
     tokens, results = {r.tag: [] for r in reqs}, {}
     for event in decoder.run(reqs):
@@ -222,10 +232,7 @@ def test_auto_budget_rows_stay_exact_and_use_the_batched_cost(tiny_base, monkeyp
     used = set()  # the draft costs the rows' depth policies weighed
     decoder.step = lambda step=decoder.step: used.update(
         row.state.depth_policy.start_cost for row in decoder.rows if row is not None) or step()
-    sized, proposed = [], []  # each drafting step's rows are sized together, and each fills the common width
-    monkeypatch.setattr(speculative, "best_size", lambda ranked, *a, size=speculative.best_size: sized.append(
-        (ranked, size(ranked, *a))) or sized[-1][1])
-    model.propose_many = lambda *a, propose=model.propose_many: proposed.append(propose(*a)) or proposed[-1]
+    sized, proposed = record_sizing(model, monkeypatch)  # each drafting step sized together, each row filling it
     results = run_all(decoder, reqs)
     assert len(sized) == len(proposed) == decoder.stats["drafting_steps"] > 0
     for (ranked, width), trees in zip(sized, proposed):
@@ -253,10 +260,7 @@ def test_rows_fill_the_width_one_forward_pays_for(tiny_base, monkeypatch):
     decoder.modes = None  # every step drafts
     reqs = [SpeculativeRequest([7, 8, 9, 10] * (3 + i), max_new_tokens=24, tag=i, seed=i, stop_token_ids=(5,))
             for i in range(3)]
-    sized, proposed = [], []
-    monkeypatch.setattr(speculative, "best_size", lambda ranked, *a, size=speculative.best_size: sized.append(
-        (ranked, size(ranked, *a))) or sized[-1][1])
-    model.propose_many = lambda *a, propose=model.propose_many: proposed.append(propose(*a)) or proposed[-1]
+    sized, proposed = record_sizing(model, monkeypatch)
     results = run_all(decoder, reqs)
     for r in reqs:
         assert results[r.tag].tokens == batch_one(make(tiny_base, "lookup", budget=6), r)
