@@ -25,12 +25,18 @@ from clover.ge_data.allocation import write_manifest
 from clover.ge_data.dataset import HiddenStateDataset, collate, shard_path
 from clover.ge_data.worker import WorkerJob, dump_shard, greedy_generate, write_shard
 from clover.model.base import BaseModel
-from clover.model.checkpoint import init_draft, load_draft, save_draft
+from clover.model.checkpoint import init_draft, load_draft, read_draft_config, save_draft
 from clover.train.evaluate import chain_counts, evaluate, model_inputs
 from tests.conftest import save_tiny
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-FAST = ["--bs", "4", "--num_workers", "0", "--warmup_steps", "2", "--lr", "3e-3", "--test_fraction", "0.1"]
+# Runs compared bit for bit are separate processes, so nothing may be chosen by timing in each: the base model's
+# few-row matmul kernels (online runs) are pinned here and the autocast dtype by PINNED_DTYPE (--dtype auto times bf16
+# against fp32 in each process; on a machine where the two are close, fresh runs can differ).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CLOVER_ONE_ROW_KERNEL": "packed",
+       "CLOVER_FEW_ROWS_KERNEL": "packed"}
+PINNED_DTYPE = ["--dtype", "fp32"]
+FAST = ["--bs", "4", "--num_workers", "0", "--warmup_steps", "2", "--lr", "3e-3", "--test_fraction", "0.1",
+        *PINNED_DTYPE]
 
 
 class IdTemplate:
@@ -429,12 +435,32 @@ def test_packed_online_training_trains_and_resumes_only_packed(tmp_path):
     assert error.returncode != 0 and "--pack True there, False now" in error.stderr
 
 
+def test_a_resumed_run_keeps_its_autocast_and_its_measured_token_scale(tmp_path):
+    """--dtype auto resumes in the dtype the run started with (timed again, it could come out the other way), and a
+    resumed Clover-2 keeps the token_scale it measured at initialisation, also resumed in another dtype (online, the
+    base's states, and so the measurement, depend on the dtype)."""
+    data = conversations_file(tmp_path / "c.jsonl")
+    args = ["--conversations", data, "--max-len", "64", "--bs", "2", "--num_workers", "0", "--test_fraction", "0.2",
+            "--warmup_steps", "1", "--epochs", "2"]
+    scale = {}
+    for dtype, autocast in (("bf16", "autocast bf16"), ("fp32", "autocast off (fp32)")):
+        out = tmp_path / dtype
+        ok(launch("main_clover2", *args, "--outdir", out, "--dtype", dtype, "--max_steps", "1"))
+        scale[dtype] = read_draft_config(out / "step_1")["clover"]["token_scale"]
+        result = ok(launch("main_clover2", *args, "--outdir", out, "--resume", "--max_steps", "2"))  # --dtype auto
+        assert autocast in result.stdout
+    assert scale["bf16"] != scale["fp32"]  # measured again in fp32, the bf16 run's config would not match
+    result = ok(launch("main_clover2", *args, "--outdir", tmp_path / "bf16", "--resume", "--dtype", "fp32"))
+    assert "autocast off (fp32)" in result.stdout
+    assert read_draft_config(tmp_path / "bf16" / "final")["clover"]["token_scale"] == scale["bf16"]
+
+
 def test_drafts_trained_together_equal_drafts_trained_alone(tmp_path):
     """clover train clover2,eagle: one base pass for both drafts, each ending exactly where it ends trained alone, also
     when the joint run is stopped and resumed."""
     data = conversations_file(tmp_path / "c.jsonl")
     args = ["--conversations", data, "--max-len", "64", "--bs", "2", "--num_workers", "0", "--test_fraction", "0.2",
-            "--warmup_steps", "1", "--epochs", "2", "--lr", "1e-3"]
+            "--warmup_steps", "1", "--epochs", "2", "--lr", "1e-3", *PINNED_DTYPE]
     for module, draft_type in (("main_clover2", "clover2"), ("main", "eagle")):
         ok(launch(module, *args, "--outdir", tmp_path / "alone" / draft_type))
     joint = ["clover2,eagle", *args, "--outdir", tmp_path / "together"]

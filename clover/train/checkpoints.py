@@ -13,6 +13,7 @@ from the checkpoint with the most optimizer steps, ``--resume-from DIR`` from th
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -130,3 +131,24 @@ def check_resumable(ckpt: Path, args, draft, base) -> dict:
         raise CloverError(f"--resume: {ckpt} was trained on other data or batches ({'; '.join(changed)}); resume "
                           f"with the same flags or use another --outdir")
     return progress
+
+
+# ---- what a resumed run keeps ---------------------------------------------------------------------------------------
+# Some choices are measured when a run starts: ``--dtype auto``'s autocast on a CPU (timed) and the draft's "auto"
+# config values (Clover-2's token_scale, from the base model's states). Measured again in another process they can
+# come out otherwise (a close timing; states computed in another dtype), so a resumed run takes them from its
+# checkpoint: it trains on as it started, and its config still matches the checkpoint's.
+def kept_precision(ckpt: Path | None) -> str | None:
+    """The autocast (accelerate's ``mixed_precision``) ``ckpt`` was trained with; None: no checkpoint, or one
+    written before checkpoints recorded it."""
+    return None if ckpt is None else read_progress(ckpt / STATE).get("mixed_precision")
+
+
+def kept_measurements(ckpt: Path, cls, overrides: dict) -> dict:
+    """``overrides`` plus the values the draft in ``ckpt`` measured at initialisation, for the config keys this run
+    leaves "auto" (a value given explicitly is kept, and checked against the checkpoint as any other)."""
+    saved = read_draft_config(ckpt).get(cls.config_block) or {}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls.Config)}
+    measured = {key: value for key, value in saved.items()
+                if value != "auto" and overrides.get(key, defaults.get(key)) == "auto"}
+    return {**overrides, **measured}

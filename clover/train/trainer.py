@@ -2,8 +2,9 @@
 eagle`` / ``clover.train.main`` (EAGLE-1).
 
 Reads the hidden-state shards written by ``clover data`` (or, online, conversations whose hidden states the base
-computes as batches are assembled: :mod:`clover.train.data`) and trains a draft against the frozen base model with Hugging Face accelerate: one process, DDP (NCCL on GPUs, gloo on CPUs), or DeepSpeed/FSDP
-through an accelerate config as long as parameters are not sharded (the draft is exported from the unwrapped module).
+computes as batches are assembled: :mod:`clover.train.data`) and trains a draft against the frozen base model with
+Hugging Face accelerate: one process, DDP (NCCL on GPUs, gloo on CPUs), or DeepSpeed/FSDP through an accelerate
+config as long as parameters are not sharded (the draft is exported from the unwrapped module).
 The schedule (:mod:`clover.train.schedule`) is defined in optimizer steps and advances exactly once per optimizer
 step, whatever the number of processes; weight decay applies to matrices only; the same loss function serves training
 and evaluation; the train/test split is sorted and seeded; checkpoints (:mod:`clover.train.checkpoints`) hold the draft
@@ -41,8 +42,8 @@ from clover.model.checkpoint import init_draft, load_draft, top_tokens
 from clover.model.kernels import bf16_training_pays
 from clover.model.losses import Metrics
 from clover.model.registry import draft_class
-from clover.train.checkpoints import (STATE, check_resumable, data_order, resume_point, save_checkpoint, save_final,
-                                      save_snapshot)
+from clover.train.checkpoints import (STATE, check_resumable, data_order, kept_measurements, kept_precision,
+                                      resume_point, save_checkpoint, save_final, save_snapshot)
 from clover.train.cli import build_parser, check_data_source, read_overrides
 from clover.train.data import collate_for, conversation_count, hidden_sample, load_data
 from clover.train.evaluate import batch_loss, chain_counts, evaluate, format_summary, shard
@@ -51,11 +52,13 @@ from clover.train.state import load_rng, load_state
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------------------
-def autocast_dtype(choice: str, device: torch.device) -> str:
-    """accelerate ``mixed_precision`` for ``--dtype``, whose auto means bf16 on CUDA (where supported) and, on a CPU,
-    whichever trains faster here, measured (:func:`clover.model.kernels.bf16_training_pays`): fp32 on the Intel Xeon
-    VMs that list native bf16 instructions, bf16 on a Zen 4 EPYC (2026-12-07)."""
+def autocast_dtype(choice: str, device: torch.device, kept: str | None = None) -> str:
+    """accelerate ``mixed_precision`` for ``--dtype``. auto: ``kept`` (a resumed run's own), else bf16 on CUDA (where
+    supported) and, on a CPU, whichever trains faster here, measured (:func:`clover.model.kernels.bf16_training_pays`):
+    fp32 on the Intel Xeon VMs that list native bf16 instructions, bf16 on a Zen 4 EPYC (2026-12-07)."""
     if choice == "auto":
+        if kept is not None:
+            return kept
         if device.type == "cpu":
             return "bf16" if bf16_training_pays() else "no"
         if not torch.cuda.is_bf16_supported():
@@ -63,7 +66,7 @@ def autocast_dtype(choice: str, device: torch.device) -> str:
     return "bf16" if parse_dtype(choice, device) == torch.bfloat16 else "no"
 
 
-def make_accelerator(args, unused_parameters: bool, cpdir: Path) -> Accelerator:
+def make_accelerator(args, unused_parameters: bool, cpdir: Path, kept: str | None = None) -> Accelerator:
     cuda = torch.cuda.is_available()
     trackers = [] if args.report_to == "none" else [args.report_to]
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
@@ -72,7 +75,7 @@ def make_accelerator(args, unused_parameters: bool, cpdir: Path) -> Accelerator:
                           f"pip install {args.report_to}")
     return Accelerator(cpu=not cuda,  # lets CPU processes started by torchrun / accelerate launch form a gloo group
                        gradient_accumulation_steps=args.grad_accum,
-                       mixed_precision=autocast_dtype(args.dtype, torch.device("cuda" if cuda else "cpu")),
+                       mixed_precision=autocast_dtype(args.dtype, torch.device("cuda" if cuda else "cpu"), kept),
                        log_with=trackers or None, step_scheduler_with_optimizer=False,
                        project_config=ProjectConfiguration(project_dir=str(cpdir), logging_dir=str(cpdir / "logs")),
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)])
@@ -157,7 +160,9 @@ def setup(args, draft_type: str, shared: tuple | None = None, keep_shared: bool 
     overrides = read_overrides(args, cls)
     cpdir = Path(args.outdir)
     resume_from = resume_point(args, cpdir)
-    accelerator = make_accelerator(args, cls.ddp_unused_parameters(overrides), cpdir)
+    if resume_from is not None:  # what the run measured when it started, it keeps
+        overrides = kept_measurements(resume_from, cls, overrides)
+    accelerator = make_accelerator(args, cls.ddp_unused_parameters(overrides), cpdir, kept_precision(resume_from))
     bf16 = accelerator.mixed_precision == "bf16"
     device = accelerator.device if accelerator.device.type == "cuda" else torch.device("cpu")  # not "cpu:<rank>"
     set_seed(args.seed)
@@ -228,7 +233,7 @@ def _progress(run: Run, epoch: int, done: int, tokens_seen: float) -> dict:
     if done == len(run.loader):
         epoch, done = epoch + 1, 0
     return {"epoch": epoch, "batches_done": done, "global_step": run.global_step, "tokens_seen": tokens_seen,
-            **data_order(run.args)}
+            "mixed_precision": run.accelerator.mixed_precision, **data_order(run.args)}
 
 
 def _checkpoint(run: Run, name: str, epoch: int, done: int, sums: Metrics, tokens: torch.Tensor,
