@@ -1,4 +1,5 @@
-"""clover: Clover-2 speculative decoding (draft model, data generation, training, lossless tree decoding, evaluation)."""
+"""clover: Clover-2 speculative decoding (draft model, data generation, training, lossless tree decoding,
+evaluation)."""
 __version__ = "0.1.0"
 
 from clover.errors import CloverError  # noqa: E402

@@ -226,8 +226,8 @@ def add_base_model(p: argparse.ArgumentParser, required: bool = False, help: str
 
 def add_draft(p: argparse.ArgumentParser, required: bool = False, help: str | None = None) -> argparse.Action:
     """``--draft`` (dest ``draft``: a list, None when omitted), repeatable: a draft checkpoint folder or shipped draft
-    name, or a training-free source (``lookup``, ``recycle``); several share one tree per step. Optional drafts mean plain
-    decoding when omitted."""
+    name, or a training-free source (``lookup``, ``recycle``); several share one tree per step. Optional drafts mean
+    plain decoding when omitted."""
     return add_option(p, "--draft", "--ea-model-path", "--draft-model-path", required=required, default=None,
                       action="append", metavar="FOLDER|NAME|lookup|recycle",
                       help=help or "a draft checkpoint folder (Clover-2 or EAGLE-1) or a shipped draft's name "
@@ -310,7 +310,8 @@ def add_sampling(p: argparse.ArgumentParser, top: bool = True, seed_help: str | 
                    help="0 = greedy" + (" (default)" if temperature == 0 else f" (default {temperature:g})"))
     if top:
         add_option(p, "--top-p", "--top_p", type=probability, default=top_p, metavar="P",
-                   help="nucleus sampling threshold, in (0, 1] (default " + ("1: off)" if top_p == 1 else f"{top_p:g})"))
+                   help="nucleus sampling threshold, in (0, 1] (default "
+                        + ("1: off)" if top_p == 1 else f"{top_p:g})"))
         add_option(p, "--top-k", "--top_k", type=non_negative_int, default=0, metavar="K",
                    help="sample from the k most likely tokens (default 0: off)")
     if seed_help:

@@ -112,7 +112,8 @@ def main(argv=None) -> None:
         "training": with_stages(earlier, {
             "data": a.data, "command": a.command, **training_summary(a.run, a.training_hours), "run": str(a.run),
             "shipped": date.today().isoformat(), "commit": commit,
-            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "flags": cpu_flags(), "torch": torch.__version__}}),
+            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "flags": cpu_flags(),
+                        "torch": torch.__version__}}),
         "acceptance_floor": {**FLOOR, "questions": "the shipped question set's first 4 (2 turns each)",
                              "method": method, "temperature": 0.0, "dtype": "fp32", "tau": round(tau, 4),
                              "floor": round(FLOOR_SHARE * tau, 3)},

@@ -108,7 +108,8 @@ def test_commit_equals_sequential_feeding(tiny_llama_dir):
     base(tokens[None], position_ids=10 + depths, tree_mask=mask)
     base.commit(10, path)
     assert base.cache.length == 10 + len(path)
-    k_tree, v_tree = base.cache.k[:, :, :, :base.cache.length].clone(), base.cache.v[:, :, :, :base.cache.length].clone()
+    length = base.cache.length
+    k_tree, v_tree = base.cache.k[:, :, :, :length].clone(), base.cache.v[:, :, :, :length].clone()
     base.reset()
     base(torch.cat([prompt[0], tokens[path]])[None])
     n = base.cache.length

@@ -167,8 +167,8 @@ class PrepackedLinear:
     verifying a tree of 8 tokens costs ~1.3x one token instead of ~1.7x with the default BLAS path on a Zen 4 EPYC,
     which repacks the whole weight on every call. A single row (one token of batch-1 decoding) takes the kernel
     :func:`one_row_kernel` measured on this machine, 2-32 rows (a tree) the kernel :func:`few_rows_kernel`
-    measured (eager forwards; compiled graphs keep the packed weight). Elsewhere (CUDA, half precision, or when autograd needs the
-    product) it is plain ``F.linear``. The packed copy costs one more copy of the weight in memory.
+    measured (eager forwards; compiled graphs keep the packed weight). Elsewhere (CUDA, half precision, or when
+    autograd needs the product) it is plain ``F.linear``. The packed copy costs one more copy of the weight in memory.
     """
 
     # Inside a compiled graph: call oneDNN's kernel as a graph op (True; clover.model.compiled sets it once it has

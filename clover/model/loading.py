@@ -63,7 +63,8 @@ def check_architecture(config: dict, where: str) -> str:
     archs = config.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise CloverError(f"{where}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise CloverError(f"{where}: unsupported architecture {arch!r}; supported: "
+                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     return arch
 
 
@@ -142,4 +143,5 @@ def load_tokenizer(name_or_path):
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as err:
-        raise CloverError(f"cannot load the tokenizer of {folder}: {type(err).__name__}: {err}".splitlines()[0]) from None
+        message = f"cannot load the tokenizer of {folder}: {type(err).__name__}: {err}"
+        raise CloverError(message.splitlines()[0]) from None

@@ -102,9 +102,9 @@ class Engine:
         self.stats = {"served": 0, "cancelled": 0, "failed": 0}
 
     @classmethod
-    def load(cls, base_model: str, draft: str | list[str] | None = None, tree: str = "dynamic", tree_budget: str = "auto",
-             dtype: str = "auto", device: str = "cpu", max_len: int = 4096, template: str = "auto",
-             system: str | None = None, compile: bool = False) -> "Engine":
+    def load(cls, base_model: str, draft: str | list[str] | None = None, tree: str = "dynamic",
+             tree_budget: str = "auto", dtype: str = "auto", device: str = "cpu", max_len: int = 4096,
+             template: str = "auto", system: str | None = None, compile: bool = False) -> "Engine":
         """Load the base model (and draft) the way ``python -m clover.cli`` does; one request at a time."""
         from clover.generate.sampling import SamplingParams
 

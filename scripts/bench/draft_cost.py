@@ -60,8 +60,8 @@ def main(argv=None) -> None:
         print("|---|" + "---:|" * len(keys))
         for kind in ("clover2", "eagle"):
             r = res[kind]
-            print(f"| {kind} | " + " | ".join(f"{1e3 * r[k]['median_s']:.2f} / "
-                                              f"{1e3 * r[k + '_without_lm_head']['median_s']:.2f}" for k in keys) + " |")
+            cells = (f"{1e3 * r[k]['median_s']:.2f} / {1e3 * r[k + '_without_lm_head']['median_s']:.2f}" for k in keys)
+            print(f"| {kind} | " + " | ".join(cells) + " |")
         print(f"EAGLE-1 / Clover-2, one level of 8 nodes: {res['eagle_over_clover2_level_8']:.2f} with the LM head, "
               f"{res['eagle_over_clover2_level_8_without_lm_head']:.2f} without")
         del base
