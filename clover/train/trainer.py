@@ -29,19 +29,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (DistributedDataParallelKwargs, ProjectConfiguration, is_tensorboard_available,
-                              is_wandb_available, set_seed)
+from accelerate.utils import set_seed
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from clover.errors import CloverError, run_cli
+from clover.errors import run_cli
 from clover.ge_data.dataset import HiddenStateDataset
 from clover.io import append_jsonl
-from clover.model.base import BaseModel, parse_dtype
+from clover.model.base import BaseModel
 from clover.model.checkpoint import init_draft, load_draft, top_tokens
-from clover.model.kernels import bf16_training_pays
 from clover.model.losses import Metrics
 from clover.model.registry import draft_class
+from clover.train.accelerator import make_accelerator
 from clover.train.checkpoints import (STATE, check_resumable, data_order, kept_measurements, kept_precision,
                                       resume_point, save_checkpoint, save_final, save_snapshot)
 from clover.train.cli import build_parser, check_data_source, read_overrides
@@ -49,36 +48,6 @@ from clover.train.data import collate_for, conversation_count, hidden_sample, lo
 from clover.train.evaluate import batch_loss, chain_counts, evaluate, format_summary, shard
 from clover.train.schedule import Clock, EpochSampler, decay_start, lr_factor
 from clover.train.state import load_rng, load_state
-
-
-# ---- pieces ---------------------------------------------------------------------------------------------------------
-def autocast_dtype(choice: str, device: torch.device, kept: str | None = None) -> str:
-    """accelerate ``mixed_precision`` for ``--dtype``. auto: ``kept`` (a resumed run's own), else bf16 on CUDA (where
-    supported) and, on a CPU, whichever trains faster here, measured (:func:`clover.model.kernels.bf16_training_pays`):
-    fp32 on the Intel Xeon VMs that list native bf16 instructions, bf16 on a Zen 4 EPYC (2026-12-07)."""
-    if choice == "auto":
-        if kept is not None:
-            return kept
-        if device.type == "cpu":
-            return "bf16" if bf16_training_pays() else "no"
-        if not torch.cuda.is_bf16_supported():
-            return "no"
-    return "bf16" if parse_dtype(choice, device) == torch.bfloat16 else "no"
-
-
-def make_accelerator(args, unused_parameters: bool, cpdir: Path, kept: str | None = None) -> Accelerator:
-    cuda = torch.cuda.is_available()
-    trackers = [] if args.report_to == "none" else [args.report_to]
-    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
-    if trackers and not available[args.report_to]():
-        raise CloverError(f"--report_to {args.report_to} needs the package {args.report_to!r}: "
-                          f"pip install {args.report_to}")
-    return Accelerator(cpu=not cuda,  # lets CPU processes started by torchrun / accelerate launch form a gloo group
-                       gradient_accumulation_steps=args.grad_accum,
-                       mixed_precision=autocast_dtype(args.dtype, torch.device("cuda" if cuda else "cpu"), kept),
-                       log_with=trackers or None, step_scheduler_with_optimizer=False,
-                       project_config=ProjectConfiguration(project_dir=str(cpdir), logging_dir=str(cpdir / "logs")),
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)])
 
 
 # ---- setup ----------------------------------------------------------------------------------------------------------
