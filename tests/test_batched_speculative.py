@@ -95,6 +95,60 @@ def test_greedy_rows_equal_batch_one(tiny_base, kind):
         assert max(res.tau for res in results.values()) > 1.0
 
 
+@pytest.mark.parametrize("kind", ["clover2", "lookup+recycle"])
+def test_requests_that_join_together_share_prefill_forwards_and_stay_exact(tiny_base, kind, monkeypatch):
+    """Six requests of different lengths join at once: their prompts are prefilled right-padded, as many per
+    forward as fit ``prefill_tokens`` (rows x the longest prompt), and every output is still batch 1's (the draft
+    and the sources start from the row's own prompt)."""
+    model = make(tiny_base, kind)
+    reqs = requests(6, seed=8)
+    lengths = [len(r.prompt) for r in reqs]
+    decoder = BatchedSpeculativeDecoder(model, batch_size=6, max_len=96, prefill_tokens=48)
+    prefills, forward = [], tiny_base.forward_batch
+
+    def logged_forward(ids, cache, n_new=None, rows=None, **kw):
+        if kw.get("tree_mask") is None and ids.shape[1] > 1:
+            prefills.append((ids.shape, rows, list(n_new)))
+        return forward(ids, cache, n_new=n_new, rows=rows, **kw)
+    monkeypatch.setattr(tiny_base, "forward_batch", logged_forward)
+    results = run_all(decoder, reqs)
+    expected, start = [], 0
+    for stop in decoder._prefill_groups(lengths):
+        expected.append(((stop - start, max(lengths[start:stop])), slice(start, stop), lengths[start:stop]))
+        start = stop
+    assert [(tuple(shape), rows, n) for shape, rows, n in prefills] == expected
+    assert 1 < len(prefills) < len(reqs)  # several prompts per forward, within the token bound
+    assert all(shape[0] * shape[1] <= 48 or shape[0] == 1 for shape, _, _ in prefills)
+    monkeypatch.undo()
+    if kind == "lookup+recycle":  # the shared table learned each prompt as a prefill of it alone teaches it
+        alone = make(tiny_base, kind)
+        one_by_one = BatchedSpeculativeDecoder(alone, batch_size=6, max_len=96)
+        for r in reqs:
+            one_by_one.add(r)
+        fresh = make(tiny_base, kind)
+        BatchedSpeculativeDecoder(fresh, batch_size=6, max_len=96).add_many(reqs)
+        assert torch.equal(fresh.sources[1].table, alone.sources[1].table)
+    for r in reqs:
+        assert results[r.tag].tokens == batch_one(make(tiny_base, kind), r), r.tag
+        if kind == "clover2":  # the draft starts from the row's own prompt: the same steps as batch 1
+            generator = torch.Generator().manual_seed(r.seed)
+            expected = model.generate(r.prompt, max_new_tokens=r.max_new_tokens, stop_token_ids=r.stop_token_ids,
+                                      generator=generator)
+            assert results[r.tag].accept_lengths == expected.accept_lengths, r.tag
+
+
+def test_too_many_requests_at_once_are_refused_before_any_prefill(tiny_base):
+    decoder = BatchedSpeculativeDecoder(make(tiny_base, "lookup"), batch_size=3, max_len=96)
+    decoder.add(SpeculativeRequest([4, 5, 6], tag="first"))
+    with pytest.raises(CloverError, match="3 requests for 2 free rows of 3"):
+        decoder.add_many([SpeculativeRequest([7, 8], tag=i) for i in range(3)])
+    with pytest.raises(CloverError, match="empty prompt"):
+        decoder.add_many([SpeculativeRequest([7, 8], tag="fine"), SpeculativeRequest([], tag="empty")])
+    assert decoder.busy == 1  # nothing was prefilled
+    with pytest.raises(CloverError, match="prefill_tokens must be at least 1"):
+        BatchedSpeculativeDecoder(tiny_base, batch_size=2, prefill_tokens=0)
+
+
 @pytest.mark.parametrize("kind", ["clover2", "eagle"])
 def test_rows_that_end_first_are_filled_from_the_back_and_stay_exact(tiny_base, kind):
     """Four rows whose first requests end first and nothing waits: the last busy rows move into the holes (base

@@ -39,6 +39,32 @@ def verify_tree(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
     return accept_path(tree, select_tokens(logits, params, generator))
 
 
+def verify_rows(trees: dict[int, DraftTree], logits: torch.Tensor, params: dict[int, SamplingParams],
+                generators: dict[int, torch.Generator | None]) -> dict[int, Verdict]:
+    """The verdict of every row of a batched verification: ``trees`` and ``params`` / ``generators`` by row,
+    ``logits [R, T, V]`` by row and node. A tree of several nodes is verified alone (:func:`verify_tree`); the rows
+    of a plain step (the root alone) share one selection for all greedy rows and one host read for all of them."""
+    verdicts = {r: verify_tree(tree, logits[r, :tree.size], params[r], generators[r])
+                for r, tree in trees.items() if tree.size > 1}
+    singles = [r for r, tree in trees.items() if tree.size == 1]
+    if not singles:
+        return verdicts
+    targets = {}
+    greedy = [r for r in singles if params[r].greedy]
+    if greedy:
+        picked = select_tokens(logits[torch.tensor(greedy, device=logits.device), 0], SamplingParams())
+        targets = {r: picked[j:j + 1] for j, r in enumerate(greedy)}
+    for r in singles:
+        if r not in targets:
+            targets[r] = select_tokens(logits[r, :1], params[r], generators[r])
+    host = torch.cat([targets[r] for r in singles]).tolist()  # one read for every plain row
+    zero = torch.zeros(1, dtype=torch.long, device=logits.device)
+    for r, token in zip(singles, host):
+        verdicts[r] = Verdict(nodes=zero, tokens=trees[r].tokens[:1], bonus=targets[r][0], accepted=0,
+                              committed=[token], targets=targets[r], origins=[])
+    return verdicts
+
+
 def accept_path(tree: DraftTree, targets: torch.Tensor) -> Verdict:
     """The verdict on ``tree`` given the base model's token ``targets [n+1]`` at every node: the deepest node whose
     path from the root matches its parents' targets, and the bonus token after it."""

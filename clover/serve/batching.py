@@ -1,8 +1,9 @@
 """The batched engine: concurrent requests decode together, plain or speculative, in one
 :class:`~clover.generate.batched_speculative.BatchedSpeculativeDecoder` of ``--max-batch-size`` rows.
 
-The worker thread admits waiting jobs into free rows (each prefilled alone), runs one step for every busy row, and
-turns each row's new tokens into text deltas (:class:`~clover.serve.engine.JobOutput`: stop strings, held-back tails).
+The worker thread admits waiting jobs into free rows (the jobs taken at once prefilled together), runs one step for
+every busy row, and turns each row's new tokens into text deltas (:class:`~clover.serve.engine.JobOutput`: stop
+strings, held-back tails).
 A job that is cancelled (client gone) or ends on a stop string frees its row before the next step; a finished job's
 final event carries its usage, τ included. At most ``max_waiting`` jobs wait for a row: :meth:`BatchedEngine.admit`
 refuses more with 429 and a ``Retry-After`` estimate before any response starts.
@@ -97,13 +98,16 @@ class BatchedEngine(Engine):
                 self._handle(event)
 
     def _admit_waiting(self) -> bool:
-        """Move waiting jobs into free rows (blocking while nothing runs); False on shutdown."""
-        while self.decoder.busy < self.decoder.batch_size:
+        """Move waiting jobs into free rows (blocking while nothing runs), the jobs taken at once prefilled together;
+        False on shutdown."""
+        joining: list[tuple[Job, SpeculativeRequest]] = []
+        running = bool(self._running)
+        while self.decoder.busy + len(joining) < self.decoder.batch_size:
             try:
-                job = self._queue.get(block=not self._running)
+                job = self._queue.get(block=not (running or joining))
             except queue.Empty:
-                return True
-            if job is None:
+                break
+            if job is None:  # shutting down: jobs not started stay unserved, as those still queued do
                 return False
             if job.cancelled.is_set():
                 self.stats["cancelled"] += 1
@@ -112,16 +116,35 @@ class BatchedEngine(Engine):
             request = SpeculativeRequest(job.ids, max_new_tokens=job.max_tokens, tag=id(job),
                                          params=SamplingParams(job.temperature, job.top_p, job.top_k), seed=seed,
                                          stop_token_ids=job.stop_token_ids)
-            self._running[id(job)] = (job, JobOutput(self, job))
             try:
-                event = self.decoder.add(request)
+                self.decoder.check(request)
             except CloverError as err:
-                del self._running[id(job)]
                 self.stats["failed"] += 1
                 job.emit(Failed(bad(str(err))))
                 continue
-            self._handle(event)
+            joining.append((job, request))
+        self._start(joining)
         return True
+
+    def _start(self, joining: list) -> None:
+        """Prefill the jobs ``joining`` (``(job, request)`` pairs) together and hand out their first tokens."""
+        if not joining:
+            return
+        for job, request in joining:
+            self._running[request.tag] = (job, JobOutput(self, job))
+        try:
+            events = self.decoder.add_many([request for _, request in joining])
+        except Exception as err:  # noqa: BLE001 - fail these jobs, keep serving the others
+            log.exception("a prefill failed")
+            for job, request in joining:
+                del self._running[request.tag]
+                self.decoder.cancel(request.tag)
+                self.stats["failed"] += 1
+                job.emit(Failed(APIError(500, f"The server failed while reading the prompt: "
+                                              f"{type(err).__name__}: {err}", type="server_error")))
+            return
+        for event in events:
+            self._handle(event)
 
     def _drop_cancelled(self) -> None:
         for tag, (job, output) in list(self._running.items()):
