@@ -286,6 +286,32 @@ def test_resuming_loads_no_pickle(setup, monkeypatch, tmp_path):
     assert history[-1]["epoch"] == 2 and (cpdir / "epoch_2").is_dir()
 
 
+def test_a_resume_takes_the_draft_vocabulary_and_token_scale_from_its_checkpoint(setup, monkeypatch):
+    """A resumed Clover-2 run neither counts the training replies' tokens for its draft vocabulary nor runs the base
+    over training data to measure its token_scale (online, a base forward over 32 conversations): the checkpoint
+    has both, and its weights replace the new draft's."""
+    from clover.train import trainer
+    from clover.train.cli import build_parser
+
+    s = setup
+    cpdir = s["root"] / "resume_kept"
+    flags = ("--epochs", "2", "--draft_vocab_size", "48")
+    ok(launch("main_clover2", *common(s, cpdir, *flags, "--max_steps", "3")))
+    (stopped,) = cpdir.glob("step_*")
+    saved_vocab = weights(stopped)["draft_vocab"]
+    saved_scale = read_draft_config(stopped)["clover"]["token_scale"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resume measured the training data again")
+
+    monkeypatch.setattr(trainer, "hidden_sample", refuse)
+    monkeypatch.setattr(HiddenStateDataset, "token_counts", refuse)
+    args = build_parser("clover2").parse_args(list(map(str, common(s, cpdir, *flags, "--resume"))))
+    assert trainer.train(args, "clover2")[-1]["epoch"] == 2
+    assert torch.equal(weights(cpdir / "final")["draft_vocab"], saved_vocab)
+    assert read_draft_config(cpdir / "final")["clover"]["token_scale"] == saved_scale
+
+
 def test_max_time_stops_with_a_checkpoint_to_resume(setup):
     s = setup
     cpdir = s["root"] / "timed"

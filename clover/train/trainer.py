@@ -41,8 +41,8 @@ from clover.model.checkpoint import init_draft, load_draft, top_tokens
 from clover.model.losses import Metrics
 from clover.model.registry import draft_class
 from clover.train.accelerator import make_accelerator
-from clover.train.checkpoints import (STATE, check_resumable, data_order, kept_measurements, kept_precision,
-                                      resume_point, save_checkpoint, save_final, save_snapshot)
+from clover.train.checkpoints import (STATE, check_resumable, data_order, kept_draft_vocab, kept_measurements,
+                                      kept_precision, resume_point, save_checkpoint, save_final, save_snapshot)
 from clover.train.cli import build_parser, check_data_source, read_overrides
 from clover.train.data import collate_for, conversation_count, hidden_sample, load_data
 from clover.train.evaluate import batch_loss, chain_counts, evaluate, format_summary, shard
@@ -105,19 +105,26 @@ class Run:
         return bool(self.accelerator.log_with)
 
 
-def new_draft(args, draft_type: str, base, train_set, overrides: dict, accelerator):
+def new_draft(args, draft_type: str, base, train_set, overrides: dict, accelerator,
+              resume_from: Path | None = None):
     """The draft a run starts from: ``--init-draft``'s (fp32 master weights), else a new one initialised from the
-    base (its draft vocabulary the training split's most frequent reply tokens)."""
+    base (its draft vocabulary the training split's most frequent reply tokens). Resuming (``resume_from``), the
+    checkpoint's weights replace it a moment later: its draft vocabulary and measured values (``overrides``, see
+    :func:`kept_measurements`) are the checkpoint's, and the base does not run over training data to measure them."""
     if args.init_draft:
         accelerator.print(f"starting from the draft {args.init_draft}")
         return load_draft(args.init_draft, base, dtype=torch.float32, expected_type=draft_type).train()
     vocab_size, draft_vocab = overrides.get("draft_vocab_size", 0), None
-    if vocab_size:
+    if vocab_size and resume_from is not None:
+        draft_vocab = kept_draft_vocab(resume_from)  # another size: check_resumable refuses the checkpoint
+        draft_vocab = draft_vocab if draft_vocab is not None and draft_vocab.numel() == vocab_size else None
+    if vocab_size and draft_vocab is None:
         counts = train_set.token_counts(base.args.vocab_size)
         draft_vocab = top_tokens(counts, vocab_size)
         accelerator.print(f"draft vocabulary: the {vocab_size} most frequent reply tokens cover "
                           f"{counts[draft_vocab].sum() / counts.sum().clamp(min=1):.2%} of the training replies")
-    return init_draft(draft_type, base, draft_vocab=draft_vocab, hidden_sample=hidden_sample(train_set), **overrides)
+    sample = hidden_sample(train_set) if resume_from is None else None
+    return init_draft(draft_type, base, draft_vocab=draft_vocab, hidden_sample=sample, **overrides)
 
 
 def setup(args, draft_type: str, shared: tuple | None = None, keep_shared: bool = False) -> Run:
@@ -139,7 +146,7 @@ def setup(args, draft_type: str, shared: tuple | None = None, keep_shared: bool 
         base = BaseModel.from_pretrained(args.base_model, dtype="bf16" if bf16 else "fp32", device=device, max_len=1)
         shared = base, load_data(args, base)
     base, (train_set, test_set, monitor) = shared
-    draft = new_draft(args, draft_type, base, train_set, overrides, accelerator)
+    draft = new_draft(args, draft_type, base, train_set, overrides, accelerator, resume_from)
     draft.gradient_checkpointing = args.gradient_checkpointing
     progress = check_resumable(resume_from, args, draft, base) if resume_from is not None else None
     if resume_from is None and args.resume:
