@@ -173,8 +173,7 @@ class BatchedSpeculativeDecoder:
             ids[j, :prompt.numel()] = prompt
         ids = ids.to(device)
         rows = slice(r0, r0 + k)
-        for r in range(r0, r0 + k):
-            self.cache.truncate_rows(r, 0)
+        self.cache.truncate_rows(rows, 0)
         out = self.base.forward_batch(ids, self.cache, n_new=lengths, rows=rows)
         self.lengths[rows] = lengths
         events = []

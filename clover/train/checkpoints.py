@@ -18,10 +18,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from clover.errors import CloverError
-from clover.io import replace_dir
+from clover.io import open_safetensors, replace_dir
 from clover.model.checkpoint import WEIGHTS_NAME, read_draft_config, save_draft
 from clover.model.draft import check_base
 from clover.train.state import PROGRESS, read_progress, save_state
@@ -160,5 +159,6 @@ def kept_measurements(ckpt: Path, cls, overrides: dict) -> dict:
 def kept_draft_vocab(ckpt: Path) -> torch.Tensor | None:
     """The draft vocabulary of the draft in ``ckpt`` (None: it drafts from the whole vocabulary), read alone from
     its weights file: a resumed draft needs it before the checkpoint's weights replace its own."""
-    with safe_open(str(ckpt / WEIGHTS_NAME), framework="pt") as weights:
+    with open_safetensors(ckpt / WEIGHTS_NAME, what="draft weights file",
+                          fix="resume from another checkpoint or start a new --outdir") as weights:
         return weights.get_tensor("draft_vocab") if "draft_vocab" in weights.keys() else None
