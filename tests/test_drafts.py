@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from clover.errors import CloverError
 from clover.model.base import BaseModel
 from clover.model.checkpoint import init_draft, load_draft, save_draft
-from clover.model.clover2 import Clover2Draft
+from clover.model.clover2 import Clover2Draft, measure_token_scale
 from clover.model.eagle import EagleDraft
-from clover.model.layers import Rotary
+from clover.model.layers import Rotary, rms_norm
 from clover.model.losses import clover_loss, eagle_loss
 from tests.conftest import save_tiny
 
@@ -441,6 +441,68 @@ def test_token_scale_round_trip(loud_base, tmp_path):
     hidden, ids = inputs(1, 7)
     with torch.no_grad():
         assert torch.equal(loaded.forward_train(hidden, ids), model.forward_train(hidden, ids))
+
+
+def test_a_normed_trunk_input_reads_the_state_at_the_scale_of_a_normalised_one(loud_base, tmp_path):
+    """``trunk_input="normed"``: AD0 reads the pre-norm state through a learned RMSNorm (initialised to the base's
+    final norm), so the trunk no longer sees the residual stream's scale, the token scale is measured against the
+    normalised states, head 0 still sees the token, and the norm's weight is saved and loaded with strict keys."""
+    from clover.generate.speculative import CloverModel
+
+    ids = torch.randint(3, V, (1, 24), generator=torch.Generator().manual_seed(3))
+    hidden = loud_base(ids, use_cache=False, logits_to_keep=0).hidden_prenorm.clone()
+    torch.manual_seed(0)
+    normed = init_draft("clover2", loud_base, trunk_input="normed", hidden_sample=hidden[0]).eval()
+    prenorm = init_draft("clover2", loud_base, hidden_sample=hidden[0]).eval()
+    assert torch.equal(normed.input_norm.weight, loud_base.model.norm.weight)
+    states = rms_norm(hidden[0], loud_base.model.norm.weight, loud_base.args.rms_norm_eps)
+    ratio = float(states.norm(dim=-1).median() / hidden[0].norm(dim=-1).median())  # the copies write at this scale
+    source = loud_base.model.layers[0]
+    for layer in normed.layers:
+        torch.testing.assert_close(layer.self_attn.o_proj.weight, source.self_attn.o_proj.weight * ratio)
+        torch.testing.assert_close(layer.mlp.down_proj.weight, source.mlp.down_proj.weight * ratio)
+        assert torch.equal(layer.self_attn.qkv_proj.weight, source.self_attn.qkv_proj.weight)
+    assert normed.token_scale == measure_token_scale(states, normed.embed_weight) != prenorm.token_scale
+    assert head0_sensitivity(normed, hidden, ids) >= 1e-2
+    with torch.no_grad():  # invariant to the state's scale, unlike the pre-norm trunk
+        torch.testing.assert_close(normed.forward_train(3 * hidden, ids), normed.forward_train(hidden, ids),
+                                   rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(prenorm.forward_train(3 * hidden, ids), prenorm.forward_train(hidden, ids),
+                                  rtol=1e-2, atol=1e-2)
+    model = perturbed("clover2", loud_base, trunk_input="normed")
+    folder = save_draft(model, tmp_path / "ckpt")
+    assert json.loads((folder / "config.json").read_text())["clover"]["trunk_input"] == "normed"
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert "input_norm.weight" in f.keys()
+    loaded = load_draft(folder, loud_base)
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_train(hidden, ids), model.forward_train(hidden, ids))
+    loaded.allocate_cache(loud_base.max_len)  # generation goes through the same input norm: still exact
+    spec = CloverModel(loud_base, loaded, tree="dynamic", tree_budget=6)
+    prompt = ids[0, :10].tolist()
+    assert spec.generate(prompt, max_new_tokens=20).tokens == spec.generate_plain(prompt, max_new_tokens=20).tokens
+    with pytest.raises(CloverError, match="trunk_input"):
+        init_draft("clover2", loud_base, trunk_input="postnorm")
+
+
+def test_random_trunk_layers_keep_the_default_initialisation_and_the_rest_starts_as_before(loud_base):
+    torch.manual_seed(0)
+    copied = init_draft("clover2", loud_base, trunk_input="normed")
+    torch.manual_seed(0)
+    fresh = init_draft("clover2", loud_base, trunk_input="normed", trunk_init="random")
+    assert fresh.config["clover"]["trunk_init"] == "random"
+    source = loud_base.model.layers[0].state_dict()
+    for layer in fresh.layers:
+        assert not any(torch.equal(value, source[name]) for name, value in layer.state_dict().items()
+                       if name.endswith("proj.weight"))
+        bound = 1 / layer.mlp.down_proj.in_features ** 0.5  # nn.Linear's default: U(-1/sqrt(fan_in), ...)
+        assert 0.5 * bound < layer.mlp.down_proj.weight.abs().max() <= bound
+    skip = ("layers.",)
+    for (name, a), (_, b) in zip(copied.state_dict().items(), fresh.state_dict().items()):
+        if not name.startswith(skip):
+            assert torch.equal(a, b), name
+    with pytest.raises(CloverError, match="trunk_init"):
+        init_draft("clover2", loud_base, trunk_init="zeros")
 
 
 GOLDEN = Path(__file__).parent / "data" / "golden_v0"

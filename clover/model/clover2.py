@@ -2,12 +2,15 @@
 
 Trunk: an Attention Decoder ``AD0`` fuses each pre-norm base state ``h~_t`` with the embedding of the token
 ``x_{t+1}`` (a per-head cosine gate, no mixing across positions), then ``K`` Llama decoder layers with the base's
-RoPE/GQA configuration (causal, own KV cache at inference) and an RMSNorm give the trunk state ``c0_t``.
+RoPE/GQA configuration (causal, own KV cache at inference) and an RMSNorm give the trunk state ``c0_t``. Options:
+``trunk_input="normed"`` passes ``h~_t`` through a learned RMSNorm first (the trunk then works at the scale of a
+normalised state, not of the residual stream); ``trunk_init="random"`` starts the layers from PyTorch's default
+initialisation instead of copies of a base layer.
 The token side of AD0 is multiplied by ``token_scale``: real Llama-family models carry a few huge channels in the
 pre-norm residual stream (SmolLM2: per-token norm ~780 against embedding rows of norm ~3), so an unscaled embedding
 adds a signal ~1e-4 of the state and head 0 learns to ignore ``x_{t+1}``. ``token_scale`` is measured once at
-initialisation (median per-token norm of pre-norm states / median embedding-row norm) and recorded in the config; a
-config without the key (checkpoints written before it existed) means 1.0, the original behaviour.
+initialisation (median per-token norm of the states AD0 reads / median embedding-row norm) and recorded in the
+config; a config without the key (checkpoints written before it existed) means 1.0, the original behaviour.
 Heads: head 0 is ``norm(FC0 c0)``; head ``i >= 1`` is one RNN step ``c_i = AD1(c_{i-1}, E[y_i])``,
 ``norm(FC1 [c_i ; E[y_i]])``; logits come from the frozen base LM head. ``E`` is ``W_lm`` itself (default) or the
 base input embedding.
@@ -31,7 +34,7 @@ from clover.errors import CloverError
 from clover.model.base import BaseModel
 from clover.model.draft import DraftConfig, DraftModel, check_choice, check_number, check_positive_int
 from clover.model.draft_rows import extend_rows, row_cache
-from clover.model.layers import DecoderLayer, RMSNorm
+from clover.model.layers import AttentionDecoder, DecoderLayer, RMSNorm
 from clover.model.losses import clover_loss
 
 
@@ -49,13 +52,15 @@ class Clover2Config(DraftConfig):
     fuse: str = "attention"  # AD0, or the "fc" ablation
     init_from_layer: int = 0
     init_noise: str = "symmetric"  # or "one_sided", the original U[0, 0.01)
+    trunk_input: str = "prenorm"  # or "normed": the pre-norm state through a learned RMSNorm before AD0
+    trunk_init: str = "copy"  # the trunk layers start as copies of base layer init_from_layer, or "random"
     regression_weight: float = 10.0
     distill_weight: float = 1.0
     draft_vocab_size: int = 0
     token_scale: float | str = "auto"
 
     block: ClassVar[str] = "clover"
-    legacy: ClassVar[dict] = {"token_scale": 1.0}
+    legacy: ClassVar[dict] = {"token_scale": 1.0, "trunk_input": "prenorm", "trunk_init": "copy"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,6 +68,8 @@ class Clover2Config(DraftConfig):
         check_choice(b, "embedding", self.embedding, ("lm_head", "input"))
         check_choice(b, "fuse", self.fuse, ("attention", "fc"))
         check_choice(b, "init_noise", self.init_noise, ("symmetric", "one_sided"))
+        check_choice(b, "trunk_input", self.trunk_input, ("prenorm", "normed"))
+        check_choice(b, "trunk_init", self.trunk_init, ("copy", "random"))
         check_positive_int(b, "num_heads", self.num_heads)
         check_positive_int(b, "num_layers", self.num_layers)
         check_positive_int(b, "init_from_layer", self.init_from_layer, minimum=0)
@@ -72,26 +79,6 @@ class Clover2Config(DraftConfig):
         if scale != "auto" and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
             raise CloverError(f"token_scale={scale!r} must be 'auto' (measured at initialisation) or a positive "
                               f"number (1.0 = the original unscaled embedding)")
-
-
-class AttentionDecoder(nn.Module):
-    """``AD(x, y) = x + concat_j(cos(q_j, k_j) * v_j)`` with ``q = W_q RMSNorm(x) + b``, ``k, v`` from ``y``
-    (the original's ``AttentionDecoder``): one cosine gate per head of size ``H / n_heads``, position-wise."""
-
-    def __init__(self, hidden: int, n_heads: int, eps: float):
-        super().__init__()
-        self.n_heads, self.eps = n_heads, eps
-        self.input_layernorm = RMSNorm(hidden, eps)
-        self.q = nn.Linear(hidden, hidden)
-        self.k = nn.Linear(hidden, hidden)
-        self.v = nn.Linear(hidden, hidden)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        split = x.shape[:-1] + (self.n_heads, -1)
-        q = self.q(self.input_layernorm(x)).view(split)
-        k, v = self.k(y).view(split), self.v(y).view(split)
-        gate = F.cosine_similarity(q, k, dim=-1, eps=self.eps)
-        return x + (gate.unsqueeze(-1) * v).flatten(-2)
 
 
 @torch.no_grad()
@@ -137,6 +124,8 @@ class Clover2Draft(DraftModel):
                               f"(it has {a.num_hidden_layers} layers)")
         self.num_heads = cfg.num_heads
         self.token_scale = 1.0 if cfg.token_scale == "auto" else float(cfg.token_scale)  # "auto": init_from_base
+        if cfg.trunk_input == "normed":
+            self.input_norm = RMSNorm(h, eps)
         if cfg.fuse == "attention":
             self.token_fuse = AttentionDecoder(h, a.num_attention_heads, eps)
         else:
@@ -191,19 +180,24 @@ class Clover2Draft(DraftModel):
     # ---- initialisation (training from scratch only) ------------------------------------------------------------
     @torch.no_grad()
     def init_from_base(self, base: BaseModel, hidden_sample: torch.Tensor | None = None) -> None:
-        """Trunk layers := copies of base layer ``init_from_layer``; both norms := the base final norm; AD blocks and
-        FCs := identity paths plus small noise (``init_noise``), biases 0, so that ``AD(x, y) ~ x`` and the heads
-        pass the state through. ``token_scale="auto"`` is measured from ``hidden_sample`` (pre-norm states
+        """Trunk layers := copies of base layer ``init_from_layer`` (:meth:`copy_trunk_layers`; with
+        ``trunk_init="random"`` they keep PyTorch's default initialisation, as EAGLE-1's layer does); the input norm
+        (``trunk_input="normed"``), the trunk norm and the head norm := the base final norm; AD blocks and FCs :=
+        identity paths plus small noise (``init_noise``), biases 0, so that ``AD(x, y) ~ x`` and the heads pass the
+        state through. ``token_scale="auto"`` is measured from ``hidden_sample`` (pre-norm states
         ``[..., H]`` of the training data) or, without one, from the base's states on a fixed random probe."""
         cfg = self.cfg
+        if hidden_sample is None and (cfg.token_scale == "auto" or cfg.trunk_input == "normed"):
+            hidden_sample = probe_prenorm(base)
+        states = None if hidden_sample is None else hidden_sample.to(self.trunk_norm.weight.device,
+                                                                      self.trunk_norm.weight.dtype)
+        if cfg.trunk_input == "normed":
+            self.input_norm.weight.copy_(base.model.norm.weight)
         if cfg.token_scale == "auto":
-            if hidden_sample is None:
-                hidden_sample = probe_prenorm(base)
-            self.token_scale = measure_token_scale(hidden_sample, self.embed_weight)
+            self.token_scale = measure_token_scale(self.trunk_input(states), self.embed_weight)
             self.cfg = cfg = dataclasses.replace(cfg, token_scale=self.token_scale)
-        source = base.model.layers[cfg.init_from_layer].state_dict()
-        for layer in self.layers:
-            layer.load_state_dict(source)
+        if cfg.trunk_init == "copy":
+            self.copy_trunk_layers(base, states)
         for norm in (self.trunk_norm, self.head_norm):
             norm.weight.copy_(base.model.norm.weight)
         h = self.args.hidden_size
@@ -225,9 +219,30 @@ class Clover2Draft(DraftModel):
         for fc in [self.head0_fc, self.rnn_fc] + ([self.fuse_fc] if cfg.fuse == "fc" else []):
             noisy(fc, True)
 
+    @torch.no_grad()
+    def copy_trunk_layers(self, base: BaseModel, states: torch.Tensor | None) -> None:
+        """Every trunk layer := base layer ``init_from_layer``; with ``trunk_input="normed"`` its output projections
+        are shrunk as the normalised ``states`` are smaller than the pre-norm ones, so the copies change the trunk's
+        stream as much, relatively, as they change the pre-norm one."""
+        source = base.model.layers[self.cfg.init_from_layer].state_dict()
+        for layer in self.layers:
+            layer.load_state_dict(source)
+        if self.cfg.trunk_input != "normed":
+            return
+        shrink = float(self.trunk_input(states).norm(dim=-1).median() / states.norm(dim=-1).median())
+        for out in [p for layer in self.layers for p in (layer.self_attn.o_proj, layer.mlp.down_proj)]:
+            out.weight.mul_(shrink)
+            if out.bias is not None:
+                out.bias.mul_(shrink)
+
     # ---- shared pieces ------------------------------------------------------------------------------------------
+    def trunk_input(self, hidden_prenorm: torch.Tensor) -> torch.Tensor:
+        """What AD0 reads of the base state: ``h~_t`` itself, or ``input_norm(h~_t)`` (``trunk_input="normed"``)."""
+        return self.input_norm(hidden_prenorm) if self.cfg.trunk_input == "normed" else hidden_prenorm
+
     def fuse(self, hidden_prenorm: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """AD0 (or the ``fc`` ablation) on the pairs ``(h~_t, token_scale * E[x_{t+1}])``."""
+        """AD0 (or the ``fc`` ablation) on the pairs ``(trunk_input(h~_t), token_scale * E[x_{t+1}])``."""
+        hidden_prenorm = self.trunk_input(hidden_prenorm)
         if self.token_scale != 1.0:
             emb = emb * self.token_scale
         if self.cfg.fuse == "fc":

@@ -1,5 +1,5 @@
 """Llama-family building blocks shared by the base runtime and the drafts: config, RMSNorm, RoPE, attention, MLP,
-decoder layer (the KV caches are in :mod:`clover.model.cache`).
+decoder layer (the KV caches are in :mod:`clover.model.cache`), and Clover-2's attention decoder.
 
 State-dict names mirror Hugging Face's (``self_attn.q_proj``, ``mlp.gate_proj``, ...) so checkpoints load with strict
 key checks; the q/k/v and gate/up projections run fused (one matmul each), split and joined by state-dict hooks.
@@ -268,3 +268,23 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class AttentionDecoder(nn.Module):
+    """``AD(x, y) = x + concat_j(cos(q_j, k_j) * v_j)`` with ``q = W_q RMSNorm(x) + b``, ``k, v`` from ``y``
+    (the original's ``AttentionDecoder``): one cosine gate per head of size ``H / n_heads``, position-wise."""
+
+    def __init__(self, hidden: int, n_heads: int, eps: float):
+        super().__init__()
+        self.n_heads, self.eps = n_heads, eps
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(hidden, hidden)
+        self.v = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        split = x.shape[:-1] + (self.n_heads, -1)
+        q = self.q(self.input_layernorm(x)).view(split)
+        k, v = self.k(y).view(split), self.v(y).view(split)
+        gate = F.cosine_similarity(q, k, dim=-1, eps=self.eps)
+        return x + (gate.unsqueeze(-1) * v).flatten(-2)
