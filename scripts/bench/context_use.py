@@ -7,7 +7,7 @@ For each draft, head 0's top-1 agreement with the base's greedy next token over 
 conversations (the base's own states, teacher-forced, as the held-out evaluation of training), three ways: as trained;
 with the draft's decoder layers attending to their own position only (a diagonal mask: no context beyond what the
 base state already carries); and, for Clover-2, without its trunk layers at all (AD0, then the norms and head 0).
-Prints a table with the CPU model and flags and writes ``--out`` (default figs/context_use.json).
+Prints a table with the CPU model and writes ``--out`` (default figs/context_use.json; the CPU flags included).
 """
 from __future__ import annotations
 
