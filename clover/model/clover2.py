@@ -82,10 +82,11 @@ class Clover2Config(DraftConfig):
 
 
 @torch.no_grad()
-def measure_token_scale(hidden_prenorm: torch.Tensor, embed_weight: torch.Tensor) -> float:
-    """Median per-token norm of pre-norm states over median embedding-row norm (medians: the first position of a
-    sequence, an attention sink, has a norm several times the others)."""
-    states = hidden_prenorm.reshape(-1, hidden_prenorm.shape[-1]).float()
+def measure_token_scale(states: torch.Tensor, embed_weight: torch.Tensor) -> float:
+    """Median per-token norm of the states AD0 reads (pre-norm, or normed with ``trunk_input="normed"``) over median
+    embedding-row norm (medians: the first position of a sequence, an attention sink, has a norm several times the
+    others)."""
+    states = states.reshape(-1, states.shape[-1]).float()
     rows = embed_weight.float().norm(dim=-1)
     return round(float(states.norm(dim=-1).median() / rows.median().clamp(min=1e-12)), 4)
 

@@ -32,10 +32,10 @@ def head0_hidden(draft, prenorm: torch.Tensor, postnorm: torch.Tensor, next_ids:
     length = next_ids.shape[1]
     mask = torch.eye(length, dtype=torch.bool)[None, None] if way == "own position" else None
     if draft.draft_type == "eagle":
-        return draft.run_layers(draft._features(postnorm, next_ids), 0, None, None, mask)
+        return draft.forward_train(postnorm, next_ids, None, mask)
     if way == "no trunk layers":
         return draft.head0(draft.trunk_norm(draft.fuse(prenorm, draft.embed(next_ids))))
-    return draft.head0(draft._trunk(prenorm, draft.embed(next_ids), None, mask))
+    return draft.forward_train(prenorm, next_ids, None, mask)[0]
 
 
 def main(argv=None) -> None:
