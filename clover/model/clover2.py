@@ -188,7 +188,8 @@ class Clover2Draft(DraftModel):
         state through. ``token_scale="auto"`` is measured from ``hidden_sample`` (pre-norm states
         ``[..., H]`` of the training data) or, without one, from the base's states on a fixed random probe."""
         cfg = self.cfg
-        if hidden_sample is None and (cfg.token_scale == "auto" or cfg.trunk_input == "normed"):
+        needs_states = cfg.token_scale == "auto" or (cfg.trunk_input == "normed" and cfg.trunk_init == "copy")
+        if hidden_sample is None and needs_states:  # states: for token_scale and the copies' shrink only
             hidden_sample = probe_prenorm(base)
         states = None if hidden_sample is None else hidden_sample.to(self.trunk_norm.weight.device,
                                                                       self.trunk_norm.weight.dtype)
